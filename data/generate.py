@@ -1,0 +1,178 @@
+"""Generate teacher trajectories for a workflow, as JSONL in the OpenAI chat format.
+
+    python -m data.generate --workflow sql --split train --n 20000 --out data/sql/train.jsonl
+
+Task i (0 <= i < n) is sampled from a seed derived from (--seed, workflow, split, i, attempt), so
+the output depends only on the arguments, never on --workers. --shard i/n keeps the task indices
+congruent to i mod n: n machines with the same --n and --seed produce disjoint parts of one set.
+
+Only trajectories the checker accepts are written. A rejected attempt (wrong answer, teacher
+error, a tool crash) is logged to OUT.rejects.jsonl and the task is retried with the next attempt
+seed, up to --max-attempts; a task that fails every attempt is counted as lost. Output goes to
+OUT.partial line by line and is renamed to OUT at the end; after a crash, --resume continues from
+the last index written. A summary is printed and written to OUT.stats.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from collections import Counter
+
+from tqdm import tqdm
+
+from workflows.base import SPLITS, Workflow, load_workflow, run_teacher, task_seed
+
+_WF: Workflow | None = None  # one workflow object per worker process
+
+
+def _init_worker(name: str, kwargs: dict) -> None:
+    global _WF
+    _WF = load_workflow(name, **kwargs)
+
+
+def generate_one(job: tuple[int, int, int, str]) -> tuple[int, dict | None, list[dict]]:
+    """Run task `index` until an attempt is accepted. Returns (index, record or None, rejects)."""
+    index, seed, max_attempts, split = job
+    wf = _WF
+    rejects = []
+    for attempt in range(max_attempts):
+        task = wf.sample_task(split, index, task_seed(seed, wf.name, split, index, attempt))
+        ep = run_teacher(wf, task)
+        if ep.crashed:
+            reason = "tool_crash: " + next(o.text for o in ep.observations if o.kind == "crash")
+        elif not ep.verdict.ok:
+            reason = ep.verdict.reason or "rejected by the checker"
+        else:
+            meta = {"workflow": wf.name, "task_id": task.id, "split": split, "seed": task.seed,
+                    "success": True, "index": index, "attempt": attempt, "family": task.family,
+                    "heldout_template": task.heldout_template,
+                    "n_calls": sum(1 for m in ep.messages if m.get("tool_calls"))}
+            return index, {"messages": ep.messages, "tools": ep.tools, "meta": meta}, rejects
+        rejects.append({"task_id": task.id, "index": index, "attempt": attempt, "family": task.family,
+                        "reason": reason, "answer": ep.answer})
+    return index, None, rejects
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard must look like i/n, got {text!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise argparse.ArgumentTypeError(f"--shard {text}: need 0 <= i < n")
+    return i, n
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    """Complete lines of a file that may end in a half-written line (a crash mid-write)."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.endswith("\n"):
+                out.append(json.loads(line))
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m data.generate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workflow", required=True, help="workflow name (workflows/NAME.py) or a dotted module")
+    ap.add_argument("--split", required=True, choices=SPLITS)
+    ap.add_argument("--n", type=int, required=True, help="number of tasks (before sharding)")
+    ap.add_argument("--out", required=True, help="output .jsonl file")
+    ap.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
+    ap.add_argument("--shard", type=parse_shard, default=(0, 1), help="i/n: generate only this part")
+    ap.add_argument("--max-attempts", type=int, default=4, help="attempts per task before it counts as lost")
+    ap.add_argument("--test-share", type=float, default=0.3, help="share of entity values and numbers held out for test")
+    ap.add_argument("--heldout-template-share", type=float, default=0.25,
+                    help="share of question templates per family that only the test split uses")
+    ap.add_argument("--resume", action="store_true", help="continue OUT.partial after a crash")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    if args.n < 1 or args.max_attempts < 1 or args.workers < 1:
+        ap.error("--n, --max-attempts and --workers must be positive")
+    wf_kwargs = {"test_share": args.test_share, "heldout_template_share": args.heldout_template_share}
+    wf = load_workflow(args.workflow, **wf_kwargs)  # fail here, not in a worker, on a bad name
+
+    shard_i, shard_n = args.shard
+    indices = list(range(shard_i, args.n, shard_n))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    partial, rejects_path = args.out + ".partial", args.out + ".rejects.jsonl"
+    kept, rejects = [], []
+    if args.resume and os.path.exists(partial):
+        kept, rejects = _read_jsonl(partial), (_read_jsonl(rejects_path) if os.path.exists(rejects_path) else [])
+        done = max([r["meta"]["index"] for r in kept] + [r["index"] for r in rejects], default=-1)
+        indices = [i for i in indices if i > done]
+        rejects = [r for r in rejects if r["index"] <= done]
+        print(f"resuming {partial}: {len(kept)} trajectories kept so far, continuing after index {done}")
+    elif os.path.exists(partial) and not args.resume:
+        print(f"note: overwriting an earlier {partial} (pass --resume to continue it)", file=sys.stderr)
+    # Rewrite the partial files from what was read, so a torn last line is dropped.
+    with open(partial, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in kept)
+    with open(rejects_path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects)
+
+    n_kept, n_rej, lost = len(kept), len(rejects), 0
+    n_kept_before = n_kept
+    calls = sum(r["meta"]["n_calls"] for r in kept)
+    families = Counter(r["meta"]["family"] for r in kept)
+    jobs = [(i, args.seed, args.max_attempts, args.split) for i in indices]
+    t0 = time.time()
+    bar = tqdm(total=len(jobs), desc=f"{wf.name}/{args.split}", unit="task", disable=args.quiet, smoothing=0.05)
+    with open(partial, "a", encoding="utf-8") as out, open(rejects_path, "a", encoding="utf-8") as rej:
+        if args.workers > 1:
+            pool = mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(
+                args.workers, initializer=_init_worker, initargs=(args.workflow, wf_kwargs))
+            results = pool.imap(generate_one, jobs, chunksize=8)  # ordered: output independent of workers
+        else:
+            pool = None
+            _init_worker(args.workflow, wf_kwargs)
+            results = map(generate_one, jobs)
+        try:
+            for index, record, task_rejects in results:
+                for r in task_rejects:
+                    rej.write(json.dumps(r, ensure_ascii=False) + "\n")
+                n_rej += len(task_rejects)
+                if record is None:
+                    lost += 1
+                else:
+                    out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    n_kept += 1
+                    calls += record["meta"]["n_calls"]
+                    families[record["meta"]["family"]] += 1
+                out.flush()
+                rej.flush()
+                bar.update(1)
+                bar.set_postfix(kept=n_kept, rejected=n_rej, refresh=False)
+        finally:
+            if pool is not None:
+                pool.terminate()
+            bar.close()
+    elapsed = time.time() - t0
+    os.replace(partial, args.out)
+    stats = {"workflow": wf.name, "split": args.split, "n": args.n, "shard": f"{shard_i}/{shard_n}",
+             "seed": args.seed, "kept": n_kept, "rejected_attempts": n_rej, "lost_tasks": lost,
+             "reject_reasons": dict(Counter(r["reason"].split(":")[0] for r in _read_jsonl(rejects_path))),
+             "mean_calls": calls / max(n_kept, 1), "families": dict(sorted(families.items())),
+             "seconds": round(elapsed, 2), "tasks_per_s": round(len(jobs) / max(elapsed, 1e-9), 1),
+             "kept_per_s": round((n_kept - n_kept_before) / max(elapsed, 1e-9), 1),
+             "workers": args.workers, "test_share": args.test_share,
+             "heldout_template_share": args.heldout_template_share}
+    with open(args.out + ".stats.json", "w") as f:
+        json.dump(stats, f, indent=2)
+    print(f"wrote {args.out}: {n_kept} trajectories kept, {n_rej} rejected attempts"
+          f"{' ' + str(stats['reject_reasons']) if n_rej else ''}, {lost} tasks lost; "
+          f"{stats['kept_per_s']} trajectories/s with {args.workers} workers; "
+          f"{stats['mean_calls']:.1f} tool calls per trajectory")
+    if n_rej:
+        print(f"rejected attempts are listed in {rejects_path}")
+    return stats
+
+
+if __name__ == "__main__":
+    main()

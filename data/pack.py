@@ -1,0 +1,343 @@
+"""Pack rendered trajectories into fixed-length rows and write memory-mapped shards.
+
+    python -m data.pack --tokenizer data/sql/tok.model --seq-len 4096 --out data/sql/train data/sql/train.jsonl
+
+A row holds seq_len + 1 tokens (inputs are row[:-1], targets row[1:]) made of whole documents
+(trajectories) placed by best-fit decreasing; the rest of a row is <|pad|> with weight 0, kept as a
+document of its own. The per-row document starts go to the index file, so attention never crosses
+a document and positions restart at each one. The first token of every document is <|begin|> (or
+<|pad|>), weight 0, so the prediction that crosses a boundary is never trained.
+
+A trajectory longer than a row is never cut or lost silently: it is counted, reported and listed
+in OUT.json, as are records with no trained token. A malformed record stops packing with an error
+naming FILE:LINE (or, with --skip-bad, is reported and skipped).
+
+Shard files (little-endian, all arrays C-contiguous, written atomically):
+  OUT_000.bin  64-byte header: magic b"AGCTOKS\\0", u32 version, u32 token bytes (2|4),
+               u64 n_rows, u64 row_len, u64 vocab_size
+               then tokens [n_rows, row_len] uint16|uint32, weights [n_rows, row_len] float16,
+               sources [n_rows, row_len] uint8 (index into data.format.SOURCES)
+  OUT_000.idx  64-byte header: magic b"AGCIDX\\0\\0", u32 version, u32 0, u64 n_rows, u64 n_docs
+               then row_ptr int64 [n_rows + 1] (row r's documents are row_ptr[r]:row_ptr[r+1]),
+               doc_start int32 [n_docs] (position in its row), doc_id int64 [n_docs] (index of the
+               record in the concatenated inputs, -1 for padding)
+  OUT.json     summary: counts, trained share by source, packing efficiency, tokenizer, inputs
+"""
+from __future__ import annotations
+
+import argparse
+import bisect
+import glob
+import json
+import multiprocessing as mp
+import os
+import struct
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from data.format import LAYOUT_VERSION, PAD, SOURCES, SRC_PAD, FormatError, render
+from data.tokenizer import Tokenizer
+
+SHARD_VERSION = 1
+BIN_MAGIC, IDX_MAGIC = b"AGCTOKS\0", b"AGCIDX\0\0"
+HEADER_BYTES = 64
+
+
+# ----------------------------------------------------------------------------- shard files
+
+def _atomic_write(path: str, header: bytes, arrays: list[np.ndarray]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(header.ljust(HEADER_BYTES, b"\0"))
+        for a in arrays:
+            f.write(np.ascontiguousarray(a).tobytes())
+    os.replace(tmp, path)
+
+
+def write_shard(prefix: str, tokens: np.ndarray, weights: np.ndarray, sources: np.ndarray,
+                row_ptr: np.ndarray, doc_start: np.ndarray, doc_id: np.ndarray, vocab_size: int) -> None:
+    n_rows, row_len = tokens.shape
+    tok_dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
+    if tokens.size and int(tokens.max()) >= vocab_size:
+        raise ValueError(f"token id {int(tokens.max())} >= vocab_size {vocab_size}")
+    _atomic_write(prefix + ".bin",
+                  BIN_MAGIC + struct.pack("<IIQQQ", SHARD_VERSION, np.dtype(tok_dtype).itemsize, n_rows, row_len,
+                                          vocab_size),
+                  [tokens.astype(tok_dtype), weights.astype(np.float16), sources.astype(np.uint8)])
+    _atomic_write(prefix + ".idx",
+                  IDX_MAGIC + struct.pack("<IIQQ", SHARD_VERSION, 0, n_rows, len(doc_start)),
+                  [row_ptr.astype(np.int64), doc_start.astype(np.int32), doc_id.astype(np.int64)])
+
+
+class Shard:
+    """A memory-mapped shard: nothing is read until a row is asked for."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        bin_path, idx_path = prefix + ".bin", prefix + ".idx"
+        for p in (bin_path, idx_path):
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f"shard file missing: {p}")
+        with open(bin_path, "rb") as f:
+            head = f.read(HEADER_BYTES)
+        if len(head) < HEADER_BYTES or head[:8] != BIN_MAGIC:
+            raise ValueError(f"{bin_path} is not an agentc token shard (bad magic)")
+        version, tok_bytes, self.n_rows, self.row_len, self.vocab_size = struct.unpack("<IIQQQ", head[8:40])
+        if version != SHARD_VERSION:
+            raise ValueError(f"{bin_path}: shard version {version}, this code reads {SHARD_VERSION}; repack")
+        tok_dtype = {2: np.uint16, 4: np.uint32}.get(tok_bytes)
+        if tok_dtype is None:
+            raise ValueError(f"{bin_path}: bad token width {tok_bytes}")
+        n = self.n_rows * self.row_len
+        expected = HEADER_BYTES + n * (tok_bytes + 2 + 1)
+        if os.path.getsize(bin_path) != expected:
+            raise ValueError(f"{bin_path}: {os.path.getsize(bin_path)} bytes, header implies {expected} (truncated?)")
+        shape = (self.n_rows, self.row_len)
+        off = HEADER_BYTES
+        self.tokens = np.memmap(bin_path, tok_dtype, "r", off, shape)
+        off += n * tok_bytes
+        self.weights = np.memmap(bin_path, np.float16, "r", off, shape)
+        off += n * 2
+        self.sources = np.memmap(bin_path, np.uint8, "r", off, shape)
+
+        with open(idx_path, "rb") as f:
+            head = f.read(HEADER_BYTES)
+        if len(head) < HEADER_BYTES or head[:8] != IDX_MAGIC:
+            raise ValueError(f"{idx_path} is not an agentc shard index (bad magic)")
+        version, _, n_rows, self.n_docs = struct.unpack("<IIQQ", head[8:32])
+        if version != SHARD_VERSION or n_rows != self.n_rows:
+            raise ValueError(f"{idx_path} does not match {bin_path} (version {version}, {n_rows} rows)")
+        expected = HEADER_BYTES + 8 * (self.n_rows + 1) + 12 * self.n_docs
+        if os.path.getsize(idx_path) != expected:
+            raise ValueError(f"{idx_path}: {os.path.getsize(idx_path)} bytes, header implies {expected} (truncated?)")
+        off = HEADER_BYTES
+        self.row_ptr = np.fromfile(idx_path, np.int64, self.n_rows + 1, offset=off)
+        off += 8 * (self.n_rows + 1)
+        self.doc_start = np.fromfile(idx_path, np.int32, self.n_docs, offset=off)
+        self.doc_id = np.fromfile(idx_path, np.int64, self.n_docs, offset=off + 4 * self.n_docs)
+
+    def docs(self, r: int) -> tuple[np.ndarray, np.ndarray]:
+        """(starts, doc_ids) of row r; starts[0] == 0."""
+        a, b = self.row_ptr[r], self.row_ptr[r + 1]
+        return self.doc_start[a:b], self.doc_id[a:b]
+
+
+def find_shards(path: str) -> list[str]:
+    """Shard prefixes for PATH: a prefix written by pack (data/sql/train), its OUT.json, a
+    directory, a single .bin, or a glob."""
+    if path.endswith(".json"):
+        path = path[:-5]
+    if path.endswith(".bin"):
+        path = path[:-4]
+    if os.path.isdir(path):
+        pattern = os.path.join(path, "*.bin")
+    elif os.path.isfile(path + ".bin"):
+        return [path]
+    elif any(c in path for c in "*?["):
+        pattern = path + ".bin"
+    else:
+        pattern = path + "_[0-9][0-9][0-9]*.bin"
+    prefixes = sorted(p[:-4] for p in glob.glob(pattern))
+    if not prefixes:
+        raise FileNotFoundError(f"no shards found for {path!r} (looked for {pattern})")
+    return prefixes
+
+
+# ----------------------------------------------------------------------------- packing
+
+def best_fit_decreasing(lengths: list[int], capacity: int, order: np.ndarray) -> list[list[int]]:
+    """Place items (indices into lengths, visited longest first, ties in `order`) into bins of
+    `capacity`, each into the fullest bin it fits in. Returns the bins as lists of item indices."""
+    by_len = sorted(order.tolist(), key=lambda i: -lengths[i])  # stable: keeps the seeded order on ties
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # sorted (remaining capacity, bin index)
+    for i in by_len:
+        k = bisect.bisect_left(free, (lengths[i], -1))
+        if k == len(free):
+            bins.append([i])
+            rest, b = capacity - lengths[i], len(bins) - 1
+        else:
+            rest, b = free.pop(k)
+            bins[b].append(i)
+            rest -= lengths[i]
+        if rest > 0:
+            bisect.insort(free, (rest, b))
+    return bins
+
+
+@dataclass
+class _Doc:
+    ids: np.ndarray
+    sources: np.ndarray
+    weights: np.ndarray
+
+
+_TOK: Tokenizer | None = None
+
+
+def _init_worker(tok_path: str) -> None:
+    global _TOK
+    _TOK = Tokenizer(tok_path)
+
+
+def _render_line(job: tuple[str, int, str]) -> tuple[_Doc | None, str | None, str | None]:
+    path, lineno, line = job
+    where = f"{path}:{lineno}"
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        return None, f"{where}: not valid JSON ({e.msg})", None
+    try:
+        r = render(record, _TOK, name=where)
+    except FormatError as e:
+        return None, str(e), None
+    meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
+    return _Doc(r.ids, r.sources, r.weights.astype(np.float16)), None, str(meta.get("task_id", where))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m data.pack", description=__doc__.split("\n\n")[0])
+    ap.add_argument("inputs", nargs="+", help="trajectory .jsonl files")
+    ap.add_argument("--tokenizer", required=True, help="sentencepiece .model with the agentc special tokens")
+    ap.add_argument("--seq-len", type=int, required=True, help="tokens per training row (the model's context)")
+    ap.add_argument("--out", required=True, help="output prefix: writes OUT_000.bin/.idx ... and OUT.json")
+    ap.add_argument("--shard-tokens", type=int, default=2**26, help="tokens per shard file (default 2^26)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the document and row order")
+    ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="rendering processes")
+    ap.add_argument("--skip-bad", action="store_true", help="report malformed records and go on")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    if args.seq_len < 2:
+        ap.error("--seq-len must be at least 2")
+    row_len = args.seq_len + 1
+    tok = Tokenizer(args.tokenizer)
+    t0 = time.time()
+
+    jobs, inputs = [], []
+    for path in args.inputs:
+        if not os.path.isfile(path):
+            ap.error(f"no such file: {path}")
+        n = 0
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    jobs.append((path, lineno, line))
+                    n += 1
+        inputs.append({"path": path, "records": n})
+    if not jobs:
+        ap.error("the inputs hold no records")
+
+    docs: list[_Doc | None] = []
+    names: list[str] = []
+    bad: list[str] = []
+    bar = tqdm(total=len(jobs), desc="render", unit="traj", disable=args.quiet)
+    if args.workers > 1:
+        pool = mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(
+            args.workers, initializer=_init_worker, initargs=(args.tokenizer,))
+        results = pool.imap(_render_line, jobs, chunksize=32)
+    else:
+        pool = None
+        _init_worker(args.tokenizer)
+        results = map(_render_line, jobs)
+    try:
+        for doc, err, name in results:
+            bar.update(1)
+            if err is not None:
+                if not args.skip_bad:
+                    raise SystemExit(f"error: {err}\n(fix the record, or pass --skip-bad to skip it)")
+                print(f"skipping malformed record: {err}", file=sys.stderr)
+                bad.append(err)
+            docs.append(doc)
+            names.append(name or "")
+    finally:
+        if pool is not None:
+            pool.terminate()
+        bar.close()
+
+    overlong = [i for i, d in enumerate(docs) if d is not None and len(d.ids) > row_len]
+    untrained = [i for i, d in enumerate(docs) if d is not None and not (d.weights > 0).any()]
+    dropped = set(overlong) | set(untrained)
+    keep = [i for i, d in enumerate(docs) if d is not None and i not in dropped]
+    if not keep:
+        raise SystemExit(f"error: no record fits in a row of {row_len} tokens and has a trained token "
+                         f"({len(overlong)} overlong, {len(untrained)} untrained, {len(bad)} malformed)")
+    lengths = [len(d.ids) if d is not None else 0 for d in docs]
+    rng = np.random.default_rng(args.seed)
+    rows = best_fit_decreasing(lengths, row_len, rng.permutation(np.array(keep)))
+    rows = [rows[i] for i in rng.permutation(len(rows))]  # shards mix short and long documents
+
+    pad_id = tok.special_ids[PAD]
+    rows_per_shard = max(1, args.shard_tokens // row_len)
+    shard_paths, n_docs = [], 0
+    by_source = Counter()   # tokens per source
+    trained = Counter()     # trained tokens (weight > 0) per source
+    for s, first in enumerate(range(0, len(rows), rows_per_shard)):
+        chunk = rows[first:first + rows_per_shard]
+        tokens = np.full((len(chunk), row_len), pad_id, np.uint32)
+        weights = np.zeros((len(chunk), row_len), np.float16)
+        sources = np.full((len(chunk), row_len), SRC_PAD, np.uint8)
+        row_ptr, doc_start, doc_id = [0], [], []
+        for r, members in enumerate(chunk):
+            pos = 0
+            for i in members:
+                d = docs[i]
+                tokens[r, pos:pos + len(d.ids)] = d.ids
+                weights[r, pos:pos + len(d.ids)] = d.weights
+                sources[r, pos:pos + len(d.ids)] = d.sources
+                doc_start.append(pos)
+                doc_id.append(i)
+                pos += len(d.ids)
+            if pos < row_len:  # the padding is a document of its own
+                doc_start.append(pos)
+                doc_id.append(-1)
+            row_ptr.append(len(doc_start))
+        for src in range(len(SOURCES)):
+            m = sources == src
+            by_source[SOURCES[src]] += int(m.sum())
+            trained[SOURCES[src]] += int((m & (weights > 0)).sum())
+        prefix = f"{args.out}_{s:03d}"
+        os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+        write_shard(prefix, tokens, weights, sources, np.array(row_ptr), np.array(doc_start),
+                    np.array(doc_id), tok.vocab_size)
+        shard_paths.append(prefix)
+        n_docs += len(doc_id)
+
+    total = len(rows) * row_len
+    real = total - by_source["pad"]
+    summary = {
+        "layout_version": LAYOUT_VERSION, "seq_len": args.seq_len, "row_len": row_len,
+        "rows": len(rows), "documents": len(keep), "shards": shard_paths,
+        "tokens": total, "document_tokens": real, "padding_share": by_source["pad"] / total,
+        "mean_tokens_per_document": real / len(keep),
+        "max_tokens_per_document": max(lengths[i] for i in keep),
+        "tokens_by_source": dict(by_source), "trained_tokens_by_source": dict(trained),
+        "trained_share": sum(trained.values()) / real,
+        "overlong": {"count": len(overlong), "max_tokens": max((lengths[i] for i in overlong), default=0),
+                     "records": [names[i] for i in overlong]},
+        "untrained": {"count": len(untrained), "records": [names[i] for i in untrained]},
+        "malformed": {"count": len(bad), "errors": bad},
+        "tokenizer": {"path": args.tokenizer, "fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size},
+        "inputs": inputs, "seed": args.seed, "seconds": round(time.time() - t0, 2),
+    }
+    tmp = args.out + ".json.tmp"
+    with open(tmp, "w") as f:
+        json.dump(summary, f, indent=2)
+    os.replace(tmp, args.out + ".json")
+    print(f"packed {len(keep)} trajectories into {len(rows)} rows of {args.seq_len}+1 tokens "
+          f"({len(shard_paths)} shard{'s' * (len(shard_paths) > 1)}) in {summary['seconds']}s: "
+          f"{summary['mean_tokens_per_document']:.0f} tokens per trajectory, "
+          f"{100 * summary['trained_share']:.1f}% trained, {100 * summary['padding_share']:.1f}% padding")
+    for what, n in (("longer than a row", len(overlong)), ("with no trained token", len(untrained)),
+                    ("malformed", len(bad))):
+        if n:
+            print(f"warning: {n} record(s) {what} were NOT packed; see {args.out}.json", file=sys.stderr)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""sentencepiece tokenizer with agentc's special tokens.
+
+Special tokens are sentencepiece CONTROL pieces: each is one id, and encode() never produces one
+from text, so an observation that happens to contain "<|end|>" cannot end an episode. data/format.py
+places them by id. Byte fallback means no text is ever <unk>.
+
+Our own tokenizer is trained with an identity normaliser, no dummy prefix and no whitespace
+folding, so decode(encode(text)) == text for every string (tables, code and indentation survive).
+
+    python -m data.tokenizer train --vocab-size 8192 --out data/sql/tok data/sql/train.jsonl
+    python -m data.tokenizer extend llama2/tokenizer.model data/llama2-agentc.model
+    python -m data.tokenizer encode data/sql/tok.model "SELECT name FROM customers"
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from typing import Iterable, Iterator, Sequence
+
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+from data.format import SPECIAL_TOKENS, dump_json
+
+
+class Tokenizer:
+    """The small interface data/format.py and the runtime need: encode, decode, special_ids,
+    vocab_size. A byte-level BPE tokenizer for GGUF checkpoints will offer the same."""
+
+    def __init__(self, path: str):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"tokenizer model not found: {path}")
+        self.path = path
+        with open(path, "rb") as f:
+            blob = f.read()
+        self.fingerprint = hashlib.sha256(blob).hexdigest()[:16]
+        self.sp = spm.SentencePieceProcessor(model_proto=blob)
+        missing = [t for t in SPECIAL_TOKENS if self.sp.piece_to_id(t) == self.sp.unk_id()]
+        if missing:
+            raise ValueError(f"{path} lacks the agentc special tokens {missing}; add them with "
+                             f"`python -m data.tokenizer extend {path} OUT.model`")
+        self.special_ids = {t: self.sp.piece_to_id(t) for t in SPECIAL_TOKENS}
+        not_control = [t for t, i in self.special_ids.items() if not self.sp.is_control(i)]
+        if not_control:
+            raise ValueError(f"{path}: special tokens {not_control} are not CONTROL pieces, so plain text "
+                             "could produce them; rebuild the tokenizer with data.tokenizer")
+        self.vocab_size = self.sp.get_piece_size()
+        norm = sp_pb2.ModelProto.FromString(blob).normalizer_spec
+        if norm.name not in ("identity", "") or norm.remove_extra_whitespaces:
+            print(f"warning: {path} normalises text ({norm.name}, remove_extra_whitespaces="
+                  f"{norm.remove_extra_whitespaces}); decode(encode(x)) may differ from x", file=sys.stderr)
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def piece(self, i: int) -> str:
+        return self.sp.id_to_piece(int(i))
+
+
+# ----------------------------------------------------------------------------- training
+
+def corpus_lines(paths: Iterable[str]) -> Iterator[str]:
+    """Every text a trajectory renders (contents, reasoning, call JSON, observations), one line at
+    a time: sentencepiece treats each input as a sentence, and newlines become byte pieces."""
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                for m in json.loads(line).get("messages", []):
+                    texts = [m.get("content"), m.get("reasoning")]
+                    for tc in m.get("tool_calls") or []:
+                        fn = tc.get("function", {})
+                        args = fn.get("arguments")
+                        args = json.loads(args) if isinstance(args, str) and args.strip() else args or {}
+                        texts.append(dump_json({"name": fn.get("name"), "arguments": args}))
+                    for text in texts:
+                        if isinstance(text, str):
+                            yield from (s for s in text.split("\n") if s)
+
+
+def train(paths: Sequence[str], out_prefix: str, vocab_size: int = 8192,
+          max_sentences: int = 2_000_000, threads: int | None = None) -> str:
+    """Train a BPE model on trajectory JSONL files; writes OUT.model and OUT.vocab."""
+    os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
+    min_vocab = 256 + 1 + len(SPECIAL_TOKENS) + 1
+    if vocab_size < min_vocab:
+        raise ValueError(f"vocab_size must be at least {min_vocab} (256 byte pieces, <unk>, the specials)")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=corpus_lines(paths), model_prefix=out_prefix, model_type="bpe",
+        vocab_size=vocab_size, hard_vocab_limit=False,  # a tiny corpus gives a smaller vocab, not an error
+        byte_fallback=True, character_coverage=0.9999, split_digits=True,
+        control_symbols=list(SPECIAL_TOKENS), unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
+        normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, max_sentence_length=16384,
+        input_sentence_size=max_sentences, shuffle_input_sentence=True,
+        num_threads=threads or os.cpu_count() or 1, minloglevel=2)
+    return out_prefix + ".model"
+
+
+def extend(base_path: str, out_path: str) -> list[int]:
+    """Copy an existing sentencepiece model (Llama-2 / Mistral style) with our special tokens
+    appended as CONTROL pieces. Existing ids, and so the pretrained embeddings, keep their
+    meaning; returns the new ids (the model's embedding grows to cover them)."""
+    with open(base_path, "rb") as f:
+        proto = sp_pb2.ModelProto.FromString(f.read())
+    pieces = {p.piece: (i, p.type) for i, p in enumerate(proto.pieces)}
+    new_ids = []
+    for t in SPECIAL_TOKENS:
+        if t in pieces:
+            if pieces[t][1] != sp_pb2.ModelProto.SentencePiece.CONTROL:
+                raise ValueError(f"{base_path} already has {t} as a non-control piece")
+            continue
+        proto.pieces.append(sp_pb2.ModelProto.SentencePiece(
+            piece=t, score=0.0, type=sp_pb2.ModelProto.SentencePiece.CONTROL))
+        new_ids.append(len(proto.pieces) - 1)
+    tmp = out_path + ".tmp"
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    with open(tmp, "wb") as f:
+        f.write(proto.SerializeToString())
+    os.replace(tmp, out_path)
+    return new_ids
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m data.tokenizer", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train a BPE tokenizer on trajectory JSONL files")
+    t.add_argument("inputs", nargs="+", help="trajectory .jsonl files")
+    t.add_argument("--out", required=True, help="output prefix: writes PREFIX.model and PREFIX.vocab")
+    t.add_argument("--vocab-size", type=int, default=8192, help="target vocabulary size (default 8192)")
+    t.add_argument("--max-sentences", type=int, default=2_000_000, help="sample at most this many lines")
+    e = sub.add_parser("extend", help="add the agentc special tokens to an existing sentencepiece model")
+    e.add_argument("base", help="existing tokenizer.model")
+    e.add_argument("out", help="where to write the extended model")
+    c = sub.add_parser("encode", help="show how a text is tokenised")
+    c.add_argument("model")
+    c.add_argument("text")
+    args = ap.parse_args(argv)
+    if args.cmd == "train":
+        for p in args.inputs:
+            if not os.path.isfile(p):
+                ap.error(f"no such file: {p}")
+        t0 = time.time()
+        path = train(args.inputs, args.out, args.vocab_size, args.max_sentences)
+        tok = Tokenizer(path)
+        print(f"wrote {path}: {tok.vocab_size} pieces ({len(SPECIAL_TOKENS)} special) in {time.time() - t0:.1f}s")
+    elif args.cmd == "extend":
+        new = extend(args.base, args.out)
+        tok = Tokenizer(args.out)
+        print(f"wrote {args.out}: {tok.vocab_size} pieces, {len(new)} added "
+              f"(ids {new[0] if new else '-'}..{new[-1] if new else '-'})")
+    else:
+        tok = Tokenizer(args.model)
+        ids = tok.encode(args.text)
+        print(f"{len(ids)} tokens:", " ".join(f"{tok.piece(i)}({i})" for i in ids))
+
+
+if __name__ == "__main__":
+    main()

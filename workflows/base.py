@@ -1,0 +1,415 @@
+"""The protocol every workflow follows.
+
+A workflow is five things (see DESIGN.md, "The data flow"):
+
+  tools        plain Python methods of an Environment, marked with @tool; their JSON schema
+               (OpenAI function-tool format) is derived from type hints and the docstring, and
+               arguments are checked against it with a real JSON-Schema validator before a call.
+  environment  built per task from the task's seed: fresh state for every episode.
+  task sampler `train` and `test` splits disjoint in what matters: entity values, numbers and
+               a configurable share of question templates (see split_pool / heldout_templates).
+  teacher      a coroutine: it yields Call / Answer steps and is sent the real Observation of
+               each call, so trajectories hold real tool outputs.
+  checker      scores the final answer and/or the final environment state.
+
+run_teacher() drives a teacher through an environment and returns the episode as OpenAI chat
+messages, the lingua franca of data/: assistant messages carry an optional "reasoning" string and
+"tool_calls"; tool results are role "tool" messages; the last assistant message's "content" is
+the final answer.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import re
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Generator, Literal, Union
+
+import jsonschema
+
+from data.format import dump_json
+
+# Observations longer than this are cut with a visible marker. The runtime calls tools through
+# Environment.call too, so training data and deployment see the same policy.
+MAX_OBSERVATION_CHARS = 4000
+
+
+# ----------------------------------------------------------------------------- tools
+
+class ToolError(Exception):
+    """Raised by a tool for an error the agent should see and recover from (bad table name...)."""
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    description: str
+    parameters: dict  # JSON schema of the arguments object
+    fn: Callable = field(repr=False, compare=False)
+
+    def schema(self) -> dict:
+        """The OpenAI function-tool entry, as it goes into a trajectory's "tools" list."""
+        return {"type": "function",
+                "function": {"name": self.name, "description": self.description,
+                             "parameters": self.parameters}}
+
+    def validate(self, arguments: Any) -> list[str]:
+        """Return the schema violations of `arguments` (empty when valid)."""
+        validator = jsonschema.Draft202012Validator(self.parameters)
+        errors = sorted(validator.iter_errors(arguments), key=lambda e: list(e.absolute_path))
+        return [(f"{'.'.join(map(str, e.absolute_path))}: " if e.absolute_path else "") + e.message
+                for e in errors]
+
+
+def _json_type(annotation: Any, where: str) -> dict:
+    """JSON schema for a Python type hint. Only types a model can write in JSON are allowed."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    simple = {str: "string", int: "integer", float: "number", bool: "boolean"}
+    if annotation in simple:
+        return {"type": simple[annotation]}
+    if origin is Literal:
+        return {"enum": list(args)}
+    if annotation is list:
+        return {"type": "array"}
+    if origin is list:
+        return {"type": "array", "items": _json_type(args[0], where)}
+    if annotation is dict or origin is dict:
+        return {"type": "object"}
+    if origin in (Union, types.UnionType):
+        members = [a for a in args if a is not type(None)]
+        if len(members) == 1 and len(args) == 2:  # Optional[X]
+            return {"anyOf": [_json_type(members[0], where), {"type": "null"}]}
+        return {"anyOf": [_json_type(a, where) for a in args]}
+    raise TypeError(f"{where}: unsupported type hint {annotation!r}; "
+                    "use str, int, float, bool, list[...], dict, Literal[...] or Optional[...]")
+
+
+def _parse_docstring(doc: str, where: str) -> tuple[str, dict[str, str]]:
+    """Split a Google-style docstring into (description, {param: description}).
+
+    The description is everything before "Args:" joined into one paragraph per blank line;
+    "Returns:" and later sections are appended to it because the model benefits from knowing
+    what a tool gives back.
+    """
+    if not doc or not doc.strip():
+        raise ValueError(f"{where}: a tool needs a docstring (it becomes the model-facing description)")
+    lines = inspect.cleandoc(doc).splitlines()
+    desc_lines, params, current, section = [], {}, None, "desc"
+    for line in lines:
+        stripped = line.strip()
+        header = re.fullmatch(r"(Args|Arguments|Parameters|Returns|Raises|Example|Examples):", stripped)
+        if header:
+            section = "args" if header.group(1) in ("Args", "Arguments", "Parameters") else header.group(1)
+            if section == "Returns":
+                desc_lines.append("Returns:")
+            current = None
+            continue
+        if section == "args":
+            m = re.match(r"^\s{0,8}(\w+)\s*(?:\([^)]*\))?\s*:\s*(.*)$", line)
+            if m and (len(line) - len(line.lstrip())) <= 4:
+                current = m.group(1)
+                params[current] = m.group(2).strip()
+            elif current and stripped:
+                params[current] = (params[current] + " " + stripped).strip()
+        elif section in ("desc", "Returns"):
+            desc_lines.append(stripped)
+    paragraphs = re.split(r"\n\s*\n", "\n".join(desc_lines).strip())
+    description = "\n".join(" ".join(p.split()) for p in paragraphs if p.strip())
+    return description, params
+
+
+def tool(fn: Callable) -> Callable:
+    """Mark a function or Environment method as a tool; its schema is derived immediately so a
+    missing docstring entry or an unsupported type fails at import time, not mid-episode."""
+    where = f"tool {fn.__qualname__}"
+    description, param_docs = _parse_docstring(fn.__doc__ or "", where)
+    hints = typing.get_type_hints(fn)
+    properties, required = {}, []
+    for i, (pname, p) in enumerate(inspect.signature(fn).parameters.items()):
+        if i == 0 and pname == "self":
+            continue
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            raise TypeError(f"{where}: *args / **kwargs cannot be described by a JSON schema")
+        if pname not in hints:
+            raise TypeError(f"{where}: parameter '{pname}' needs a type hint")
+        if pname not in param_docs:
+            raise ValueError(f"{where}: parameter '{pname}' is not documented in the docstring's Args section")
+        prop = _json_type(hints[pname], f"{where}, parameter '{pname}'")
+        prop["description"] = param_docs[pname]
+        if p.default is inspect.Parameter.empty:
+            required.append(pname)
+        else:
+            prop["default"] = p.default
+        properties[pname] = prop
+    unknown = set(param_docs) - set(properties)
+    if unknown:
+        raise ValueError(f"{where}: docstring documents parameters that do not exist: {sorted(unknown)}")
+    parameters = {"type": "object", "properties": properties, "required": required,
+                  "additionalProperties": False}
+    jsonschema.Draft202012Validator.check_schema(parameters)
+    fn.__agentc_tool__ = Tool(fn.__name__, description, parameters, fn)
+    return fn
+
+
+def tool_manifest(tools: list[Tool]) -> str:
+    """A compact, model-facing list of tools for a system prompt: one line per tool."""
+    lines = []
+    for t in tools:
+        args = []
+        for pname, prop in t.parameters["properties"].items():
+            typ = prop.get("type") or ("enum" if "enum" in prop else "any")
+            opt = "" if pname in t.parameters["required"] else "?"
+            args.append(f"{pname}{opt}: {typ}")
+        lines.append(f"- {t.name}({', '.join(args)}): {t.description.splitlines()[0]}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- environment
+
+@dataclass
+class Observation:
+    """What a tool call gave back. `text` is what the model sees; `value` is the Python return
+    value (for the teacher's convenience; everything it uses must also be in `text`)."""
+    text: str
+    kind: Literal["ok", "tool_error", "bad_arguments", "unknown_tool", "crash"] = "ok"
+    value: Any = None
+
+    @property
+    def ok(self) -> bool:
+        return self.kind == "ok"
+
+
+def cut_observation(text: str, max_chars: int = MAX_OBSERVATION_CHARS) -> str:
+    if len(text) <= max_chars:
+        return text
+    return text[:max_chars] + f"\n…[cut: {len(text) - max_chars} more characters]"
+
+
+class Environment:
+    """Per-episode state plus its tools (methods decorated with @tool)."""
+
+    def tools(self) -> list[Tool]:
+        """The tools of this environment, in definition order (base classes first)."""
+        seen, out = set(), []
+        for cls in reversed(type(self).__mro__):
+            for name, attr in vars(cls).items():
+                t = getattr(attr, "__agentc_tool__", None)
+                if t is not None and name not in seen:
+                    seen.add(name)
+                    out.append(t)
+        return out
+
+    def call(self, name: str, arguments: Any) -> Observation:
+        """Validate and run one tool call. Never raises: every failure becomes an observation the
+        agent can read ("crash" marks a bug in the tool itself, which generation rejects)."""
+        tools = {t.name: t for t in self.tools()}
+        if name not in tools:
+            return Observation(f"Error: unknown tool '{name}'. Available tools: {', '.join(tools)}.",
+                               "unknown_tool")
+        errors = tools[name].validate(arguments)
+        if errors:
+            return Observation(f"Error: invalid arguments for {name}: " + "; ".join(errors), "bad_arguments")
+        try:
+            value = tools[name].fn(self, **arguments)
+        except ToolError as e:
+            return Observation(cut_observation(f"Error: {e}"), "tool_error")
+        except Exception as e:  # a bug in the tool, not in the agent
+            return Observation(f"Error: internal error in {name}: {type(e).__name__}: {e}", "crash")
+        text = value if isinstance(value, str) else dump_json(value)
+        return Observation(cut_observation(text), "ok", value)
+
+
+# ----------------------------------------------------------------------------- tasks and splits
+
+Split = Literal["train", "test"]
+SPLITS = ("train", "test")
+
+
+def stable_hash(*parts: Any) -> int:
+    """A 64-bit hash that is the same in every process and Python version (unlike hash())."""
+    h = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(h[:8], "little")
+
+
+def task_seed(seed: int, workflow: str, split: str, index: int, attempt: int = 0) -> int:
+    return stable_hash("task", seed, workflow, split, index, attempt) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def split_pool(values: list, split: str, test_share: float, salt: str = "") -> list:
+    """The part of `values` that belongs to `split`. The partition is fixed by a stable hash of
+    each value, so it never depends on the seed or on the order of the pool, and train and test
+    are disjoint by construction. At least one value goes to each side."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    if len(set(map(str, values))) != len(values):
+        raise ValueError("split_pool needs distinct values")
+    if len(values) < 2:
+        raise ValueError("split_pool needs at least two values to make two disjoint sides")
+    ranked = sorted(values, key=lambda v: stable_hash("split", salt, v))
+    n_test = min(len(values) - 1, max(1, round(test_share * len(values))))
+    test = set(map(str, ranked[:n_test]))
+    return [v for v in values if (str(v) in test) == (split == "test")]
+
+
+def heldout_templates(templates: list[str], share: float, salt: str = "") -> set[int]:
+    """Indices of the templates held out of the train split (share 0 holds none out; any positive
+    share holds out at least one and always keeps one for training)."""
+    if share <= 0 or len(templates) < 2:
+        return set()
+    ranked = sorted(range(len(templates)), key=lambda i: stable_hash("template", salt, templates[i]))
+    n = min(len(templates) - 1, max(1, round(share * len(templates))))
+    return set(ranked[:n])
+
+
+@dataclass
+class Task:
+    workflow: str
+    split: str
+    index: int
+    seed: int              # the task's own seed: the environment is built from it
+    family: str            # question family
+    prompt: str            # the user's message
+    gold: dict             # what the checker compares against (JSON-serialisable)
+    params: dict = field(default_factory=dict)  # the family's parameters, for traces
+    heldout_template: bool = False
+
+    @property
+    def id(self) -> str:
+        return f"{self.workflow}-{self.split}-{self.index:06d}-{self.seed & 0xFFFFFFFF:08x}"
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"id": self.id}
+
+
+@dataclass
+class Verdict:
+    ok: bool
+    reason: str = ""
+
+
+# ----------------------------------------------------------------------------- teacher steps
+
+@dataclass
+class Call:
+    tool: str
+    args: dict
+    reasoning: str = ""
+
+
+@dataclass
+class Answer:
+    text: str
+    reasoning: str = ""
+
+
+Teacher = Generator[Union[Call, Answer], Observation, None]
+
+
+class Workflow:
+    """Subclass and fill in the four methods. `test_share` is the share of entity values and
+    numbers reserved for the test split; `heldout_template_share` the share of question templates
+    per family that only the test split uses."""
+
+    name: str = "base"
+    instructions: str = ""  # the system prompt's prose; the tool manifest is appended
+
+    def __init__(self, test_share: float = 0.3, heldout_template_share: float = 0.25):
+        if not 0 < test_share < 1:
+            raise ValueError("test_share must be in (0, 1)")
+        if not 0 <= heldout_template_share < 1:
+            raise ValueError("heldout_template_share must be in [0, 1)")
+        self.test_share = test_share
+        self.heldout_template_share = heldout_template_share
+
+    def system_prompt(self, env: Environment) -> str:
+        return f"{self.instructions.strip()}\n\nTools:\n{tool_manifest(env.tools())}"
+
+    def sample_task(self, split: str, index: int, seed: int) -> Task:
+        raise NotImplementedError
+
+    def make_env(self, task: Task) -> Environment:
+        raise NotImplementedError
+
+    def teacher(self, task: Task, env: Environment) -> Teacher:
+        raise NotImplementedError
+
+    def check(self, task: Task, env: Environment, answer: str) -> Verdict:
+        raise NotImplementedError
+
+
+def load_workflow(name: str, **kwargs) -> Workflow:
+    """`sql` -> workflows/sql.py's WORKFLOW class; a dotted name imports that module instead
+    (tests use this for small fake workflows). A module exposes its class as `WORKFLOW`."""
+    import importlib
+    module_name = name if "." in name else f"workflows.{name}"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name != module_name:
+            raise
+        raise ValueError(f"no workflow named {name!r} (looked for module {module_name})") from None
+    if not hasattr(module, "WORKFLOW"):
+        raise ValueError(f"module {module_name} does not define WORKFLOW")
+    return module.WORKFLOW(**kwargs)
+
+
+# ----------------------------------------------------------------------------- rollout
+
+@dataclass
+class Episode:
+    task: Task
+    messages: list[dict]
+    tools: list[dict]
+    answer: str | None
+    verdict: Verdict
+    observations: list[Observation]
+
+    @property
+    def crashed(self) -> bool:
+        return any(o.kind == "crash" for o in self.observations)
+
+
+def run_teacher(workflow: Workflow, task: Task, max_steps: int = 64) -> Episode:
+    """Run the teacher on a fresh environment and score it. Raises nothing for a bad teacher:
+    an exception, a step limit or a rejection is reported in the verdict."""
+    env = workflow.make_env(task)
+    messages = [{"role": "system", "content": workflow.system_prompt(env)},
+                {"role": "user", "content": task.prompt}]
+    tools = [t.schema() for t in env.tools()]
+    observations: list[Observation] = []
+    answer = None
+    gen = workflow.teacher(task, env)
+    try:
+        step = next(gen)
+        for n in range(max_steps):
+            if isinstance(step, Answer):
+                answer = step.text
+                msg = {"role": "assistant", "reasoning": step.reasoning, "content": step.text}
+                messages.append(msg if step.reasoning else {"role": "assistant", "content": step.text})
+                break
+            if not isinstance(step, Call):
+                raise TypeError(f"teacher yielded {type(step).__name__}; expected Call or Answer")
+            call_id = f"call_{n}"
+            msg = {"role": "assistant"}
+            if step.reasoning:
+                msg["reasoning"] = step.reasoning
+            msg["content"] = None
+            msg["tool_calls"] = [{"id": call_id, "type": "function",
+                                  "function": {"name": step.tool, "arguments": dump_json(step.args)}}]
+            messages.append(msg)
+            obs = env.call(step.tool, step.args)
+            observations.append(obs)
+            messages.append({"role": "tool", "tool_call_id": call_id, "name": step.tool, "content": obs.text})
+            step = gen.send(obs)
+    except StopIteration:
+        pass
+    except Exception as e:  # the teacher has a bug: report it, do not kill the generator
+        return Episode(task, messages, tools, None, Verdict(False, f"teacher_error: {type(e).__name__}: {e}"),
+                       observations)
+    if answer is None:
+        return Episode(task, messages, tools, None, Verdict(False, "no_answer: teacher stopped without an "
+                       f"answer or ran past {max_steps} steps"), observations)
+    verdict = workflow.check(task, env, answer)
+    return Episode(task, messages, tools, answer, verdict, observations)
