@@ -260,7 +260,8 @@ def main(argv: list[str] | None = None) -> dict:
         bar.close()
 
     overlong = [i for i, d in enumerate(docs) if d is not None and len(d.ids) > row_len]
-    untrained = [i for i, d in enumerate(docs) if d is not None and not (d.weights > 0).any()]
+    untrained = [i for i, d in enumerate(docs)
+                 if d is not None and len(d.ids) <= row_len and not (d.weights > 0).any()]
     dropped = set(overlong) | set(untrained)
     keep = [i for i, d in enumerate(docs) if d is not None and i not in dropped]
     if not keep:

@@ -1,0 +1,188 @@
+"""The workflow protocol: tool schemas, argument validation, splits, the teacher driver."""
+from typing import Literal, Optional
+
+import pytest
+
+from tests.fake_workflow import CalcWorkflow
+from workflows.base import (Call, Environment, ToolError, heldout_templates, load_workflow,
+                            run_teacher, split_pool, stable_hash, task_seed, tool, tool_manifest)
+
+
+class Env(Environment):
+    def __init__(self):
+        self.log = []
+
+    @tool
+    def search(self, query: str, limit: int = 5, exact: bool = False, tags: Optional[list[str]] = None,
+               order: Literal["asc", "desc"] = "asc", weight: float = 1.0) -> list:
+        """Search the catalogue for items.
+
+        Matches are ranked by relevance.
+
+        Args:
+            query: Words to look for.
+            limit: How many results
+                to return at most.
+            exact: Only exact matches.
+            tags: Restrict to these tags.
+            order: Sort order.
+            weight: A ranking weight.
+
+        Returns:
+            A list of item names.
+        """
+        self.log.append(query)
+        if query == "fail":
+            raise ToolError("the catalogue is closed")
+        if query == "bug":
+            return 1 / 0
+        return [query] * min(limit, 2)
+
+
+def test_schema_from_hints_and_docstring():
+    (t,) = Env().tools()
+    s = t.schema()
+    assert s["type"] == "function" and s["function"]["name"] == "search"
+    assert s["function"]["description"].startswith("Search the catalogue for items.\nMatches are ranked")
+    assert "Returns:" in s["function"]["description"]
+    p = s["function"]["parameters"]
+    assert p["required"] == ["query"] and p["additionalProperties"] is False
+    props = p["properties"]
+    assert props["query"] == {"type": "string", "description": "Words to look for."}
+    assert props["limit"] == {"type": "integer", "description": "How many results to return at most.", "default": 5}
+    assert props["exact"]["type"] == "boolean" and props["weight"]["type"] == "number"
+    assert props["order"]["enum"] == ["asc", "desc"]
+    assert props["tags"]["anyOf"] == [{"type": "array", "items": {"type": "string"}}, {"type": "null"}]
+    assert "search(query: string, limit?: integer" in tool_manifest([t])
+
+
+def test_tool_definition_errors_are_clear():
+    with pytest.raises(ValueError, match="needs a docstring"):
+        tool(lambda x: x)
+    with pytest.raises(ValueError, match="'b' is not documented"):
+        @tool
+        def f(a: int, b: int) -> int:
+            """Add.
+
+            Args:
+                a: first.
+            """
+    with pytest.raises(TypeError, match="needs a type hint"):
+        @tool
+        def g(a) -> int:
+            """G.
+
+            Args:
+                a: thing.
+            """
+    with pytest.raises(TypeError, match="unsupported type hint"):
+        @tool
+        def h(a: set) -> int:
+            """H.
+
+            Args:
+                a: thing.
+            """
+    with pytest.raises(ValueError, match="do not exist"):
+        @tool
+        def k(a: int) -> int:
+            """K.
+
+            Args:
+                a: thing.
+                zz: ghost.
+            """
+
+
+def test_call_validates_and_never_raises():
+    env = Env()
+    assert env.call("search", {"query": "lamp", "limit": 3}).value == ["lamp", "lamp"]
+    assert env.call("search", {"query": "lamp"}).text == '["lamp", "lamp"]'
+    bad = [{"query": 3}, {}, {"query": "x", "limit": "2"}, {"query": "x", "colour": "red"},
+           {"query": "x", "limit": True}, {"query": "x", "order": "sideways"}, ["x"]]
+    for args in bad:
+        obs = env.call("search", args)
+        assert obs.kind == "bad_arguments" and obs.text.startswith("Error: invalid arguments for search"), args
+    assert env.log == ["lamp", "lamp"]  # invalid calls never reached the tool
+    assert env.call("searhc", {"query": "x"}).kind == "unknown_tool"
+    assert "Available tools: search" in env.call("searhc", {}).text
+    obs = env.call("search", {"query": "fail"})
+    assert obs.kind == "tool_error" and obs.text == "Error: the catalogue is closed" and not obs.ok
+    assert env.call("search", {"query": "bug"}).kind == "crash"
+
+
+def test_long_observations_are_cut_visibly():
+    class Big(Environment):
+        @tool
+        def dump(self) -> str:
+            """Dump everything."""
+            return "x" * 10_000
+    obs = Big().call("dump", {})
+    assert len(obs.text) < 4100 and obs.text.endswith("[cut: 6000 more characters]")
+
+
+def test_split_pool_is_disjoint_stable_and_order_free():
+    pool = [f"name{i}" for i in range(50)]
+    train, test = split_pool(pool, "train", 0.3), split_pool(pool, "test", 0.3)
+    assert not set(train) & set(test) and set(train) | set(test) == set(pool)
+    assert len(test) == 15
+    assert split_pool(list(reversed(pool)), "test", 0.3) == list(reversed(test))
+    assert split_pool(pool, "test", 0.3, salt="other") != test  # salts give independent partitions
+    nums = split_pool(list(range(1, 100)), "test", 0.5)
+    assert len(nums) in (49, 50) and not set(nums) & set(split_pool(list(range(1, 100)), "train", 0.5))
+    with pytest.raises(ValueError, match="unknown split"):
+        split_pool(pool, "val", 0.3)
+    with pytest.raises(ValueError, match="distinct"):
+        split_pool(["a", "a"], "train", 0.3)
+
+
+def test_heldout_templates():
+    templates = ["How many {x}?", "Count {x}.", "Number of {x}?", "Tell me how many {x}."]
+    held = heldout_templates(templates, 0.25)
+    assert len(held) == 1 and held == heldout_templates(templates, 0.25)
+    assert heldout_templates(templates, 0.0) == set()
+    assert len(heldout_templates(templates, 0.99)) == 3  # always keeps one for training
+
+
+def test_seeds_are_stable():
+    assert stable_hash("a", 1) == stable_hash("a", 1) != stable_hash("a", 2)
+    seeds = {task_seed(0, "sql", s, i, a) for s in ("train", "test") for i in range(100) for a in range(3)}
+    assert len(seeds) == 600
+
+
+def test_run_teacher_reports_failures_instead_of_raising():
+    wf = CalcWorkflow()
+    ok = [i for i in range(40) if task_seed(0, "calc", "train", i) % 4 in (0, 3)][0]
+    task = wf.sample_task("train", ok, task_seed(0, "calc", "train", ok))
+    ep = run_teacher(wf, task)
+    assert ep.verdict.ok and ep.answer == str(task.gold["value"])
+    roles = [m["role"] for m in ep.messages]
+    assert roles == ["system", "user", "assistant", "tool", "assistant"]
+    assert ep.messages[2]["tool_calls"][0]["id"] == ep.messages[3]["tool_call_id"] == "call_0"
+
+    class Buggy(CalcWorkflow):
+        def teacher(self, task, env):
+            yield Call("add", {"a": 1, "b": 2})
+            raise KeyError("oops")
+
+    class Silent(CalcWorkflow):
+        def teacher(self, task, env):
+            yield Call("add", {"a": 1, "b": 2})
+
+    class Looping(CalcWorkflow):
+        def teacher(self, task, env):
+            while True:
+                yield Call("add", {"a": 1, "b": 2})
+
+    assert run_teacher(Buggy(), task).verdict.reason.startswith("teacher_error: KeyError")
+    assert run_teacher(Silent(), task).verdict.reason.startswith("no_answer")
+    ep = run_teacher(Looping(), task, max_steps=5)
+    assert not ep.verdict.ok and len(ep.observations) == 5
+
+
+def test_load_workflow():
+    assert isinstance(load_workflow("tests.fake_workflow"), CalcWorkflow)
+    with pytest.raises(ValueError, match="no workflow named 'nope'"):
+        load_workflow("nope")
+    with pytest.raises(ValueError, match="test_share"):
+        load_workflow("tests.fake_workflow", test_share=1.5)

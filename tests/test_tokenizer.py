@@ -1,0 +1,90 @@
+"""sentencepiece training, special tokens as single control pieces, exact round trips, extension of
+an existing (Llama-2 style) model."""
+import io
+import random
+
+import pytest
+import sentencepiece as spm
+
+from data import tokenizer
+from data.format import SPECIAL_TOKENS, render, unrender
+from data.tokenizer import Tokenizer
+
+TEXTS = [
+    "SELECT c.name, SUM(oi.quantity * oi.unit_price) FROM customers c JOIN orders o ON o.customer_id = c.id;",
+    "  leading and trailing spaces  ", "tabs\tand\nnewlines\n\n\r\n", "ünïcödé — 漢字 — emoji 🙂🚀 — Ωμέγα",
+    "def f(x):\n    return {'a': [1, 2.5, -3e-4]}\n", "12345678901234567890 0.001 -42", "",
+    "special text <|end|> <|call|>{\"name\": 1}<|/call|> <|pad|>", "\x00\x01 control bytes", " " * 17,
+]
+
+
+def test_specials_are_single_control_pieces(calc_corpus):
+    tok = calc_corpus["tok"]
+    ids = list(tok.special_ids.values())
+    assert len(set(ids)) == len(SPECIAL_TOKENS)
+    for t, i in tok.special_ids.items():
+        assert tok.piece(i) == t and tok.sp.is_control(i)
+    special = set(ids)
+    for text in TEXTS + list(SPECIAL_TOKENS):
+        assert not special & set(tok.encode(text)), text  # text never produces a special id
+
+
+def test_round_trip_is_exact_and_never_unknown(calc_corpus):
+    tok = calc_corpus["tok"]
+    rng = random.Random(0)
+    alphabet = "abcXYZ019 \t\n.,;:'\"{}[]()<|>ü漢🙂\u00a0\u200b"
+    texts = TEXTS + ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60))) for _ in range(300)]
+    for text in texts:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+        assert tok.sp.unk_id() not in ids
+
+
+def test_train_cli_and_vocab(tmp_path, calc_corpus):
+    out = str(tmp_path / "tok")
+    tokenizer.main(["train", calc_corpus["jsonl"], "--out", out, "--vocab-size", "450"])
+    tok = Tokenizer(out + ".model")
+    assert 300 < tok.vocab_size <= 450
+    with pytest.raises(ValueError, match="at least"):
+        tokenizer.train([calc_corpus["jsonl"]], out, vocab_size=100)
+
+
+def llama_style_model(tmp_path) -> str:
+    """A stand-in for a Llama-2 / Mistral tokenizer.model: dummy prefix, <s> </s>, byte fallback."""
+    words = "the a model of tokens data learning in to and is for on with as by".split()
+    rng = random.Random(1)
+    lines = [" ".join(rng.choice(words) for _ in range(10)) for _ in range(2000)]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, model_type="bpe",
+                                   vocab_size=320, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2,
+                                   add_dummy_prefix=True, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, minloglevel=2)
+    path = str(tmp_path / "llama.model")
+    with open(path, "wb") as f:
+        f.write(buf.getvalue())
+    return path
+
+
+def test_extend_existing_model(tmp_path, calc_corpus):
+    base_path = llama_style_model(tmp_path)
+    base = spm.SentencePieceProcessor(model_file=base_path)
+    with pytest.raises(ValueError, match="lacks the agentc special tokens.*extend"):
+        Tokenizer(base_path)
+    out = str(tmp_path / "llama-agentc.model")
+    tokenizer.main(["extend", base_path, out])
+    tok = Tokenizer(out)
+    n = base.get_piece_size()
+    assert tok.vocab_size == n + len(SPECIAL_TOKENS)
+    assert sorted(tok.special_ids.values()) == list(range(n, n + len(SPECIAL_TOKENS)))
+    for text in TEXTS:  # old ids keep their meaning: pretrained embeddings stay valid
+        assert tok.encode(text) == base.encode(text)
+        assert tok.decode(tok.encode(text)) == text
+    assert tokenizer.extend(out, str(tmp_path / "again.model")) == []  # idempotent
+    # the layout works with the dummy-prefix tokenizer too
+    rec = {"messages": [{"role": "user", "content": " the model"}, {"role": "assistant", "content": "data "}]}
+    assert unrender(render(rec, tok).ids, tok) == rec["messages"]
+
+
+def test_missing_file():
+    with pytest.raises(FileNotFoundError):
+        Tokenizer("/nonexistent/tok.model")
