@@ -1,6 +1,4 @@
 """Shared fixtures: a small corpus of trajectories and a tokenizer trained on it, built once."""
-import os
-import sys
 
 import pytest
 
