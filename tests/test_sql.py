@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from workflows import sql, sql_shop
+from workflows import sql_shop
 from workflows.base import SPLITS, heldout_templates, load_workflow, run_teacher, task_seed
 from workflows.sql import FAMILIES
 from workflows.sql_shop import CATEGORIES, POOLS, entity_pool
