@@ -100,6 +100,7 @@ def train(paths: Sequence[str], out_prefix: str, vocab_size: int = 8192,
         control_symbols=list(SPECIAL_TOKENS), unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
         normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
         allow_whitespace_only_pieces=True, max_sentence_length=16384,
+        split_by_unicode_script=False,  # lets identifiers such as "_id" and "'}}" merge
         input_sentence_size=max_sentences, shuffle_input_sentence=True,
         num_threads=threads or os.cpu_count() or 1, minloglevel=2)
     return out_prefix + ".model"

@@ -186,3 +186,23 @@ def test_load_workflow():
         load_workflow("nope")
     with pytest.raises(ValueError, match="test_share"):
         load_workflow("tests.fake_workflow", test_share=1.5)
+
+
+def test_environment_is_closed_after_every_episode():
+    closed = []
+
+    class Closing(CalcWorkflow):
+        def make_env(self, task):
+            env = super().make_env(task)
+            env.close = lambda: closed.append(task.index)
+            return env
+
+        def teacher(self, task, env):
+            if task.index == 1:
+                raise ValueError("teacher bug")
+            yield from super().teacher(task, env)
+
+    wf = Closing()
+    for i in range(3):
+        run_teacher(wf, wf.sample_task("train", i, task_seed(0, "calc", "train", i)))
+    assert closed == [0, 1, 2]

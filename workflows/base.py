@@ -19,6 +19,7 @@ the final answer.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import re
@@ -48,6 +49,11 @@ class Tool:
     description: str
     parameters: dict  # JSON schema of the arguments object
     fn: Callable = field(repr=False, compare=False)
+    validator: jsonschema.Draft202012Validator = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        jsonschema.Draft202012Validator.check_schema(self.parameters)
+        object.__setattr__(self, "validator", jsonschema.Draft202012Validator(self.parameters))
 
     def schema(self) -> dict:
         """The OpenAI function-tool entry, as it goes into a trajectory's "tools" list."""
@@ -57,8 +63,7 @@ class Tool:
 
     def validate(self, arguments: Any) -> list[str]:
         """Return the schema violations of `arguments` (empty when valid)."""
-        validator = jsonschema.Draft202012Validator(self.parameters)
-        errors = sorted(validator.iter_errors(arguments), key=lambda e: list(e.absolute_path))
+        errors = sorted(self.validator.iter_errors(arguments), key=lambda e: list(e.absolute_path))
         return [(f"{'.'.join(map(str, e.absolute_path))}: " if e.absolute_path else "") + e.message
                 for e in errors]
 
@@ -148,7 +153,6 @@ def tool(fn: Callable) -> Callable:
         raise ValueError(f"{where}: docstring documents parameters that do not exist: {sorted(unknown)}")
     parameters = {"type": "object", "properties": properties, "required": required,
                   "additionalProperties": False}
-    jsonschema.Draft202012Validator.check_schema(parameters)
     fn.__agentc_tool__ = Tool(fn.__name__, description, parameters, fn)
     return fn
 
@@ -187,24 +191,31 @@ def cut_observation(text: str, max_chars: int = MAX_OBSERVATION_CHARS) -> str:
     return text[:max_chars] + f"\n…[cut: {len(text) - max_chars} more characters]"
 
 
+@functools.cache
+def _tools_of(cls: type) -> dict[str, Tool]:
+    """The @tool methods of an Environment class, in definition order (base classes first)."""
+    out: dict[str, Tool] = {}
+    for klass in reversed(cls.__mro__):
+        for attr in vars(klass).values():
+            t = getattr(attr, "__agentc_tool__", None)
+            if t is not None:
+                out.setdefault(t.name, t)
+    return out
+
+
 class Environment:
     """Per-episode state plus its tools (methods decorated with @tool)."""
 
     def tools(self) -> list[Tool]:
-        """The tools of this environment, in definition order (base classes first)."""
-        seen, out = set(), []
-        for cls in reversed(type(self).__mro__):
-            for name, attr in vars(cls).items():
-                t = getattr(attr, "__agentc_tool__", None)
-                if t is not None and name not in seen:
-                    seen.add(name)
-                    out.append(t)
-        return out
+        return list(_tools_of(type(self)).values())
+
+    def close(self) -> None:
+        """Release what the episode held (connections, temporary files). Called once it is scored."""
 
     def call(self, name: str, arguments: Any) -> Observation:
         """Validate and run one tool call. Never raises: every failure becomes an observation the
         agent can read ("crash" marks a bug in the tool itself, which generation rejects)."""
-        tools = {t.name: t for t in self.tools()}
+        tools = _tools_of(type(self))
         if name not in tools:
             return Observation(f"Error: unknown tool '{name}'. Available tools: {', '.join(tools)}.",
                                "unknown_tool")
@@ -375,6 +386,13 @@ def run_teacher(workflow: Workflow, task: Task, max_steps: int = 64) -> Episode:
     """Run the teacher on a fresh environment and score it. Raises nothing for a bad teacher:
     an exception, a step limit or a rejection is reported in the verdict."""
     env = workflow.make_env(task)
+    try:
+        return _drive(workflow, task, env, max_steps)
+    finally:
+        env.close()
+
+
+def _drive(workflow: Workflow, task: Task, env: Environment, max_steps: int) -> Episode:
     messages = [{"role": "system", "content": workflow.system_prompt(env)},
                 {"role": "user", "content": task.prompt}]
     tools = [t.schema() for t in env.tools()]

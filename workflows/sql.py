@@ -134,6 +134,9 @@ class SqlEnv(Environment):
             lines.append(f"(... {len(rows) - MAX_ROWS} more rows)")
         return "\n".join(lines)
 
+    def close(self) -> None:
+        self.conn.close()
+
     def state_hash(self) -> str:
         return state_hash({t: self.conn.execute(f"SELECT * FROM {t}").fetchall() for t in self._table_names()})
 
