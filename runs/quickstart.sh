@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # CPU quick start, the data path: SQL workflow -> 2,000 teacher trajectories -> tokenizer -> shards.
-# About a minute on a 2-core laptop (see experiments/results/data_sql_2000.json).
+# About 10 seconds on 2 cores (see experiments/results/data_sql_2000.json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 D=${D:-data/sql}
