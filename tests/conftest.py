@@ -1,16 +1,29 @@
-"""Shared fixtures: a small corpus of trajectories and a tokenizer trained on it, built once."""
-
+"""Shared fixtures: small corpora of trajectories, each with a tokenizer trained on it, built once."""
 import pytest
 
 from data import generate, tokenizer
 
 
+def _corpus(d, workflow: str, n: int, vocab_size: int) -> dict:
+    out = str(d / "train.jsonl")
+    generate.main(["--workflow", workflow, "--split", "train", "--n", str(n), "--out", out,
+                   "--workers", "1", "--quiet"])
+    tok_path = tokenizer.train([out], str(d / "tok"), vocab_size=vocab_size)
+    return {"dir": d, "jsonl": out, "tokenizer": tok_path, "tok": tokenizer.Tokenizer(tok_path)}
+
+
 @pytest.fixture(scope="session")
 def calc_corpus(tmp_path_factory):
-    """120 trajectories of the tiny test workflow and a tokenizer trained on them."""
-    d = tmp_path_factory.mktemp("calc")
-    out = str(d / "train.jsonl")
-    generate.main(["--workflow", "tests.fake_workflow", "--split", "train", "--n", "120", "--out", out,
-                   "--workers", "1", "--quiet"])
-    tok_path = tokenizer.train([out], str(d / "tok"), vocab_size=420)
-    return {"dir": d, "jsonl": out, "tokenizer": tok_path, "tok": tokenizer.Tokenizer(tok_path)}
+    """120 trajectories of the tiny test workflow (tests/fake_workflow.py)."""
+    return _corpus(tmp_path_factory.mktemp("calc"), "tests.fake_workflow", 120, 420)
+
+
+@pytest.fixture(scope="session")
+def sql_corpus(tmp_path_factory):
+    """80 trajectories of the SQL workflow: multi-line tables, quotes, several calls each."""
+    return _corpus(tmp_path_factory.mktemp("sql"), "sql", 80, 1500)
+
+
+@pytest.fixture(params=["calc_corpus", "sql_corpus"])
+def any_corpus(request):
+    return request.getfixturevalue(request.param)

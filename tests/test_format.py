@@ -43,16 +43,16 @@ def hand_records():
     ]
 
 
-def corpus(calc_corpus):
-    return [json.loads(line) for line in open(calc_corpus["jsonl"])] + hand_records()
+def corpus(c):
+    return [json.loads(line) for line in open(c["jsonl"])] + hand_records()
 
 
-def test_mask_invariant(calc_corpus):
+def test_mask_invariant(any_corpus):
     """Trained tokens are model tokens; the specials the runtime injects are template tokens and
     untrained; the specials the model samples are model tokens."""
-    tok = calc_corpus["tok"]
+    tok = any_corpus["tok"]
     name_of = {v: k for k, v in tok.special_ids.items()}
-    for rec in corpus(calc_corpus):
+    for rec in corpus(any_corpus):
         r = render(rec, tok)
         assert len(r.ids) == len(r.sources) == len(r.weights) > 0
         assert (r.weights[r.weights > 0] > 0).all() and (r.sources[r.weights > 0] == SRC_MODEL).all()
@@ -74,11 +74,34 @@ def test_weights_follow_messages(calc_corpus):
     assert SOURCES[SRC_TOOL] == "tool" and (r.sources == SRC_TOOL).any()
 
 
-def test_render_unrender_round_trip(calc_corpus):
-    tok = calc_corpus["tok"]
-    for rec in corpus(calc_corpus):
+def test_render_unrender_round_trip(any_corpus):
+    tok = any_corpus["tok"]
+    for rec in corpus(any_corpus):
         r = render(rec, tok)
         assert unrender(r.ids, tok, r.weights) == rec["messages"]
+
+
+def test_render_parse_round_trip(sql_corpus):
+    """Each stretch of model tokens parses back into the reasoning and call or answer it came from."""
+    tok = sql_corpus["tok"]
+    for rec in corpus(sql_corpus):
+        r = render(rec, tok)
+        steps, start = [], None
+        for i, (x, s) in enumerate(zip(r.ids.tolist(), r.sources.tolist())):
+            if s == SRC_MODEL and start is None:
+                start = i
+            if x in (tok.special_ids[CALL_END], tok.special_ids[END]):
+                steps.append(parse_model_output(r.ids[start:i + 1], tok))
+                start = None
+        assistant = [m for m in rec["messages"] if m["role"] == "assistant"]
+        assert len(steps) == len(assistant)
+        for step, m in zip(steps, assistant):
+            assert step.reasoning == (m.get("reasoning") or (m["content"] if m.get("tool_calls") else "") or "")
+            if m.get("tool_calls"):
+                fn = m["tool_calls"][0]["function"]
+                assert step.call == {"name": fn["name"], "arguments": json.loads(fn["arguments"])}
+            else:
+                assert step.answer == m["content"] and step.call is None
 
 
 def test_text_is_tokenised_per_segment(calc_corpus):
