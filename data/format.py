@@ -30,8 +30,9 @@ streams would drift apart.
 Canonical trajectory (JSONL record): {"messages": [...], "tools": [...], "meta": {...}} in the
 OpenAI chat format. Assistant messages have an optional "reasoning" string, "content" (the final
 answer; null on a tool-call message, whose text before the call may be given in either "reasoning"
-or "content"), optional "tool_calls" and an optional numeric "weight". Tool results are
-{"role": "tool", "tool_call_id", "name", "content"}.
+or "content"), optional "tool_calls" and an optional numeric "weight" (0, or a normal float16 as
+shards store it). Tool results are {"role": "tool", "tool_call_id", "name", "content"}. Content may
+also be a list of OpenAI text parts, and the first message may use the role "developer".
 """
 from __future__ import annotations
 
@@ -178,12 +179,28 @@ def _parse_call(tc: Any, where: str) -> tuple[str, str, dict]:
 
 
 def _text_field(msg: dict, key: str, where: str, allow_none: bool = True) -> str:
+    """A message's text. OpenAI also allows content as a list of {"type": "text", "text": ...}
+    parts; they are joined (any other part type has no place in a token stream)."""
     value = msg.get(key)
     if value is None and allow_none:
         return ""
+    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                       and isinstance(p.get("text"), str) for p in value):
+        return "".join(p["text"] for p in value)
     if not isinstance(value, str):
-        raise FormatError(f"{where}: '{key}' must be a string, got {type(value).__name__}")
+        raise FormatError(f"{where}: '{key}' must be a string or a list of text parts, got {type(value).__name__}")
     return value
+
+
+# Weights are stored as float16 in shards: a positive weight must be a normal float16 (no silent 0 or inf).
+MIN_WEIGHT, MAX_WEIGHT = 2.0 ** -14, 65504.0
+
+
+def _weight(msg: dict, where: str) -> float:
+    w = msg.get("weight", 1.0)
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not (w == 0 or MIN_WEIGHT <= w <= MAX_WEIGHT):
+        raise FormatError(f"{where}: 'weight' must be 0 or a number in [{MIN_WEIGHT:.3g}, {MAX_WEIGHT:g}], got {w!r}")
+    return float(w)
 
 
 def render(record: dict, tok: TokenizerLike, name: str | None = None) -> Rendered:
@@ -198,12 +215,12 @@ def render(record: dict, tok: TokenizerLike, name: str | None = None) -> Rendere
             raise FormatError(f"{rec}: message {k} is not an object")
     t = Transcript(tok)
     k = 0
-    if msgs[0].get("role") == "system":
+    if msgs[0].get("role") in ("system", "developer"):  # "developer" is OpenAI's newer name for it
         t.begin(_text_field(msgs[0], "content", f"{rec}: message 0 (system)"))
         k = 1
     else:
         t.begin(None)
-    expect = "user"  # what may come next: "user" | "assistant" | "assistant_or_user"
+    expect, answers = "user", 0  # expect: who speaks next, "user" or "assistant"
     while k < len(msgs):
         m, where = msgs[k], f"{rec}: message {k}"
         role = m.get("role")
@@ -217,35 +234,38 @@ def render(record: dict, tok: TokenizerLike, name: str | None = None) -> Rendere
             if expect == "user":
                 raise FormatError(f"{where}: an assistant message before any user message, or after the "
                                   "final answer (expected a user message)")
-            weight = m.get("weight", 1.0)
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
-                raise FormatError(f"{where}: 'weight' must be a non-negative number, got {weight!r}")
+            if "function_call" in m:
+                raise FormatError(f"{where}: legacy 'function_call'; convert it to 'tool_calls' first")
+            weight = _weight(m, where)
             reasoning = _text_field(m, "reasoning", where)
-            content = _text_field(m, "content", where)
-            calls = m.get("tool_calls") or []
-            if not isinstance(calls, list):
+            calls = m.get("tool_calls")
+            if calls is not None and not isinstance(calls, list):
                 raise FormatError(f"{where}: 'tool_calls' must be a list")
             if not calls:  # the final answer of this turn
-                t.answer(reasoning, content, weight)
-                expect, k = "user", k + 1
+                if m.get("content") is None:
+                    raise FormatError(f"{where}: an assistant message needs 'content' (its answer) or 'tool_calls'")
+                t.answer(reasoning, _text_field(m, "content", where), weight)
+                expect, k, answers = "user", k + 1, answers + 1
                 continue
+            content = _text_field(m, "content", where)
             if reasoning and content:
                 raise FormatError(f"{where}: text before a tool call goes in 'reasoning' or 'content', not both")
             # The results must follow, one per call, in any order; each call is rendered followed
             # by its own result, the way the runtime executes calls one at a time.
+            parsed = [_parse_call(tc, f"{where}, tool call {i}") for i, tc in enumerate(calls)]
+            ids = [p[0] for p in parsed]
+            if len(set(ids)) != len(ids):
+                raise FormatError(f"{where}: two tool calls share an id ({ids}); results could not be matched")
             results, j = {}, k + 1
-            while j < len(msgs) and isinstance(msgs[j], dict) and msgs[j].get("role") == "tool":
+            while j < len(msgs) and msgs[j].get("role") == "tool":
                 rid = msgs[j].get("tool_call_id")
+                if not isinstance(rid, str) or rid not in ids:
+                    raise FormatError(f"{rec}: message {j} (tool): a tool result with no matching call "
+                                      f"(tool_call_id={rid!r})")
                 if rid in results:
                     raise FormatError(f"{rec}: message {j} (tool): a second result for call id {rid!r}")
                 results[rid] = (j, msgs[j])
                 j += 1
-            parsed = [_parse_call(tc, f"{where}, tool call {i}") for i, tc in enumerate(calls)]
-            unknown = set(results) - {p[0] for p in parsed}
-            if unknown:
-                jj = min(results[r][0] for r in unknown)
-                raise FormatError(f"{rec}: message {jj} (tool): a tool result with no matching call "
-                                  f"(tool_call_id={msgs[jj].get('tool_call_id')!r})")
             for i, (call_id, fname, args) in enumerate(parsed):
                 if call_id not in results:
                     raise FormatError(f"{where}: call to '{fname}' (id {call_id!r}) has no tool result after it")
@@ -259,11 +279,11 @@ def render(record: dict, tok: TokenizerLike, name: str | None = None) -> Rendere
         elif role == "tool":
             raise FormatError(f"{where}: a tool result with no matching call "
                               f"(tool_call_id={m.get('tool_call_id')!r})")
-        elif role == "system":
+        elif role in ("system", "developer"):
             raise FormatError(f"{where}: a system message is only allowed first")
         else:
             raise FormatError(f"{where}: unknown role {role!r} (expected system, user, assistant or tool)")
-    if expect != "user":
+    if expect != "user" or not answers:
         raise FormatError(f"{rec}: the trajectory does not end with a final answer "
                           "(an assistant message without tool_calls)")
     return t.rendered()

@@ -34,8 +34,9 @@ def _init_worker(name: str, kwargs: dict) -> None:
     _WF = load_workflow(name, **kwargs)
 
 
-def generate_one(job: tuple[int, int, int, str]) -> tuple[int, dict | None, list[dict]]:
-    """Run task `index` until an attempt is accepted. Returns (index, record or None, rejects)."""
+def generate_one(job: tuple[int, int, int, str]) -> tuple[dict | None, list[dict]]:
+    """Run task `index` until an attempt is accepted. Returns (record or None, rejects).
+    A reject's "kind" is tool_crash or teacher_error (bugs in the workflow), no_answer, or checker."""
     index, seed, max_attempts, split = job
     wf = _WF
     rejects = []
@@ -43,18 +44,21 @@ def generate_one(job: tuple[int, int, int, str]) -> tuple[int, dict | None, list
         task = wf.sample_task(split, index, task_seed(seed, wf.name, split, index, attempt))
         ep = run_teacher(wf, task)
         if ep.crashed:
-            reason = "tool_crash: " + next(o.text for o in ep.observations if o.kind == "crash")
+            kind, reason = "tool_crash", next(o.text for o in ep.observations if o.kind == "crash")
         elif not ep.verdict.ok:
+            head = ep.verdict.reason.split(":")[0]
+            kind = head if head in ("teacher_error", "no_answer") else "checker"
             reason = ep.verdict.reason or "rejected by the checker"
         else:
             meta = {"workflow": wf.name, "task_id": task.id, "split": split, "seed": task.seed,
                     "success": True, "index": index, "attempt": attempt, "family": task.family,
                     "heldout_template": task.heldout_template,
                     "n_calls": sum(1 for m in ep.messages if m.get("tool_calls"))}
-            return index, {"messages": ep.messages, "tools": ep.tools, "meta": meta}, rejects
+            return {"messages": ep.messages, "tools": ep.tools, "meta": meta}, rejects
         rejects.append({"task_id": task.id, "index": index, "attempt": attempt, "family": task.family,
-                        "reason": reason, "answer": ep.answer})
-    return index, None, rejects
+                        "kind": kind, "reason": reason, "answer": ep.answer}
+                       | ({"traceback": ep.error} if ep.error else {}))
+    return None, rejects
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -101,23 +105,33 @@ def main(argv: list[str] | None = None) -> dict:
     shard_i, shard_n = args.shard
     indices = list(range(shard_i, args.n, shard_n))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    partial, rejects_path = args.out + ".partial", args.out + ".rejects.jsonl"
+    partial, rejects_path, run_path = args.out + ".partial", args.out + ".rejects.jsonl", args.out + ".partial.run"
+    # Everything that decides the output; a resumed run must match it exactly.
+    run = {"workflow": args.workflow, "split": args.split, "n": args.n, "seed": args.seed,
+           "shard": f"{shard_i}/{shard_n}", "max_attempts": args.max_attempts} | wf_kwargs
     kept, rejects = [], []
     if args.resume and os.path.exists(partial):
+        saved = json.load(open(run_path)) if os.path.exists(run_path) else None
+        if saved != run:
+            raise SystemExit(f"error: {partial} was made by a different run ({saved}); these arguments "
+                             f"give {run}. Rerun with the original arguments, or without --resume.")
         kept, rejects = _read_jsonl(partial), (_read_jsonl(rejects_path) if os.path.exists(rejects_path) else [])
-        done = max([r["meta"]["index"] for r in kept] + [r["index"] for r in rejects], default=-1)
+        # Continue after the last kept record; rejects of later tasks are redone (same seeds, same result).
+        done = max((r["meta"]["index"] for r in kept), default=-1)
         indices = [i for i in indices if i > done]
         rejects = [r for r in rejects if r["index"] <= done]
         print(f"resuming {partial}: {len(kept)} trajectories kept so far, continuing after index {done}")
-    elif os.path.exists(partial) and not args.resume:
+    elif os.path.exists(partial):
         print(f"note: overwriting an earlier {partial} (pass --resume to continue it)", file=sys.stderr)
+    with open(run_path, "w") as f:
+        json.dump(run, f)
     # Rewrite the partial files from what was read, so a torn last line is dropped.
     with open(partial, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in kept)
     with open(rejects_path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects)
 
-    n_kept, n_rej, lost = len(kept), len(rejects), 0
+    n_kept, n_rej = len(kept), len(rejects)
     n_kept_before = n_kept
     calls = sum(r["meta"]["n_calls"] for r in kept)
     families = Counter(r["meta"]["family"] for r in kept)
@@ -134,13 +148,11 @@ def main(argv: list[str] | None = None) -> dict:
             _init_worker(args.workflow, wf_kwargs)
             results = map(generate_one, jobs)
         try:
-            for index, record, task_rejects in results:
+            for record, task_rejects in results:
                 for r in task_rejects:
                     rej.write(json.dumps(r, ensure_ascii=False) + "\n")
                 n_rej += len(task_rejects)
-                if record is None:
-                    lost += 1
-                else:
+                if record is not None:
                     out.write(json.dumps(record, ensure_ascii=False) + "\n")
                     n_kept += 1
                     calls += record["meta"]["n_calls"]
@@ -155,9 +167,12 @@ def main(argv: list[str] | None = None) -> dict:
             bar.close()
     elapsed = time.time() - t0
     os.replace(partial, args.out)
+    os.remove(run_path)
+    all_rejects = _read_jsonl(rejects_path)
+    lost = len(range(shard_i, args.n, shard_n)) - n_kept  # every task was tried: kept or lost
     stats = {"workflow": wf.name, "split": args.split, "n": args.n, "shard": f"{shard_i}/{shard_n}",
              "seed": args.seed, "kept": n_kept, "rejected_attempts": n_rej, "lost_tasks": lost,
-             "reject_reasons": dict(Counter(r["reason"].split(":")[0] for r in _read_jsonl(rejects_path))),
+             "reject_kinds": dict(Counter(r["kind"] for r in all_rejects)),
              "mean_calls": calls / max(n_kept, 1), "families": dict(sorted(families.items())),
              "seconds": round(elapsed, 2), "tasks_per_s": round(len(jobs) / max(elapsed, 1e-9), 1),
              "kept_per_s": round((n_kept - n_kept_before) / max(elapsed, 1e-9), 1),
@@ -166,11 +181,18 @@ def main(argv: list[str] | None = None) -> dict:
     with open(args.out + ".stats.json", "w") as f:
         json.dump(stats, f, indent=2)
     print(f"wrote {args.out}: {n_kept} trajectories kept, {n_rej} rejected attempts"
-          f"{' ' + str(stats['reject_reasons']) if n_rej else ''}, {lost} tasks lost; "
+          f"{' ' + str(stats['reject_kinds']) if n_rej else ''}, {lost} tasks lost; "
           f"{stats['kept_per_s']} trajectories/s with {args.workers} workers; "
           f"{stats['mean_calls']:.1f} tool calls per trajectory")
     if n_rej:
         print(f"rejected attempts are listed in {rejects_path}")
+    bugs = [r for r in all_rejects if r["kind"] in ("teacher_error", "tool_crash")]
+    if bugs:
+        first = bugs[0]
+        print(f"warning: {len(bugs)} attempts failed on a bug in the workflow's teacher or tools; the first "
+              f"({first['task_id']}): {first['reason']}\n{first.get('traceback', '')}", file=sys.stderr)
+    if not n_kept:
+        raise SystemExit(f"error: no trajectory was accepted; see {rejects_path}")
     return stats
 
 

@@ -45,12 +45,11 @@ class Loader:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         self.shards = [Shard(p) for p in find_shards(path)]
-        row_lens = {s.row_len for s in self.shards}
-        if len(row_lens) != 1:
-            raise ValueError(f"shards of {path!r} have different row lengths {sorted(row_lens)}")
-        self.row_len = row_lens.pop()
+        kinds = {(s.row_len, s.vocab_size) for s in self.shards}
+        if len(kinds) != 1:
+            raise ValueError(f"shards of {path!r} disagree on (row length, vocabulary): {sorted(kinds)}")
+        self.row_len, self.vocab_size = kinds.pop()
         self.seq_len = self.row_len - 1
-        self.vocab_size = self.shards[0].vocab_size
         # global row r lives in shard shard_of[r] at local index r - first_row[shard_of[r]]
         counts = np.array([s.n_rows for s in self.shards])
         self.first_row = np.concatenate([[0], np.cumsum(counts)[:-1]])
@@ -62,14 +61,20 @@ class Loader:
             raise ValueError(f"{path!r} has {self.n_rows} rows, fewer than one global batch "
                              f"({batch_size} x {world_size} ranks)")
         self.step = 0  # global steps taken; the data position
+        self._perm: tuple[int, np.ndarray] | None = None  # (epoch, its row order)
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "seed": self.seed, "n_rows": self.n_rows}
+        return {"step": self.step, "seed": self.seed, "n_rows": self.n_rows, "shuffle": self.shuffle,
+                "global_batch": self.batch_size * self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["n_rows"] != self.n_rows or state["seed"] != self.seed:
-            raise ValueError(f"loader state is for {state['n_rows']} rows / seed {state['seed']}, "
-                             f"these shards have {self.n_rows} rows / seed {self.seed}")
+        """Resume at a saved step. The rows a step covers depend on the global batch (batch_size x
+        world_size), so it must be the same; how it splits over ranks may change."""
+        mine = self.state_dict()
+        diff = {k: (state.get(k), mine[k]) for k in mine if k != "step" and state.get(k) != mine[k]}
+        if diff:
+            raise ValueError("loader state does not match this loader (saved, now): " +
+                             ", ".join(f"{k} {a} vs {b}" for k, (a, b) in diff.items()))
         self.step = state["step"]
 
     @property
@@ -77,9 +82,11 @@ class Loader:
         return self.step // self.steps_per_epoch
 
     def _order(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(self.n_rows)
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n_rows)
+        if self._perm is None or self._perm[0] != epoch:
+            order = (np.random.default_rng([self.seed, epoch]).permutation(self.n_rows) if self.shuffle
+                     else np.arange(self.n_rows))
+            self._perm = (epoch, order)
+        return self._perm[1]
 
     def rows_for_step(self, step: int) -> np.ndarray:
         """The global row indices this rank reads at `step`."""
@@ -114,9 +121,15 @@ class Loader:
         while True:
             yield self.next_batch()
 
+    def pass_rows(self) -> np.ndarray:
+        """The rows this rank reads in one_pass(): every rank gets the same number (so collective
+        calls stay in step); the last n_rows % world_size rows are left out."""
+        usable = self.n_rows - self.n_rows % self.world_size
+        return np.arange(usable)[self.rank::self.world_size]
+
     def one_pass(self) -> Iterator[Batch]:
-        """Every row this rank owns exactly once, in file order (for validation); the last batch
-        may be smaller. Does not move the training position."""
-        mine = np.arange(self.n_rows)[self.rank::self.world_size]
+        """pass_rows() once, in file order, for validation; the last batch may be smaller. Does
+        not move the training position."""
+        mine = self.pass_rows()
         for i in range(0, len(mine), self.batch_size):
             yield self.read_rows(mine[i:i + self.batch_size])

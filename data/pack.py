@@ -31,6 +31,7 @@ import glob
 import json
 import multiprocessing as mp
 import os
+import re
 import struct
 import sys
 import time
@@ -75,7 +76,8 @@ def write_shard(prefix: str, tokens: np.ndarray, weights: np.ndarray, sources: n
 
 
 class Shard:
-    """A memory-mapped shard: nothing is read until a row is asked for."""
+    """One shard: the token arrays are memory-mapped (read when a row is asked for); the small
+    document index is read whole."""
 
     def __init__(self, prefix: str):
         self.prefix = prefix
@@ -128,24 +130,35 @@ class Shard:
 
 
 def find_shards(path: str) -> list[str]:
-    """Shard prefixes for PATH: a prefix written by pack (data/sql/train), its OUT.json, a
-    directory, a single .bin, or a glob."""
+    """Shard prefixes for PATH: a prefix written by pack (data/sql/train, whose OUT.json lists its
+    shards), that OUT.json, one shard's .bin, or a glob of shard files."""
     if path.endswith(".json"):
         path = path[:-5]
     if path.endswith(".bin"):
         path = path[:-4]
     if os.path.isdir(path):
-        pattern = os.path.join(path, "*.bin")
-    elif os.path.isfile(path + ".bin"):
+        raise ValueError(f"{path} is a directory; pass the --out prefix given to data.pack (e.g. data/sql/train)")
+    if os.path.isfile(path + ".json"):  # the summary is the authority: stray files never sneak in
+        with open(path + ".json") as f:
+            names = json.load(f)["shards"]
+        return [os.path.join(os.path.dirname(path), n) for n in names]
+    if os.path.isfile(path + ".bin"):
         return [path]
-    elif any(c in path for c in "*?["):
-        pattern = path + ".bin"
+    if any(c in path for c in "*?["):
+        prefixes = sorted(p[:-4] for p in glob.glob(path + ".bin"))
     else:
-        pattern = path + "_[0-9][0-9][0-9]*.bin"
-    prefixes = sorted(p[:-4] for p in glob.glob(pattern))
+        prefixes = _numbered_shards(path)
     if not prefixes:
-        raise FileNotFoundError(f"no shards found for {path!r} (looked for {pattern})")
+        raise FileNotFoundError(f"no shards found for {path!r} (no {path}.json, {path}.bin or {path}_NNN.bin)")
     return prefixes
+
+
+def _numbered_shards(prefix: str) -> list[str]:
+    """Existing OUT_000, OUT_001, ... prefixes (exactly three digits, so train_2 never matches train)."""
+    pattern = re.compile(re.escape(os.path.basename(prefix)) + r"_\d{3}\.bin$")
+    d = os.path.dirname(prefix) or "."
+    return sorted(os.path.join(os.path.dirname(prefix), f[:-4]) for f in os.listdir(d) if pattern.match(f)) \
+        if os.path.isdir(d) else []
 
 
 # ----------------------------------------------------------------------------- packing
@@ -272,6 +285,14 @@ def main(argv: list[str] | None = None) -> dict:
     rows = best_fit_decreasing(lengths, row_len, rng.permutation(np.array(keep)))
     rows = [rows[i] for i in rng.permutation(len(rows))]  # shards mix short and long documents
 
+    stale = _numbered_shards(args.out)  # an earlier pack into the same prefix must not leave shards behind
+    for prefix in stale:
+        for ext in (".bin", ".idx"):
+            if os.path.exists(prefix + ext):
+                os.remove(prefix + ext)
+    if stale:
+        print(f"removed {len(stale)} shard(s) of an earlier pack into {args.out}", file=sys.stderr)
+
     pad_id = tok.special_ids[PAD]
     rows_per_shard = max(1, args.shard_tokens // row_len)
     shard_paths, n_docs = [], 0
@@ -312,7 +333,7 @@ def main(argv: list[str] | None = None) -> dict:
     real = total - by_source["pad"]
     summary = {
         "layout_version": LAYOUT_VERSION, "seq_len": args.seq_len, "row_len": row_len,
-        "rows": len(rows), "documents": len(keep), "shards": shard_paths,
+        "rows": len(rows), "documents": len(keep), "shards": [os.path.basename(p) for p in shard_paths],
         "tokens": total, "document_tokens": real, "padding_share": by_source["pad"] / total,
         "mean_tokens_per_document": real / len(keep),
         "max_tokens_per_document": max(lengths[i] for i in keep),

@@ -6,6 +6,8 @@ places them by id. Byte fallback means no text is ever <unk>.
 
 Our own tokenizer is trained with an identity normaliser, no dummy prefix and no whitespace
 folding, so decode(encode(text)) == text for every string (tables, code and indentation survive).
+The one character sentencepiece cannot carry as text is its own space marker U+2581 "▁" (it
+decodes as a space); encode() writes it as its three byte-fallback pieces instead.
 
     python -m data.tokenizer train --vocab-size 8192 --out data/sql/tok data/sql/train.jsonl
     python -m data.tokenizer extend llama2/tokenizer.model data/llama2-agentc.model
@@ -25,6 +27,8 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from data.format import SPECIAL_TOKENS, dump_json
+
+SPACE_MARK = "\u2581"  # sentencepiece's whitespace symbol
 
 
 class Tokenizer:
@@ -49,13 +53,25 @@ class Tokenizer:
             raise ValueError(f"{path}: special tokens {not_control} are not CONTROL pieces, so plain text "
                              "could produce them; rebuild the tokenizer with data.tokenizer")
         self.vocab_size = self.sp.get_piece_size()
-        norm = sp_pb2.ModelProto.FromString(blob).normalizer_spec
+        proto = sp_pb2.ModelProto.FromString(blob)
+        norm = proto.normalizer_spec
         if norm.name not in ("identity", "") or norm.remove_extra_whitespaces:
             print(f"warning: {path} normalises text ({norm.name}, remove_extra_whitespaces="
                   f"{norm.remove_extra_whitespaces}); decode(encode(x)) may differ from x", file=sys.stderr)
+        # Text after a literal U+2581 continues a segment, so it must not get a dummy prefix.
+        proto.normalizer_spec.add_dummy_prefix = False
+        self._sp_cont = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        byte_ids = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in SPACE_MARK.encode()]
+        self._mark_ids = byte_ids if self.sp.unk_id() not in byte_ids else None
 
     def encode(self, text: str) -> list[int]:
-        return self.sp.encode(text)
+        if SPACE_MARK not in text or self._mark_ids is None:
+            return self.sp.encode(text)
+        first, *rest = text.split(SPACE_MARK)
+        ids = self.sp.encode(first)
+        for part in rest:
+            ids += self._mark_ids + (self._sp_cont.encode(part) if part else [])
+        return ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp.decode([int(i) for i in ids])

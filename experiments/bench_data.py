@@ -55,7 +55,7 @@ def main() -> None:
         "total_seconds": round(sum(times.values()), 1),
         "trajectories_per_s": round(gen["kept"] / times["generate"], 1),  # whole command, start-up included
         "kept": gen["kept"], "rejected_attempts": gen["rejected_attempts"], "lost_tasks": gen["lost_tasks"],
-        "reject_reasons": gen["reject_reasons"], "mean_calls": round(gen["mean_calls"], 2),
+        "reject_kinds": gen["reject_kinds"], "mean_calls": round(gen["mean_calls"], 2),
         "mean_tokens_per_trajectory": round(packed["mean_tokens_per_document"], 1),
         "max_tokens_per_trajectory": packed["max_tokens_per_document"],
         "trained_share": round(packed["trained_share"], 4), "padding_share": round(packed["padding_share"], 4),

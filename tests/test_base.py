@@ -206,3 +206,41 @@ def test_environment_is_closed_after_every_episode():
     for i in range(3):
         run_teacher(wf, wf.sample_task("train", i, task_seed(0, "calc", "train", i)))
     assert closed == [0, 1, 2]
+
+
+def test_subclasses_replace_or_remove_tools():
+    class Sub(Env):
+        @tool
+        def search(self, query: str) -> str:
+            """Search differently.
+
+            Args:
+                query: Words.
+            """
+            return "sub"
+
+    class NoSearch(Env):
+        def search(self, query):  # a plain method: no longer a tool
+            return "hidden"
+
+    assert Sub().call("search", {"query": "x"}).text == "sub"
+    assert Sub().tools()[0].description == "Search differently."
+    assert NoSearch().tools() == [] and NoSearch().call("search", {"query": "x"}).kind == "unknown_tool"
+
+
+def test_nullable_parameters_and_unencodable_results():
+    class E(Environment):
+        @tool
+        def f(self, a: int | str | None, n: int = None) -> object:
+            """F.
+
+            Args:
+                a: A number, a word or null.
+                n: Optional count.
+            """
+            return {1, 2} if a == "set" else [a, n]
+
+    e = E()
+    assert e.call("f", {"a": None, "n": None}).text == "[null, null]"
+    assert e.call("f", {"a": 1.5}).kind == "bad_arguments"
+    assert e.call("f", {"a": "set"}).kind == "crash"  # a set is not JSON: the tool's bug, reported

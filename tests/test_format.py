@@ -55,7 +55,7 @@ def test_mask_invariant(any_corpus):
     for rec in corpus(any_corpus):
         r = render(rec, tok)
         assert len(r.ids) == len(r.sources) == len(r.weights) > 0
-        assert (r.weights[r.weights > 0] > 0).all() and (r.sources[r.weights > 0] == SRC_MODEL).all()
+        assert (r.sources[r.weights > 0] == SRC_MODEL).all()
         assert (r.weights[r.sources != SRC_MODEL] == 0).all()
         for i, s in zip(r.ids.tolist(), r.sources.tolist()):
             if i in name_of:
@@ -183,7 +183,14 @@ def bad_records():
     case("no final answer", lambda m: m.pop(), "does not end with a final answer")
     case("late system", lambda m: m.insert(2, {"role": "system", "content": "x"}), "only allowed first")
     case("both texts", lambda m: m[4].update(content="also"), "not both")
-    case("negative weight", lambda m: m[6].update(weight=-1), "non-negative")
+    for w in (-1, float("nan"), float("inf"), 1e5, 1e-8, "1", True):
+        case(f"weight {w!r}", lambda m, w=w: m[6].update(weight=w), "'weight' must be 0 or a number")
+    case("duplicate call ids", lambda m: m[4]["tool_calls"].append(m[4]["tool_calls"][0]), "share an id")
+    case("unhashable result id", lambda m: m[5].update(tool_call_id=["call_1"]), "message 5 .*no matching call")
+    case("answer without content", lambda m: m[6].update(content=None), "needs 'content'")
+    case("legacy function_call", lambda m: m[6].update(function_call={"name": "f"}), "legacy 'function_call'")
+    case("tool_calls not a list", lambda m: m[4].update(tool_calls={}), "must be a list")
+    case("image part", lambda m: m[1].update(content=[{"type": "image_url", "image_url": {}}]), "text parts")
     case("content not str", lambda m: m[1].update(content=["part"]), "must be a string")
     case("result names other tool", lambda m: m[5].update(name="sub"), "names tool 'sub'")
     case("assistant first", lambda m: m.pop(1), "before any user message")
@@ -202,9 +209,21 @@ def test_malformed_records_raise_naming_the_record(calc_corpus, name):
 
 
 def test_no_messages(calc_corpus):
-    for rec in ({}, {"messages": []}, {"messages": "hi"}, {"messages": [3]}):
+    for rec in ({}, {"messages": []}, {"messages": "hi"}, {"messages": [3]},
+                {"messages": [{"role": "system", "content": "alone"}]}):
         with pytest.raises(FormatError):
             render(rec, calc_corpus["tok"])
+
+
+def test_openai_variants_are_accepted(calc_corpus):
+    """Content as a list of text parts and the "developer" role render like their plain forms."""
+    tok = calc_corpus["tok"]
+    plain = {"messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": "ab"},
+                          {"role": "assistant", "content": "c"}]}
+    parts = {"messages": [{"role": "developer", "content": "sys"},
+                          {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "c"}]}]}
+    assert render(plain, tok).ids.tolist() == render(parts, tok).ids.tolist()
 
 
 def test_special_token_set():

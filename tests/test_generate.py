@@ -9,6 +9,7 @@ import pytest
 from data import generate
 from data.format import render
 from tests.fake_workflow import CalcWorkflow
+from workflows.base import Call
 
 ARGS = ["--workflow", "tests.fake_workflow", "--split", "train", "--quiet"]
 
@@ -25,8 +26,9 @@ def test_output_format_and_reject_accounting(tmp_path, calc_corpus):
     assert stats["kept"] == len(records) and stats["kept"] + stats["lost_tasks"] == 60
     rejects = [json.loads(x) for x in open(out + ".rejects.jsonl")]
     assert stats["rejected_attempts"] == len(rejects) > 0
-    # the fake teacher fails two ways on purpose; both are counted under their reason
-    assert set(stats["reject_reasons"]) == {"tool_crash", "wrong sum"}
+    # the fake teacher fails two ways on purpose; both are counted under their kind
+    assert set(stats["reject_kinds"]) == {"tool_crash", "checker"}
+    assert {r["reason"] for r in rejects if r["kind"] == "checker"} == {"wrong sum"}
     assert json.load(open(out + ".stats.json")) == stats
     wf = CalcWorkflow()
     for rec in records:
@@ -69,10 +71,34 @@ def test_resume_after_a_crash(tmp_path):
         f.write("\n".join(full[:10]) + "\n" + full[10][:50])
     with open(crashed + ".rejects.jsonl", "w") as f:
         f.write("".join(r + "\n" for r in rejects if json.loads(r)["index"] <= last))
+    with open(crashed + ".partial.run", "w") as f:  # what the crashed run recorded at its start
+        json.dump({"workflow": "tests.fake_workflow", "split": "train", "n": 40, "seed": 0, "shard": "0/1",
+                   "max_attempts": 4, "test_share": 0.3, "heldout_template_share": 0.25}, f)
+    with pytest.raises(SystemExit, match="different run"):  # other arguments cannot continue this file
+        generate.main(ARGS + ["--out", crashed, "--n", "40", "--workers", "1", "--resume", "--seed", "3"])
     stats = generate.main(ARGS + ["--out", crashed, "--n", "40", "--workers", "1", "--resume"])
     assert open(crashed).read().splitlines() == full
     assert open(crashed + ".rejects.jsonl").read().splitlines() == rejects
-    assert stats["kept"] == len(full)
+    assert stats["kept"] == len(full) and stats["lost_tasks"] == json.load(open(out + ".stats.json"))["lost_tasks"]
+    assert not os.path.exists(crashed + ".partial.run")
+
+
+def test_a_teacher_bug_fails_loudly(tmp_path, capsys):
+    out = str(tmp_path / "bug.jsonl")
+    with pytest.raises(SystemExit, match="no trajectory was accepted"):
+        generate.main(["--workflow", "tests.test_generate", "--split", "train", "--n", "3", "--out", out,
+                       "--workers", "1", "--quiet", "--max-attempts", "1"])
+    assert "bug in the workflow" in capsys.readouterr().err
+    (first, *_) = [json.loads(x) for x in open(out + ".rejects.jsonl")]
+    assert first["kind"] == "teacher_error" and "ZeroDivisionError" in first["traceback"]
+
+
+class BuggyWorkflow(CalcWorkflow):
+    def teacher(self, task, env):
+        yield Call("add", {"a": 1, "b": 1 // 0})
+
+
+WORKFLOW = BuggyWorkflow  # lets --workflow tests.test_generate load the buggy teacher above
 
 
 def test_bad_arguments(tmp_path):

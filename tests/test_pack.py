@@ -95,7 +95,7 @@ def test_malformed_record_stops_with_its_line(calc_corpus, tmp_path):
 
 def test_corrupt_shards_are_refused(packed, tmp_path):
     out, summary = packed
-    prefix = summary["shards"][0]
+    prefix = find_shards(str(out))[0]
     data = open(prefix + ".bin", "rb").read()
     for name, blob in (("magic", b"XXXXXXXX" + data[8:]), ("truncated", data[:-10])):
         p = tmp_path / name
@@ -105,6 +105,8 @@ def test_corrupt_shards_are_refused(packed, tmp_path):
             Shard(str(p))
     with pytest.raises(FileNotFoundError, match="no shards"):
         find_shards(str(tmp_path / "nothing"))
+    with pytest.raises(ValueError, match="is a directory"):
+        find_shards(str(tmp_path))
 
 
 def test_best_fit_decreasing_places_everything_within_capacity():
@@ -138,7 +140,7 @@ def test_batches_match_the_rows(calc_corpus, packed):
         begin = tok.special_ids[BEGIN]
         # every document starts with <|begin|> (or is padding), and no <|begin|> is inside one
         for s, e in zip(off, off[1:]):
-            assert flat[s] in (begin, tok.special_ids[PAD]) or s % T == 0 and flat[s] != begin
+            assert flat[s] in (begin, tok.special_ids[PAD])
             assert begin not in flat[s + 1:e].tolist()
         # a target that crosses into the next document is never trained
         wflat = b.loss_weights.flatten()
@@ -164,8 +166,15 @@ def test_ranks_split_each_step_and_cover_the_epoch(packed):
     assert len(seen) == len(set(seen)) == steps * 4 and loaders[0].n_rows - len(seen) < 4
     # a new epoch is a new permutation
     assert loaders[0].rows_for_step(steps).tolist() != loaders[0].rows_for_step(0).tolist()
-    ones = [sorted(torch.cat([b.tokens for b in ld.one_pass()]).sum(1).tolist()) for ld in loaders]
-    assert len(ones[0]) + len(ones[1]) == loaders[0].n_rows
+    # validation: each rank gets the same number of rows, disjoint, nearly all of them
+    for world in (2, 3):
+        lds = [Loader(str(out), batch_size=2, rank=r, world_size=world) for r in range(world)]
+        rows = [ld.pass_rows().tolist() for ld in lds]
+        flat = [x for r in rows for x in r]
+        assert len({len(r) for r in rows}) == 1 and len(flat) == len(set(flat)) > lds[0].n_rows - world
+        assert len({len(list(ld.one_pass())) for ld in lds}) == 1
+        first = next(lds[1].one_pass())
+        assert torch.equal(first.tokens, lds[1].read_rows(lds[1].pass_rows()[:2]).tokens)
 
 
 def test_loader_state_resumes_the_stream(packed):
@@ -179,6 +188,11 @@ def test_loader_state_resumes_the_stream(packed):
         assert all(torch.equal(x, y) for x, y in zip(a.next_batch(), b.next_batch()))
     with pytest.raises(ValueError, match="seed"):
         Loader(str(out), batch_size=2, seed=4).load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match="global_batch 2 vs 4"):
+        Loader(str(out), batch_size=2, world_size=2, seed=3).load_state_dict(a.state_dict())
+    c = Loader(str(out), batch_size=1, rank=1, world_size=2, seed=3)  # same global batch, split in two
+    c.load_state_dict(a.state_dict())
+    assert c.rows_for_step(c.step).tolist() == a.rows_for_step(a.step).tolist()[1:]
     with pytest.raises(ValueError, match="fewer than one global batch"):
         Loader(str(out), batch_size=10_000)
     with pytest.raises(ValueError, match="rank"):
@@ -187,8 +201,20 @@ def test_loader_state_resumes_the_stream(packed):
 
 def test_find_shards_accepts_every_spelling(packed):
     out, summary = packed
-    prefixes = summary["shards"]
+    prefixes = [os.path.join(os.path.dirname(out), n) for n in summary["shards"]]
     assert find_shards(str(out)) == prefixes == find_shards(str(out) + ".json")
     assert find_shards(prefixes[0] + ".bin") == [prefixes[0]]
-    assert find_shards(os.path.dirname(prefixes[0])) == prefixes
     assert find_shards(str(out) + "_00[01]") == prefixes[:2]
+
+
+def test_repacking_never_mixes_in_stale_shards(calc_corpus, tmp_path):
+    out = tmp_path / "train"
+    many = do_pack(calc_corpus, out, "--seq-len", 512, "--shard-tokens", 2000, "--workers", 1)
+    do_pack(calc_corpus, tmp_path / "train_big", "--seq-len", 1024, "--workers", 1)  # a neighbour prefix
+    few = do_pack(calc_corpus, out, "--seq-len", 256, "--workers", 1)
+    assert len(many["shards"]) > 1 and few["shards"] == ["train_000"]
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith("train_0")) == ["train_000.bin", "train_000.idx"]
+    json_path = str(out) + ".json"
+    os.remove(json_path)  # without the summary, the numbered files are found, the neighbour is not
+    assert find_shards(str(out)) == [str(out) + "_000"]
+    assert Loader(str(out), batch_size=1).row_len == 257

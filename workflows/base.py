@@ -23,6 +23,7 @@ import functools
 import hashlib
 import inspect
 import re
+import traceback
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -82,10 +83,9 @@ def _json_type(annotation: Any, where: str) -> dict:
         return {"type": "array", "items": _json_type(args[0], where)}
     if annotation is dict or origin is dict:
         return {"type": "object"}
-    if origin in (Union, types.UnionType):
-        members = [a for a in args if a is not type(None)]
-        if len(members) == 1 and len(args) == 2:  # Optional[X]
-            return {"anyOf": [_json_type(members[0], where), {"type": "null"}]}
+    if annotation is type(None):
+        return {"type": "null"}
+    if origin in (Union, types.UnionType):  # Optional[X] is Union[X, None]
         return {"anyOf": [_json_type(a, where) for a in args]}
     raise TypeError(f"{where}: unsupported type hint {annotation!r}; "
                     "use str, int, float, bool, list[...], dict, Literal[...] or Optional[...]")
@@ -94,9 +94,9 @@ def _json_type(annotation: Any, where: str) -> dict:
 def _parse_docstring(doc: str, where: str) -> tuple[str, dict[str, str]]:
     """Split a Google-style docstring into (description, {param: description}).
 
-    The description is everything before "Args:" joined into one paragraph per blank line;
-    "Returns:" and later sections are appended to it because the model benefits from knowing
-    what a tool gives back.
+    The description is everything before "Args:" joined into one paragraph per blank line, plus
+    the "Returns:" section, because the model benefits from knowing what a tool gives back;
+    "Raises:" and "Examples:" are for Python readers and are left out.
     """
     if not doc or not doc.strip():
         raise ValueError(f"{where}: a tool needs a docstring (it becomes the model-facing description)")
@@ -142,6 +142,8 @@ def tool(fn: Callable) -> Callable:
         if pname not in param_docs:
             raise ValueError(f"{where}: parameter '{pname}' is not documented in the docstring's Args section")
         prop = _json_type(hints[pname], f"{where}, parameter '{pname}'")
+        if p.default is None and {"type": "null"} not in prop.get("anyOf", []):
+            prop = {"anyOf": [prop, {"type": "null"}]}  # `x: int = None` accepts an explicit null
         prop["description"] = param_docs[pname]
         if p.default is inspect.Parameter.empty:
             required.append(pname)
@@ -193,14 +195,17 @@ def cut_observation(text: str, max_chars: int = MAX_OBSERVATION_CHARS) -> str:
 
 @functools.cache
 def _tools_of(cls: type) -> dict[str, Tool]:
-    """The @tool methods of an Environment class, in definition order (base classes first)."""
+    """The @tool methods of an Environment class, in definition order (base classes first). A
+    subclass that redefines a tool replaces it; redefining it as a plain method removes it."""
     out: dict[str, Tool] = {}
     for klass in reversed(cls.__mro__):
-        for attr in vars(klass).values():
+        for name, attr in vars(klass).items():
             t = getattr(attr, "__agentc_tool__", None)
             if t is not None:
-                out.setdefault(t.name, t)
-    return out
+                out[name] = t
+            elif name in out:
+                del out[name]
+    return {t.name: t for t in out.values()}
 
 
 class Environment:
@@ -224,11 +229,11 @@ class Environment:
             return Observation(f"Error: invalid arguments for {name}: " + "; ".join(errors), "bad_arguments")
         try:
             value = tools[name].fn(self, **arguments)
+            text = value if isinstance(value, str) else dump_json(value)
         except ToolError as e:
             return Observation(cut_observation(f"Error: {e}"), "tool_error")
-        except Exception as e:  # a bug in the tool, not in the agent
+        except Exception as e:  # a bug in the tool (or a return value JSON cannot hold), not the agent's fault
             return Observation(f"Error: internal error in {name}: {type(e).__name__}: {e}", "crash")
-        text = value if isinstance(value, str) else dump_json(value)
         return Observation(cut_observation(text), "ok", value)
 
 
@@ -376,6 +381,7 @@ class Episode:
     answer: str | None
     verdict: Verdict
     observations: list[Observation]
+    error: str | None = None  # the traceback, when the teacher raised
 
     @property
     def crashed(self) -> bool:
@@ -425,7 +431,7 @@ def _drive(workflow: Workflow, task: Task, env: Environment, max_steps: int) -> 
         pass
     except Exception as e:  # the teacher has a bug: report it, do not kill the generator
         return Episode(task, messages, tools, None, Verdict(False, f"teacher_error: {type(e).__name__}: {e}"),
-                       observations)
+                       observations, traceback.format_exc())
     if answer is None:
         return Episode(task, messages, tools, None, Verdict(False, "no_answer: teacher stopped without an "
                        f"answer or ran past {max_steps} steps"), observations)

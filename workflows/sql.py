@@ -417,7 +417,11 @@ def low_stock(x: Ctx) -> Spec:
 def revenue_between(x: Ctx) -> Spec:
     month = x.rng.choice(x.pool("month"))
     first = dt.date.fromisoformat(f"{month}-{x.rng.randint(1, 28):02d}").toordinal()
-    start, end = iso(first), iso(min(LAST_DAY, first + x.rng.randint(10, 60)))
+    # Both ends are dates of this split's months, so no test question names a train month.
+    ends = [d for d in range(first + 10, min(LAST_DAY, first + 60) + 1) if iso(d)[:7] in x.pool("month")]
+    if not ends:
+        raise Resample
+    start, end = iso(first), iso(x.rng.choice(ends))
     cents = sum(x.shop.order_cents(o) for o in x.shop.orders if o.status != "cancelled" and start <= o.date <= end)
     if not cents:
         raise Resample
