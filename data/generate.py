@@ -36,18 +36,17 @@ def _init_worker(name: str, kwargs: dict) -> None:
 
 def generate_one(job: tuple[int, int, int, str]) -> tuple[dict | None, list[dict]]:
     """Run task `index` until an attempt is accepted. Returns (record or None, rejects).
-    A reject's "kind" is tool_crash or teacher_error (bugs in the workflow), no_answer, or checker."""
+    A reject's "kind" is the episode's failure (workflows.base.Episode.failure)."""
     index, seed, max_attempts, split = job
     wf = _WF
     rejects = []
     for attempt in range(max_attempts):
         task = wf.sample_task(split, index, task_seed(seed, wf.name, split, index, attempt))
         ep = run_teacher(wf, task)
-        if ep.crashed:
-            kind, reason = "tool_crash", next(o.text for o in ep.observations if o.kind == "crash")
-        elif not ep.verdict.ok:
-            head = ep.verdict.reason.split(":")[0]
-            kind = head if head in ("teacher_error", "no_answer") else "checker"
+        kind = ep.failure
+        if kind == "tool_crash":
+            reason = next(o.text for o in ep.observations if o.kind == "crash")
+        elif kind is not None:
             reason = ep.verdict.reason or "rejected by the checker"
         else:
             meta = {"workflow": wf.name, "task_id": task.id, "split": split, "seed": task.seed,
@@ -111,7 +110,10 @@ def main(argv: list[str] | None = None) -> dict:
            "shard": f"{shard_i}/{shard_n}", "max_attempts": args.max_attempts} | wf_kwargs
     kept, rejects = [], []
     if args.resume and os.path.exists(partial):
-        saved = json.load(open(run_path)) if os.path.exists(run_path) else None
+        saved = None
+        if os.path.exists(run_path):
+            with open(run_path) as f:
+                saved = json.load(f)
         if saved != run:
             raise SystemExit(f"error: {partial} was made by a different run ({saved}); these arguments "
                              f"give {run}. Rerun with the original arguments, or without --resume.")

@@ -155,10 +155,11 @@ def find_shards(path: str) -> list[str]:
 
 def _numbered_shards(prefix: str) -> list[str]:
     """Existing OUT_000, OUT_001, ... prefixes (exactly three digits, so train_2 never matches train)."""
-    pattern = re.compile(re.escape(os.path.basename(prefix)) + r"_\d{3}\.bin$")
-    d = os.path.dirname(prefix) or "."
-    return sorted(os.path.join(os.path.dirname(prefix), f[:-4]) for f in os.listdir(d) if pattern.match(f)) \
-        if os.path.isdir(d) else []
+    folder = os.path.dirname(prefix)
+    if not os.path.isdir(folder or "."):
+        return []
+    pattern = re.compile(re.escape(os.path.basename(prefix)) + r"_\d{3}\.bin")
+    return sorted(os.path.join(folder, f[:-4]) for f in os.listdir(folder or ".") if pattern.fullmatch(f))
 
 
 # ----------------------------------------------------------------------------- packing

@@ -387,6 +387,18 @@ class Episode:
     def crashed(self) -> bool:
         return any(o.kind == "crash" for o in self.observations)
 
+    @property
+    def failure(self) -> str | None:
+        """Why the episode failed, or None: tool_crash and teacher_error are bugs in the workflow;
+        no_answer is a teacher that stopped or ran out of steps; checker is a rejected answer."""
+        if self.crashed:
+            return "tool_crash"
+        if self.error is not None:
+            return "teacher_error"
+        if self.answer is None:
+            return "no_answer"
+        return None if self.verdict.ok else "checker"
+
 
 def run_teacher(workflow: Workflow, task: Task, max_steps: int = 64) -> Episode:
     """Run the teacher on a fresh environment and score it. Raises nothing for a bad teacher:
