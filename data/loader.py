@@ -117,6 +117,15 @@ class Loader:
         self.step += 1
         return batch
 
+    def next_micro_batches(self, n: int) -> list[Batch]:
+        """This rank's rows of the next step split into n micro-batches (gradient accumulation):
+        the rows a step covers depend only on the global batch, not on how it is split."""
+        rows = self.rows_for_step(self.step)
+        if len(rows) % n:
+            raise ValueError(f"{len(rows)} rows per rank do not split into {n} micro-batches")
+        self.step += 1
+        return [self.read_rows(part) for part in np.split(rows, n)]
+
     def __iter__(self) -> Iterator[Batch]:
         while True:
             yield self.next_batch()

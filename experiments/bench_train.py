@@ -1,0 +1,112 @@
+"""Training throughput of the transformer: tokens/s, MFU (GPU) and peak memory of one optimizer
+step (forward, backward, AdamW) on packed rows, with the attention and loss paths train.py uses.
+
+    python experiments/bench_train.py --model=tiny --seq-len=4096 --batch-size=1            # CPU
+    python experiments/bench_train.py --model=125m --seq-len=4096 --batch-size=8 --compile  # GPU
+
+Rows are packed with documents of SQL-trajectory length (lengths drawn around --doc-len) and a
+third of the tokens trained, like real shards; tokens are random (speed does not depend on them).
+Writes experiments/results/train_<model>_<device>_T<seq-len>.json with the device and versions.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model.transformer import ATTENTION, LOSS, PRESETS, ModelConfig, Transformer, flops_per_token  # noqa: E402
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def packed_batch(B, T, vocab, doc_len, gen, device):
+    tokens = torch.randint(0, vocab, (B, T), generator=gen)
+    targets = torch.randint(0, vocab, (B, T), generator=gen)
+    weights = (torch.rand(B, T, generator=gen) < 1 / 3).float()
+    offsets, pos = [0], 0
+    for b in range(B):
+        end = (b + 1) * T
+        while pos < end:
+            pos = min(end, pos + int(torch.randint(doc_len // 2, doc_len * 3 // 2 + 1, (1,), generator=gen)))
+            offsets.append(pos)
+    return [t.to(device) for t in (tokens, targets, weights, torch.tensor(offsets, dtype=torch.int32))]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="tiny", choices=list(PRESETS))
+    ap.add_argument("--vocab-size", type=int, default=8192)
+    ap.add_argument("--seq-len", type=int, default=4096)
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--doc-len", type=int, default=406, help="mean document length (SQL: 406 tokens)")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--out", default=None, help="JSON path (default: experiments/results/train_...json)")
+    args = ap.parse_args()
+
+    torch.manual_seed(0)
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    cfg = ModelConfig.preset(args.model, vocab_size=args.vocab_size, max_seq_len=args.seq_len)
+    model = Transformer(cfg).to(args.device)
+    step_model = torch.compile(model) if args.compile else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
+    gen = torch.Generator().manual_seed(0)
+    batch = packed_batch(args.batch_size, args.seq_len, args.vocab_size, args.doc_len, gen, args.device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+
+    def step():
+        with autocast:
+            loss = step_model(*batch[:1], batch[3], batch[1], batch[2])
+        (loss / batch[2].sum()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(args.warmup):
+        step().item()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        step().item()  # .item() waits for the GPU
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    median = times[len(times) // 2]
+    tokens = args.batch_size * args.seq_len
+    dev_name = torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine())
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in dev_name), None) if cuda else None
+    result = {
+        "what": "one training step (fwd+bwd+AdamW) on packed rows", "model": args.model,
+        "params": model.num_params(), "params_no_embeddings": model.num_params(False),
+        "seq_len": args.seq_len, "batch_size": args.batch_size, "doc_len": args.doc_len,
+        "vocab_size": args.vocab_size, "compile": args.compile, "attention": ATTENTION, "loss": LOSS,
+        "precision": "bf16 autocast" if cuda else "fp32",
+        "step_ms_median": 1e3 * median, "step_ms_min": 1e3 * times[0], "tokens_per_s": tokens / median,
+        "mfu": flops_per_token(cfg, args.seq_len) * tokens / median / peak if peak else None,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "device": dev_name, "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "python": platform.python_version(), "steps": args.steps,
+    }
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                   f"train_{args.model}_{'cuda' if cuda else 'cpu'}_T{args.seq_len}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,351 @@
+"""The agentc transformer: a decoder-only model with the Llama / Mistral / Qwen2 architecture.
+
+Read top to bottom: config and presets, RMSNorm, rotary embeddings, the attention dispatch point,
+Attention -> MLP -> Block -> Transformer, then the loss dispatch point and FLOP accounting.
+
+Packed training rows hold several documents (trajectories). `doc_offsets` gives their
+boundaries over the flattened (B*T) tokens, FlashAttention's "cu_seqlens" convention; a document
+never attends to another one and its positions restart at 0, so a packed row computes exactly
+what each trajectory would compute alone (tests/test_model.py checks this).
+
+Module names are the checkpoint keys (model/checkpoint.py maps them to Hugging Face names). Fast
+kernels plug in at `attend` and `lm_loss` by setting ATTENTION / LOSS; they never change a key.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32000
+    dim: int = 512                 # residual stream width
+    n_layers: int = 8
+    n_heads: int = 8               # query heads
+    n_kv_heads: int = 8            # key/value heads: n_heads / n_kv_heads queries share one (GQA)
+    head_dim: int = 0              # 0: dim // n_heads
+    ffn_dim: int = 0               # SwiGLU hidden width; 0: 8/3 * dim rounded up to a multiple of 64
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # None, {"type": "linear", "factor": f} or {"type": "llama3", "factor", "low_freq_factor",
+    # "high_freq_factor", "original_max_seq_len"} (Llama 3.1's long-context rule)
+    rope_scaling: dict | None = None
+    max_seq_len: int = 4096        # longest sequence the model is meant for (informative: RoPE has no table)
+    tie_embeddings: bool = False   # the LM head reuses the token embedding
+    qkv_bias: bool = False         # Qwen2 has biases on q, k and v (not on the output projection)
+    sliding_window: int | None = None  # Mistral v0.1: a query sees only its last `sliding_window` keys
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            if self.dim % self.n_heads:
+                raise ValueError(f"dim {self.dim} is not a multiple of n_heads {self.n_heads}; set head_dim")
+            self.head_dim = self.dim // self.n_heads
+        if self.ffn_dim == 0:
+            self.ffn_dim = 64 * math.ceil(8 * self.dim / 3 / 64)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+        if self.rope_scaling is not None:
+            needs = {"linear": {"factor"}, "llama3": {"factor", "low_freq_factor", "high_freq_factor",
+                                                     "original_max_seq_len"}}.get(self.rope_scaling.get("type"))
+            if needs is None:
+                raise ValueError(f"unsupported rope_scaling {self.rope_scaling}; this model knows linear and llama3")
+            if needs - self.rope_scaling.keys():
+                raise ValueError(f"rope_scaling {self.rope_scaling} lacks {sorted(needs - self.rope_scaling.keys())}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be positive, got {self.sliding_window}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose from {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+# Sizes are parameters without the embeddings (they depend on the tokenizer). The two named shapes
+# are the published architectures; training one of them from scratch here is not the point,
+# importing their checkpoints (model/checkpoint.py) is.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192),            # 0.1M, tests
+    "small": dict(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=704),          # 3.0M, CPU runs
+    "25m": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=1408),           # 23.6M
+    "125m": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_dim=3072),       # 113M
+    "1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192,          # 0.97B, Llama-3.2-1B shape
+               rope_theta=500000.0, tie_embeddings=True),
+    "llama3-8b": dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
+                      rope_theta=500000.0, max_seq_len=8192),
+    "mistral-7b": dict(vocab_size=32768, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
+                       rope_theta=1000000.0, max_seq_len=32768),                       # v0.3
+}
+
+
+# ----------------------------------------------------------------------------- RMSNorm
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in float32 whatever the activation dtype, then scale (the order Llama uses)
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.type_as(x)
+
+
+# ----------------------------------------------------------------------------- rotary embeddings
+
+
+def rope_frequencies(cfg: ModelConfig, device=None) -> torch.Tensor:
+    """(head_dim/2,) float32 rotation speeds; pair i of a head turns by position * freq[i]."""
+    d = cfg.head_dim
+    freq = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)
+    s = cfg.rope_scaling
+    if s is None:
+        return freq
+    if s["type"] == "linear":  # position interpolation: every pair turns `factor` times slower
+        return freq / s["factor"]
+    # llama3: pairs whose wavelength is short next to the original context keep their speed, long
+    # ones are slowed by `factor`, and the band in between blends the two (Llama 3.1 report, sec. 3).
+    ctx = s["original_max_seq_len"]
+    lo, hi = s["low_freq_factor"], s["high_freq_factor"]
+    wavelength = 2 * math.pi / freq
+    blend = ((ctx / wavelength - lo) / (hi - lo)).clamp(0.0, 1.0)  # 1: keep, 0: slow down
+    return blend * freq + (1 - blend) * freq / s["factor"]
+
+
+def rope_cos_sin(positions: torch.Tensor, freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions (B, T) -> cos, sin (B, T, 1, head_dim) in float32, shared by every layer."""
+    angles = positions.float()[..., None] * freq        # (B, T, D/2)
+    angles = torch.cat([angles, angles], dim=-1)[:, :, None, :]  # (B, T, 1, D)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, T, H, D) queries or keys. Pairs are (i, i + D/2), the "rotate half" layout that
+    Hugging Face checkpoints store their q/k projections in, so they import without permuting."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- documents
+
+
+@dataclass
+class Documents:
+    """Where the documents of a (B, T) batch start and end, computed once per forward."""
+    offsets: torch.Tensor | None  # (n_docs + 1,) int32 over the flattened B*T tokens; None: one per row
+    positions: torch.Tensor       # (B, T) int64, restarting at 0 at every document
+    ids: torch.Tensor | None      # (B, T) int64 index of each token's document
+    window: int | None            # sliding window (keys a query may see), None for all
+    _mask: torch.Tensor | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_offsets(cls, doc_offsets: torch.Tensor | None, B: int, T: int, window: int | None,
+                     device) -> "Documents":
+        if doc_offsets is None:
+            pos = torch.arange(T, device=device).expand(B, T)
+            return cls(None, pos, None, window)
+        off = doc_offsets.to(device=device, dtype=torch.long)
+        if off.ndim != 1 or off[0] != 0 or off[-1] != B * T:
+            raise ValueError(f"doc_offsets must run from 0 to B*T={B * T}, got {doc_offsets.tolist()}")
+        # a document never spans two rows: every row start must be a boundary
+        if not torch.isin(torch.arange(0, B * T, T, device=device), off).all():
+            raise ValueError("doc_offsets must contain every row start (0, T, 2T, ...)")
+        tok = torch.arange(B * T, device=device)
+        ids = torch.searchsorted(off, tok, right=True) - 1   # document of each flattened token
+        pos = tok - off[ids]
+        return cls(doc_offsets, pos.view(B, T), ids.view(B, T), window)
+
+    def mask(self) -> torch.Tensor:
+        """(B, 1, T, T) bool, True where query i may attend key j: same document, j <= i, and
+        within the sliding window. Built on first use and shared by every layer."""
+        if self._mask is None:
+            B, T = self.positions.shape
+            i = torch.arange(T, device=self.positions.device)
+            allowed = (i[None, :] <= i[:, None]).expand(B, T, T)
+            if self.ids is not None:
+                allowed = allowed & (self.ids[:, :, None] == self.ids[:, None, :])
+            if self.window is not None:
+                allowed = allowed & (i[:, None] - i[None, :] < self.window)
+            self._mask = allowed[:, None]
+        return self._mask
+
+
+# ----------------------------------------------------------------------------- attention dispatch
+
+# Which attention runs. "torch": PyTorch's scaled_dot_product_attention with an explicit document
+# mask (O(T^2) memory for the mask; fine for tests and short rows). Kernels add their names here.
+ATTENTION = "torch"
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Documents) -> torch.Tensor:
+    """q (B, T, H, D), k and v (B, T, KV, D) -> (B, T, H, D); scale 1/sqrt(D)."""
+    if ATTENTION != "torch":
+        raise ValueError(f"unknown attention implementation {ATTENTION!r}")
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+    if docs.ids is None and docs.window is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=docs.mask(), enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, docs: Documents):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)     # (B, T, H, D)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, KV, D)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = attend(q, k, v, docs)                                # (B, T, H, D)
+        return self.wo(out.reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w_gate = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w_up = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w_down = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, docs: Documents):
+        x = x + self.attn(self.attn_norm(x), cos, sin, docs)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """Normal(0, init_std) weights; the two projections that write into the residual stream
+        are scaled by 1/sqrt(2 n_layers) so its variance does not grow with depth (GPT-2)."""
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+            elif name.endswith(("wo.weight", "w_down.weight")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """(vocab, dim) weight of the LM head."""
+        return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+
+    def hidden(self, tokens: torch.Tensor, doc_offsets: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) -> final normalised hidden states (B, T, dim)."""
+        B, T = tokens.shape
+        docs = Documents.from_offsets(doc_offsets, B, T, self.cfg.sliding_window, tokens.device)
+        cos, sin = rope_cos_sin(docs.positions, rope_frequencies(self.cfg, tokens.device))
+        x = self.tok_emb(tokens)                                   # (B, T, dim)
+        for layer in self.layers:
+            x = layer(x, cos, sin, docs)
+        return self.norm(x)
+
+    def forward(self, tokens, doc_offsets=None, targets=None, loss_weights=None):
+        """Without targets: logits (B, T, vocab). With targets (B, T) and loss_weights (B, T):
+        the float32 scalar sum of loss_weight * cross-entropy (divide by loss_weights.sum(), or a
+        sum over a whole global batch, to get the mean)."""
+        h = self.hidden(tokens, doc_offsets)
+        if targets is None:
+            return F.linear(h, self.output_weight)
+        return lm_loss(h, self.output_weight, targets, loss_weights)
+
+    def num_params(self, embeddings: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if not embeddings:
+            n -= self.tok_emb.weight.numel() + (0 if self.lm_head is None else self.lm_head.weight.numel())
+        return n
+
+
+# ----------------------------------------------------------------------------- loss dispatch
+
+# Which loss runs. "torch": logits of the trained tokens only, in float32, then cross-entropy.
+LOSS = "torch"
+
+
+def lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+            loss_weights: torch.Tensor) -> torch.Tensor:
+    """sum_i loss_weights[i] * CE(hidden[i] @ weight.T, targets[i]), a scalar in float32 (or float64).
+    hidden (B, T, dim), weight (vocab, dim), targets and loss_weights (B, T)."""
+    if LOSS != "torch":
+        raise ValueError(f"unknown loss implementation {LOSS!r}")
+    h = hidden.reshape(-1, hidden.shape[-1])
+    t, w = targets.reshape(-1), loss_weights.reshape(-1).float()
+    keep = w.nonzero().squeeze(1)  # about a third of a row is trained: skip the rest's logits
+    logits = F.linear(h[keep], weight)                             # (N_trained, vocab)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32; fp64 stays
+    return (F.cross_entropy(logits, t[keep], reduction="none") * w[keep]).sum()
+
+
+# ----------------------------------------------------------------------------- accounting
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward), for MFU: 6 per weight of every
+    matmul (LM head included, embedding lookup not) plus causal attention over a full row of
+    seq_len, 6 * n_layers * H * D * seq_len (half of the 12 LHDT of a full square). Packed rows of
+    short documents do less attention work than this counts."""
+    d, hd = cfg.dim, cfg.head_dim
+    per_layer = d * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + 3 * d * cfg.ffn_dim
+    matmul_weights = cfg.n_layers * per_layer + cfg.vocab_size * d
+    return 6 * matmul_weights + 6 * cfg.n_layers * cfg.n_heads * hd * seq_len

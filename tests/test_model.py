@@ -1,0 +1,126 @@
+"""The transformer on packed rows: documents never see each other and positions restart, so a
+packed row's loss (and gradient) is the sum of its trajectories' losses computed one at a time."""
+import math
+
+import pytest
+import torch
+
+from data.loader import Loader
+from model.transformer import (Documents, ModelConfig, Transformer, apply_rope, flops_per_token, lm_loss,
+                               rope_cos_sin, rope_frequencies)
+
+
+def tiny(vocab, **kw):
+    torch.manual_seed(0)
+    return Transformer(ModelConfig.preset("tiny", vocab_size=vocab, **kw))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kw", [{}, {"tie_embeddings": True, "qkv_bias": True, "n_kv_heads": 1}])
+def test_packed_row_equals_its_documents_alone(calc_shards, kw, dtype):
+    """Loss within 1e-5 in float32; loss and every gradient within 1e-10 in float64."""
+    loader = Loader(calc_shards["train"], batch_size=3, seed=1)
+    b = loader.next_batch()
+    model = tiny(calc_shards["vocab_size"], **kw).to(dtype)
+    with torch.no_grad():  # random biases and norms, so nothing in the comparison is trivially 0 or 1
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    packed = model(b.tokens, b.doc_offsets, b.targets, b.loss_weights)
+    packed_grads = torch.autograd.grad(packed, list(model.parameters()))
+
+    flat = [t.reshape(1, -1) for t in (b.tokens, b.targets, b.loss_weights)]
+    off = b.doc_offsets.tolist()
+    assert len(off) > 2 * 3  # several documents per row, or the test shows nothing
+    alone = 0
+    for s, e in zip(off[:-1], off[1:]):
+        tok, tgt, w = (t[:, s:e] for t in flat)
+        alone = alone + model(tok, None, tgt, w)
+    alone_grads = torch.autograd.grad(alone, list(model.parameters()))
+    assert packed.item() > 0
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(packed, alone, rtol=tol, atol=tol)
+    if dtype == torch.float64:
+        for g1, g2 in zip(packed_grads, alone_grads):
+            torch.testing.assert_close(g1, g2, rtol=tol, atol=tol)
+
+
+def test_document_mask_and_positions():
+    off = torch.tensor([0, 3, 8, 10, 16], dtype=torch.int32)  # row 0: docs of 3, 5; row 1: 2, 6
+    docs = Documents.from_offsets(off, 2, 8, None, "cpu")
+    assert docs.positions.tolist() == [[0, 1, 2, 0, 1, 2, 3, 4], [0, 1, 0, 1, 2, 3, 4, 5]]
+    m = docs.mask()[:, 0]
+    assert m[0, 4].tolist() == [False, False, False, True, True, False, False, False]
+    assert m[1, 1].tolist() == [True, True] + [False] * 6
+    w = Documents.from_offsets(off, 2, 8, 2, "cpu").mask()[:, 0]  # window 2: itself and one before
+    assert w[1, 5].tolist() == [False] * 4 + [True, True, False, False]
+    with pytest.raises(ValueError, match="row start"):
+        Documents.from_offsets(torch.tensor([0, 5, 16]), 2, 8, None, "cpu")  # a document across rows
+    with pytest.raises(ValueError, match="0 to B"):
+        Documents.from_offsets(torch.tensor([0, 8, 15]), 2, 8, None, "cpu")
+
+
+def test_attention_matches_explicit_softmax_in_float64():
+    """The attention dispatch against a loop over documents written out by hand (GQA, window)."""
+    torch.manual_seed(0)
+    B, T, H, KV, D = 2, 13, 6, 2, 8
+    off = torch.tensor([0, 4, 13, 20, 26], dtype=torch.int32)
+    q = torch.randn(B, T, H, D, dtype=torch.float64)
+    k, v = torch.randn(2, B, T, KV, D, dtype=torch.float64)
+    from model.transformer import attend
+    for window in (None, 3):
+        out = attend(q, k, v, Documents.from_offsets(off, B, T, window, "cpu"))
+        ref = torch.zeros_like(q)
+        for s, e in zip(off[:-1].tolist(), off[1:].tolist()):
+            b, s, e = s // T, s % T, (e - 1) % T + 1
+            for i in range(s, e):
+                lo = s if window is None else max(s, i - window + 1)
+                for h in range(H):
+                    kv = h // (H // KV)
+                    att = torch.softmax(k[b, lo:i + 1, kv] @ q[b, i, h] / math.sqrt(D), 0)
+                    ref[b, i, h] = att @ v[b, lo:i + 1, kv]
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_rope_rotates_by_relative_position():
+    """q.k after RoPE depends only on the distance between positions, and llama3/linear scaling
+    slow the low frequencies down."""
+    cfg = ModelConfig.preset("tiny", vocab_size=10, head_dim=16)
+    f = rope_frequencies(cfg)
+    q, k = torch.randn(2, 1, 1, 1, 16)
+    def dot(i, j):
+        cos, sin = rope_cos_sin(torch.tensor([[i, j]]), f)
+        return (apply_rope(q, cos[:, :1], sin[:, :1]) * apply_rope(k, cos[:, 1:], sin[:, 1:])).sum()
+    torch.testing.assert_close(dot(5, 2), dot(103, 100))
+    lin = rope_frequencies(ModelConfig.preset("tiny", vocab_size=10, rope_scaling={"type": "linear", "factor": 4.0}))
+    torch.testing.assert_close(lin, rope_frequencies(ModelConfig.preset("tiny", vocab_size=10)) / 4)
+    l3 = rope_frequencies(ModelConfig.preset("tiny", vocab_size=10, head_dim=64, rope_scaling={
+        "type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_seq_len": 64}))
+    base = rope_frequencies(ModelConfig.preset("tiny", vocab_size=10, head_dim=64))
+    assert l3[0] == base[0] and torch.isclose(l3[-1], base[-1] / 8)  # fastest kept, slowest / factor
+    assert ((l3 <= base) & (l3 >= base / 8)).all()
+
+
+def test_loss_is_weighted_sum_over_trained_tokens():
+    torch.manual_seed(0)
+    h, W = torch.randn(2, 5, 8), torch.randn(11, 8)
+    t, w = torch.randint(0, 11, (2, 5)), torch.tensor([[0, 1, 1, 0, 0.5], [0, 0, 2, 1, 0]])
+    ce = torch.nn.functional.cross_entropy((h @ W.T).view(-1, 11), t.view(-1), reduction="none")
+    torch.testing.assert_close(lm_loss(h, W, t, w), (ce * w.view(-1)).sum())
+    assert lm_loss(h, W, t, torch.zeros(2, 5)).item() == 0
+
+
+def test_config_errors_and_accounting():
+    with pytest.raises(ValueError, match="multiple of n_kv_heads"):
+        ModelConfig(dim=64, n_heads=4, n_kv_heads=3)
+    with pytest.raises(ValueError, match="unknown model preset"):
+        ModelConfig.preset("huge")
+    with pytest.raises(ValueError, match="rope_scaling"):
+        ModelConfig(rope_scaling={"type": "yarn", "factor": 2})
+    with pytest.raises(ValueError, match="unknown model config keys"):
+        ModelConfig.from_dict({"dim": 64, "n_head": 4})
+    cfg = ModelConfig.preset("125m", vocab_size=8192)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    with torch.device("meta"):
+        m = Transformer(cfg)
+    # 6 FLOPs per matmul weight per token (+ attention): the non-embedding count plus the LM head
+    assert flops_per_token(cfg, 0) == 6 * (m.num_params(False) - 2 * cfg.n_layers * cfg.dim - cfg.dim + 8192 * 768)

@@ -1,0 +1,165 @@
+"""train.py end to end on CPU: the loss falls, a resumed run equals an uninterrupted one, two
+gloo ranks equal one process with the same global batch, Hugging Face init, W&B offline, and
+clear errors on bad input. Each run is a subprocess, as a researcher would launch it."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": ROOT}
+
+
+def tiny_run(shards, out, *extra):
+    return ["--data=" + shards["train"], "--model=tiny", "--batch-size=2", "--out=" + str(out),
+            "--wandb=disabled", "--lr=3e-3", *extra]
+
+
+def train(*flags, check=True, launcher=(sys.executable,)):
+    p = subprocess.run([*launcher, os.path.join(ROOT, "train.py"), *flags], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=600)
+    if check and p.returncode:
+        raise AssertionError(f"train.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def metrics(out, key="train/loss"):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return {e["step"]: e[key] for e in map(json.loads, f) if key in e}
+
+
+def test_loss_falls_and_checkpoints_load(calc_shards, tmp_path):
+    out = tmp_path / "run"
+    p = train(*tiny_run(calc_shards, out, "--max-steps=40", "--val-data=" + calc_shards["val"],
+                        "--eval-every=20", "--keep=1"))
+    assert "step 40/40" in p.stdout and "val loss" in p.stdout
+    loss, val = metrics(out), metrics(out, "val/loss")
+    assert sorted(loss) == list(range(1, 41)) and sorted(val) == [20, 40]
+    first, last = sum(loss[s] for s in (1, 2, 3)) / 3, sum(loss[s] for s in (38, 39, 40)) / 3
+    assert first > 5.0 and last < 0.6 * first, (first, last)  # ln(vocab 420) = 6.0 at the start
+    assert val[40] < val[20] < first
+    # the checkpoint is a loadable model; --keep=1 left only the last one
+    assert sorted(d for d in os.listdir(out) if d.startswith("step_")) == ["step_000040"]
+    assert open(out / "latest").read().strip() == "step_000040"
+    ck = out / "step_000040"
+    meta = json.loads((ck / "meta.json").read_text())
+    assert meta["step"] == 40 and meta["data"]["step"] == 40 and len(meta["rng"]) == 1
+    assert (ck / "optim_rank0.pt").exists() and (ck / "tokenizer.model").exists()
+    import torch
+    from data.loader import Loader
+    from model import checkpoint
+    model = checkpoint.load(str(ck))
+    b = Loader(calc_shards["val"], batch_size=4, shuffle=False).next_batch()
+    with torch.no_grad():
+        v = model(b.tokens, b.doc_offsets, b.targets, b.loss_weights) / b.loss_weights.sum()
+    assert v.item() < first * 0.6
+
+
+def test_resume_continues_the_same_curve(calc_shards, tmp_path):
+    """SIGTERM mid-run: the run saves and exits 0; `--resume` (with no other flag) finishes it, and
+    every step's loss equals an uninterrupted run's exactly."""
+    steps = "--max-steps=30"
+    train(*tiny_run(calc_shards, tmp_path / "whole", steps, "--save-every=0"))
+    out = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "train.py", *tiny_run(calc_shards, out, steps, "--save-every=0")],
+                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = out / "metrics.jsonl"
+    while proc.poll() is None and not (log.exists() and len(log.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, stdout
+    cut_at = json.loads((out / open(out / "latest").read().strip() / "meta.json").read_text())["step"]
+    if cut_at < 30:  # the usual case; if the run was faster than the signal, it simply finished
+        assert "continue with --resume" in stdout
+    p = train("--out=" + str(out), "--resume")
+    assert f"resuming {out}" in p.stdout and "flags changed" not in p.stdout
+    assert metrics(out) == metrics(tmp_path / "whole")
+
+
+def test_two_gloo_ranks_equal_one_process_with_accumulation(calc_shards, tmp_path):
+    one = train(*tiny_run(calc_shards, tmp_path / "one", "--max-steps=4", "--total-batch-tokens=1024",
+                          "--val-data=" + calc_shards["val"], "--eval-every=2"))
+    assert "2 accumulation x 1 ranks" in one.stdout
+    two = train(*tiny_run(calc_shards, tmp_path / "two", "--max-steps=4", "--total-batch-tokens=1024",
+                          "--val-data=" + calc_shards["val"], "--eval-every=2"),
+                launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
+    assert "1 accumulation x 2 ranks" in two.stdout
+    for key in ("train/loss", "val/loss"):
+        a, b = metrics(tmp_path / "one", key), metrics(tmp_path / "two", key)
+        assert a.keys() == b.keys() and len(a) >= 2
+        for s in a:
+            assert abs(a[s] - b[s]) <= 1e-5 * abs(a[s]), (key, s, a[s], b[s])
+    ck = tmp_path / "two" / "step_000004"
+    assert (ck / "optim_rank0.pt").exists() and (ck / "optim_rank1.pt").exists()
+
+
+def test_init_from_hugging_face_resizes_the_vocabulary(calc_shards, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import torch
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2))
+    hf.save_pretrained(tmp_path / "hf")
+    p = train(*tiny_run(calc_shards, tmp_path / "run", "--max-steps=2", "--init-from=" + str(tmp_path / "hf")))
+    assert f"from 300 to {calc_shards['vocab_size']}" in p.stdout
+    from model import checkpoint
+    model = checkpoint.load(str(tmp_path / "run" / "step_000002"))
+    assert model.cfg.vocab_size == calc_shards["vocab_size"] and model.cfg.dim == 64
+
+
+def test_wandb_offline_run_is_written(calc_shards, tmp_path):
+    pytest.importorskip("wandb")
+    out = tmp_path / "run"
+    flags = [f for f in tiny_run(calc_shards, out, "--max-steps=2") if not f.startswith("--wandb")]
+    p = subprocess.run([sys.executable, "train.py", *flags, "--wandb=offline"], cwd=ROOT,
+                       env={**{k: v for k, v in ENV.items() if k != "WANDB_MODE"}, "WANDB_SILENT": "true"},
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    runs = [d for d in os.listdir(out / "wandb") if d.startswith("offline-run-")]
+    assert len(runs) == 1 and os.listdir(out / "wandb" / runs[0])
+
+
+def test_sweep_config_drives_train_py(calc_shards, tmp_path):
+    """Every parameter of the sweep is a train.py flag, passed as the agent passes it (--key=value)."""
+    sweep = yaml.safe_load(open(os.path.join(ROOT, "experiments/sweeps/lr_size.yaml")))
+    assert sweep["program"] == "train.py" and sweep["metric"]["name"] == "val/loss"
+    params = {k: (v["values"][0] if "values" in v else v["value"]) for k, v in sweep["parameters"].items()}
+    assert {"lr", "model"} <= params.keys() and len(sweep["parameters"]["model"]["values"]) > 1
+    params.update(data=calc_shards["train"], val_data=calc_shards["val"], out=str(tmp_path), wandb="disabled",
+                  model="tiny", max_steps=1)
+    p = train(*[f"--{k}={v}" for k, v in params.items()])
+    assert "step 1/1" in p.stdout
+
+
+@pytest.mark.parametrize("case", ["missing shard", "bad header", "unknown flag", "batch not divisible"])
+def test_bad_inputs_give_clear_errors(calc_shards, tmp_path, case):
+    data = tmp_path / "data"
+    flags = tiny_run(calc_shards, tmp_path / "run", "--max-steps=1")
+    if case == "missing shard":
+        flags[0] = f"--data={data / 'nowhere'}"
+        expect = "nowhere"
+    elif case == "bad header":
+        for f in os.listdir(os.path.dirname(calc_shards["train"])):
+            if f.startswith("train"):
+                shutil.copy(os.path.join(os.path.dirname(calc_shards["train"]), f), tmp_path / f)
+        with open(tmp_path / "train_000.bin", "r+b") as f:
+            f.write(b"NOTTOKS\0")
+        flags[0] = f"--data={tmp_path / 'train'}"
+        expect = "bad magic"
+    elif case == "unknown flag":
+        flags.append("--learning_rate=0.1")
+        expect = "unrecognized arguments: --learning_rate=0.1"
+    else:
+        flags.append("--total-batch-tokens=1000")
+        expect = "not a multiple of batch-size x seq-len x ranks"
+    p = train(*flags, check=False)
+    assert p.returncode != 0 and expect in p.stderr, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr

@@ -1,0 +1,457 @@
+"""Train the agentc transformer on packed trajectories (shards from data/pack.py).
+
+    python train.py --data=data/sql/train --val-data=data/sql/val --model=small --out=out/sql
+    torchrun --standalone --nproc_per_node=8 train.py --data=... --total-batch-tokens=524288
+    python train.py --out=out/sql --resume            # continue the run in out/sql where it stopped
+
+Every flag is --key=value (what W&B sweep agents pass; --key value and --key_value work too);
+`python train.py --help` lists them with their defaults. The loss is the loss-weighted mean of
+token cross-entropy over each global batch: Σ w·CE / Σ w, whatever the number of ranks and
+micro-batches, so one process with gradient accumulation and N ranks without it train the same.
+
+Writes to --out: step_NNNNNN/ checkpoints (model.safetensors + config.json: loadable by
+model.checkpoint.load; meta.json: step, data position, RNG, flags; optim_rankR.pt), `latest`
+(name of the newest complete checkpoint), metrics.jsonl (one JSON line per step and per eval)
+and, unless --wandb=disabled, a W&B run (offline by default: `wandb sync` uploads it later).
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from data.loader import Loader
+from model import checkpoint
+from model.transformer import PRESETS, ModelConfig, Transformer, flops_per_token
+
+# ----------------------------------------------------------------------------- flags
+
+
+def str2bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def duration(s: str) -> float:
+    """Seconds from '3600', '90s', '45m' or '2h'."""
+    scale = {"s": 1, "m": 60, "h": 3600}.get(s[-1:].lower())
+    try:
+        return float(s[:-1]) * scale if scale else float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a duration like 3600, 90s, 45m or 2h, got {s!r}") from None
+
+
+ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def flag(name: str, default, help: str, **kw):
+    """--a-b and --a_b both set args.a_b (sweep configs are usually written with underscores)."""
+    names = [f"--{name}"] + ([f"--{name.replace('-', '_')}"] if "-" in name else [])
+    if isinstance(default, bool):
+        kw.update(type=str2bool, nargs="?", const=True)  # --flag, --flag=true, --flag=0
+    elif "type" not in kw and default is not None:
+        kw["type"] = type(default)
+    ap.add_argument(*names, default=default, help=help, **kw)
+
+
+# data and model
+flag("data", None, "training shards: the --out prefix given to data.pack (or its .json)", type=str)
+flag("val-data", "", "validation shards ('' for none)")
+flag("out", "out/run", "directory for checkpoints, metrics.jsonl and the W&B run (under a W&B sweep agent: "
+     "OUT/<run id>)")
+flag("model", "small", "size preset when training from scratch", choices=list(PRESETS))
+flag("init-from", "scratch", "'scratch', a Hugging Face Llama/Mistral/Qwen2 directory, or an agentc checkpoint")
+# batch
+flag("batch-size", 8, "rows per micro-batch on each rank")
+flag("total-batch-tokens", 0, "tokens per optimizer step over all ranks (0: batch-size x seq-len x ranks); "
+     "gradient accumulation makes up the difference")
+# optimisation
+flag("lr", 1e-3, "peak learning rate")
+flag("min-lr-ratio", 0.1, "the cosine decays to lr x this")
+flag("warmup-frac", 0.05, "share of the steps spent warming up linearly")
+flag("weight-decay", 0.1, "AdamW decoupled weight decay, on matrices only (not norms or biases)")
+flag("beta1", 0.9, "AdamW beta1")
+flag("beta2", 0.95, "AdamW beta2")
+flag("grad-clip", 1.0, "clip the global gradient norm to this (0: off)")
+flag("epochs", 1.0, "passes over the training rows, when --max-steps is not given")
+flag("max-steps", 0, "optimizer steps (0: from --epochs); the learning-rate schedule spans them")
+# evaluation, checkpoints, time
+flag("eval-every", 100, "steps between validation losses (0: only at the end)")
+flag("eval-batches", 0, "micro-batches per rank per validation (0: all validation rows)")
+flag("save-every", 500, "steps between checkpoints (0: only at the end)")
+flag("keep", 2, "checkpoints kept in --out (older ones are deleted)")
+flag("resume", False, "continue from the newest checkpoint in --out (starts fresh if there is none)")
+flag("max-time", 0.0, "wall-clock budget (3600, 90m, 2h): save and stop when it is spent (0: none)",
+     type=duration)
+# system
+flag("device", "auto", "auto, cpu or cuda")
+flag("dtype", "auto", "matmul precision: auto (bfloat16 autocast on GPU, float32 on CPU), float32, bfloat16",
+     choices=["auto", "float32", "bfloat16"])
+flag("compile", False, "torch.compile the model")
+flag("seed", 1337, "model initialisation and data order")
+flag("log-every", 1, "steps between console lines")
+flag("wandb", "offline", "W&B logging: disabled, offline (default; no login) or online",
+     choices=["disabled", "offline", "online"])
+flag("wandb-project", "agentc", "W&B project")
+flag("run-name", "", "W&B run name ('' lets W&B pick)")
+# --resume reads the flags the run was started with; flags given now override them
+_known, _ = ap.parse_known_args()
+if _known.resume and os.path.exists(os.path.join(_known.out, "latest")):
+    with open(os.path.join(_known.out, "latest")) as f:
+        _latest = os.path.join(_known.out, f.read().strip())
+    with open(os.path.join(_latest, "meta.json")) as f:
+        ap.set_defaults(**{k: v for k, v in json.load(f)["args"].items() if k not in ("resume", "out")})
+args = ap.parse_args()
+if os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID") and not args.resume:
+    args.out = os.path.join(args.out, os.environ["WANDB_RUN_ID"])  # sweep runs must not share a directory
+if not args.data:
+    ap.error("--data is required (the shards written by `python -m data.pack --out PREFIX`)")
+
+# ----------------------------------------------------------------------------- compute
+
+ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+master = rank == 0
+device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+if device == "cuda":
+    device = f"cuda:{local_rank}"
+    torch.cuda.set_device(device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+if ddp:
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+device_type = "cuda" if device.startswith("cuda") else "cpu"
+use_bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device_type == "cuda")
+autocast = torch.autocast(device_type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+torch.manual_seed(args.seed)  # every rank builds the same initial model (DDP also broadcasts rank 0's)
+
+
+def log(*a):
+    if master:
+        print(*a, flush=True)
+
+
+def all_sum(x: torch.Tensor) -> torch.Tensor:
+    if ddp:
+        dist.all_reduce(x)
+    return x
+
+
+# ----------------------------------------------------------------------------- data
+
+try:  # the first read of the shards: a missing or damaged file stops here with its name
+    train_loader = Loader(args.data, batch_size=1, rank=rank, world_size=world, seed=args.seed)  # for seq_len
+    val_loader = (Loader(args.val_data, batch_size=args.batch_size, rank=rank, world_size=world, shuffle=False)
+                  if args.val_data else None)
+except (OSError, ValueError) as e:
+    raise SystemExit(f"train.py: cannot read the shards: {e}") from None
+seq_len = train_loader.seq_len
+tokens_per_micro = args.batch_size * seq_len * world
+total = args.total_batch_tokens or tokens_per_micro
+if total % tokens_per_micro:
+    ap.error(f"--total-batch-tokens={total} is not a multiple of batch-size x seq-len x ranks = "
+             f"{args.batch_size} x {seq_len} x {world} = {tokens_per_micro}")
+accum = total // tokens_per_micro
+train_loader = Loader(args.data, batch_size=args.batch_size * accum, rank=rank, world_size=world, seed=args.seed)
+if val_loader and (val_loader.seq_len, val_loader.vocab_size) != (seq_len, train_loader.vocab_size):
+    raise SystemExit(f"--val-data has rows of {val_loader.seq_len} tokens over {val_loader.vocab_size} ids; "
+                     f"--data has {seq_len} over {train_loader.vocab_size}: pack both with the same tokenizer")
+max_steps = args.max_steps or max(1, int(args.epochs * train_loader.steps_per_epoch))
+warmup = int(args.warmup_frac * max_steps)
+data_meta = {}  # data.pack's summary, for the tokenizer it used
+_summary = args.data if args.data.endswith(".json") else args.data + ".json"
+if os.path.exists(_summary):
+    with open(_summary) as f:
+        data_meta = json.load(f)
+
+# ----------------------------------------------------------------------------- model
+
+resume_dir = None
+if args.resume and os.path.exists(os.path.join(args.out, "latest")):
+    with open(os.path.join(args.out, "latest")) as f:
+        resume_dir = os.path.join(args.out, f.read().strip())
+elif args.resume:
+    log(f"--resume: no checkpoint in {args.out} yet, starting fresh")
+
+if resume_dir:
+    model = checkpoint.load(resume_dir)
+elif args.init_from == "scratch":
+    model = Transformer(ModelConfig.preset(args.model, vocab_size=train_loader.vocab_size,
+                                           max_seq_len=max(seq_len, PRESETS[args.model].get("max_seq_len", 0))))
+else:
+    model = checkpoint.load_any(args.init_from)
+    if model.cfg.vocab_size < train_loader.vocab_size:
+        log(f"resizing the vocabulary of {args.init_from} from {model.cfg.vocab_size} to "
+            f"{train_loader.vocab_size} for the agentc special tokens (new rows start at the mean embedding)")
+        checkpoint.resize_vocab(model, train_loader.vocab_size)
+    log("note: the data's tokenizer must extend the checkpoint's (python -m data.tokenizer extend), "
+        "or token ids mean different things to the two")
+if model.cfg.vocab_size < train_loader.vocab_size:
+    raise SystemExit(f"the model has {model.cfg.vocab_size} token ids, the data uses {train_loader.vocab_size}")
+cfg = model.cfg
+model.to(device)
+raw_model = model
+if args.compile:
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+
+# ----------------------------------------------------------------------------- optimizer
+
+matrices = [p for p in raw_model.parameters() if p.dim() >= 2]
+vectors = [p for p in raw_model.parameters() if p.dim() < 2]
+optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": args.weight_decay},
+                               {"params": vectors, "weight_decay": 0.0}],
+                              lr=args.lr, betas=(args.beta1, args.beta2), fused=device_type == "cuda")
+
+
+def lr_at(step: int) -> float:
+    """Linear warmup to --lr, then cosine down to lr x min-lr-ratio at max_steps."""
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    low = args.lr * args.min_lr_ratio
+    return low + 0.5 * (args.lr - low) * (1 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def rng_state() -> dict:
+    b64 = lambda t: base64.b64encode(t.numpy().tobytes()).decode()  # noqa: E731
+    return {"torch": b64(torch.get_rng_state()),
+            "cuda": b64(torch.cuda.get_rng_state().cpu()) if device_type == "cuda" else None,
+            "python": random.getstate()[1]}
+
+
+def set_rng_state(s: dict) -> None:
+    as_tensor = lambda x: torch.frombuffer(bytearray(base64.b64decode(x)), dtype=torch.uint8)  # noqa: E731
+    torch.set_rng_state(as_tensor(s["torch"]))
+    if s.get("cuda") and device_type == "cuda":
+        torch.cuda.set_rng_state(as_tensor(s["cuda"]))
+    random.setstate((3, tuple(s["python"]), None))
+
+
+def barrier():
+    if ddp:
+        dist.barrier()
+
+
+def save_checkpoint(step: int, extra: dict) -> None:
+    """Write step_NNNNNN/ under a temporary name and rename it when complete, then point `latest`
+    at it: a crash at any moment leaves the previous checkpoint intact and `latest` valid."""
+    name = f"step_{step:06d}"
+    final, tmp = os.path.join(args.out, name), os.path.join(args.out, f".{name}.tmp")
+    if master:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        checkpoint.save(raw_model, tmp)
+        if data_meta.get("tokenizer", {}).get("path") and os.path.exists(data_meta["tokenizer"]["path"]):
+            shutil.copy(data_meta["tokenizer"]["path"], os.path.join(tmp, "tokenizer.model"))
+    barrier()
+    torch.save(optimizer.state_dict(), os.path.join(tmp, f"optim_rank{rank}.pt"))
+    rngs = [None] * world
+    if ddp:
+        dist.all_gather_object(rngs, rng_state())
+    else:
+        rngs = [rng_state()]
+    barrier()
+    if master:
+        meta = {"step": step, "data": train_loader.state_dict(), "rng": rngs, "world_size": world,
+                "model": cfg.to_dict(), "args": vars(args), "tokenizer": data_meta.get("tokenizer"), **extra}
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        with open(os.path.join(args.out, "latest.tmp"), "w") as f:
+            f.write(name + "\n")
+        os.replace(os.path.join(args.out, "latest.tmp"), os.path.join(args.out, "latest"))
+        done = sorted(d for d in os.listdir(args.out) if d.startswith("step_"))
+        for old in done[:-args.keep] if args.keep > 0 else []:
+            shutil.rmtree(os.path.join(args.out, old), ignore_errors=True)
+        log(f"saved {final}")
+    barrier()
+
+
+step, wandb_id, tokens_seen = 0, None, 0
+if resume_dir:
+    with open(os.path.join(resume_dir, "meta.json")) as f:
+        meta = json.load(f)
+    optim_file = os.path.join(resume_dir, f"optim_rank{rank}.pt")
+    if not os.path.exists(optim_file):  # a different world size: DDP ranks hold identical optimizer states
+        optim_file = os.path.join(resume_dir, "optim_rank0.pt")
+    optimizer.load_state_dict(torch.load(optim_file, map_location=device, weights_only=True))
+    train_loader.load_state_dict(meta["data"])
+    if len(meta["rng"]) == world:
+        set_rng_state(meta["rng"][rank])
+    step, wandb_id, tokens_seen = meta["step"], meta.get("wandb_id"), meta.get("tokens_seen", 0)
+    changed = {k: (meta["args"].get(k), v) for k, v in vars(args).items()
+               if k not in ("resume", "max_time", "wandb") and meta["args"].get(k) != v}
+    log(f"resuming {resume_dir} at step {step}" +
+        (f"; flags changed since (then, now): {changed}" if changed else ""))
+
+# ----------------------------------------------------------------------------- logging
+
+
+class NoWandb:
+    """Stands in for a W&B run: rank > 0, --wandb=disabled, or wandb not installed."""
+    id = None
+
+    def log(self, *a, **k):
+        pass
+
+    def finish(self):
+        pass
+
+
+os.makedirs(args.out, exist_ok=True)
+run = NoWandb()
+if master and args.wandb != "disabled":
+    try:
+        import wandb
+    except ImportError:
+        print("WARNING: wandb is not installed; logging to the console and metrics.jsonl only", flush=True)
+    else:
+        run = wandb.init(project=args.wandb_project, name=args.run_name or None, config=vars(args),
+                         mode=args.wandb, dir=args.out, id=wandb_id, resume="allow")
+        wandb_id = run.id
+
+metrics_path = os.path.join(args.out, "metrics.jsonl")
+if master:
+    # on resume, forget what was logged after the checkpoint: those steps run again
+    kept = []
+    if step and os.path.exists(metrics_path):
+        with open(metrics_path) as f:
+            kept = [line for line in f if json.loads(line)["step"] <= step]
+    with open(metrics_path, "w") as f:
+        f.writelines(kept)
+
+
+def record(entry: dict) -> None:
+    if master:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        run.log({k: v for k, v in entry.items() if k != "step"}, step=entry["step"])
+
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+peak = None
+if device_type == "cuda":
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+flops_token = flops_per_token(cfg, seq_len)
+
+log(f"model: {raw_model.num_params() / 1e6:.2f}M parameters ({raw_model.num_params(False) / 1e6:.2f}M without "
+    f"embeddings), {cfg}")
+log(f"data: {train_loader.n_rows} rows of {seq_len} tokens, vocab {train_loader.vocab_size}; "
+    f"{val_loader.n_rows if val_loader else 0} validation rows")
+log(f"batch: {args.batch_size} rows x {accum} accumulation x {world} ranks = {total} tokens per step; "
+    f"{train_loader.steps_per_epoch} steps per epoch; {max_steps} steps, {warmup} warmup")
+log(f"device: {device}, {'bfloat16 autocast' if use_bf16 else 'float32'}, {'DDP ' if ddp else ''}"
+    f"{'compiled' if args.compile else 'eager'}; attention and loss: pure PyTorch")
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate() -> float:
+    raw_model.eval()
+    loss, weight = torch.zeros((), device=device), torch.zeros((), device=device)
+    for i, b in enumerate(val_loader.one_pass()):
+        if args.eval_batches and i >= args.eval_batches:
+            break
+        b = b.to(device)
+        with autocast:
+            loss += raw_model(b.tokens, b.doc_offsets, b.targets, b.loss_weights)
+        weight += b.loss_weights.sum()
+    raw_model.train()
+    both = all_sum(torch.stack([loss, weight]))
+    return (both[0] / both[1].clamp(min=1e-9)).item()
+
+
+# ----------------------------------------------------------------------------- the loop
+
+stop_signal = []
+
+
+def on_signal(signum, frame):
+    """First SIGTERM/SIGINT (preemption, Ctrl-C): finish the step, save, exit. Second: stop now."""
+    if stop_signal:
+        raise KeyboardInterrupt
+    stop_signal.append(signum)
+    log(f"signal {signum}: saving after this step (again to abort)")
+
+
+signal.signal(signal.SIGTERM, on_signal)
+signal.signal(signal.SIGINT, on_signal)
+start_time = time.time()
+start_step = step
+while True:
+    last = step == max_steps
+    if val_loader and ((args.eval_every and step % args.eval_every == 0 and step > start_step) or last):
+        val_loss = evaluate()
+        record({"step": step, "val/loss": val_loss})
+        log(f"step {step}: val loss {val_loss:.4f}")
+    # stop together: every rank must agree, or the collectives deadlock
+    out_of_time = args.max_time and time.time() - start_time >= args.max_time
+    stop = all_sum(torch.tensor(float(bool(out_of_time or stop_signal)), device=device)).item() > 0
+    if step > start_step and (last or stop or (args.save_every and step % args.save_every == 0)):
+        save_checkpoint(step, {"tokens_seen": tokens_seen, "wandb_id": wandb_id})
+    if last or stop:
+        if stop and not last:
+            log(f"stopping at step {step}/{max_steps} ({'time budget spent' if out_of_time else 'signal'}); "
+                f"continue with --resume")
+        break
+
+    t0 = time.time()
+    lr = lr_at(step)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    micro = [b.to(device, non_blocking=True) for b in train_loader.next_micro_batches(accum)]
+    # normalise by the trained weight of the whole global batch, so every token counts the same
+    # whichever rank and micro-batch it lands in; DDP averages gradients over ranks, hence x world
+    weight = all_sum(sum(b.loss_weights.sum() for b in micro)).clamp(min=1e-9)
+    loss_sum = torch.zeros((), device=device)
+    for i, b in enumerate(micro):
+        sync = model.no_sync() if ddp and i < accum - 1 else nullcontext()
+        with sync, autocast:
+            loss = model(b.tokens, b.doc_offsets, b.targets, b.loss_weights)
+        (loss * world / weight).backward()
+        loss_sum += loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip or float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    train_loss = (all_sum(loss_sum) / weight).item()  # .item() waits for the step to finish
+    dt = time.time() - t0
+    step += 1
+    tokens_seen += total
+    tok_s = total / dt
+    entry = {"step": step, "train/loss": train_loss, "train/lr": lr, "train/grad_norm": grad_norm.item(),
+             "train/tokens_per_s": tok_s, "train/tokens": tokens_seen}
+    if peak:
+        entry["train/mfu"] = flops_token * tok_s / (peak * world)
+    record(entry)
+    if step % args.log_every == 0 or step == max_steps:
+        log(f"step {step}/{max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | gnorm {grad_norm.item():.2f} | "
+            f"{tok_s / 1e3:.1f}k tok/s | {dt * 1e3:.0f} ms" + (f" | mfu {100 * entry['train/mfu']:.1f}%" if peak else ""))
+
+run.finish()
+if ddp:
+    dist.destroy_process_group()
+sys.exit(0)
