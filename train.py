@@ -22,6 +22,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -110,18 +111,47 @@ flag("wandb", "offline", "W&B logging: disabled, offline (default; no login) or 
      choices=["disabled", "offline", "online"])
 flag("wandb-project", "agentc", "W&B project")
 flag("run-name", "", "W&B run name ('' lets W&B pick)")
-# --resume reads the flags the run was started with; flags given now override them
+
+
+def latest_checkpoint(out: str) -> str | None:
+    """The checkpoint directory OUT/latest names, None if there is none yet."""
+    pointer = os.path.join(out, "latest")
+    if not os.path.exists(pointer):
+        return None
+    with open(pointer) as f:
+        path = os.path.join(out, f.read().strip())
+    if not os.path.exists(os.path.join(path, "meta.json")):
+        raise SystemExit(f"train.py: {pointer} names {path}, which is not a complete checkpoint")
+    return path
+
+
+# Where the run lives. Under a W&B sweep agent every run gets its own directory, OUT/<run id>.
 _known, _ = ap.parse_known_args()
-if _known.resume and os.path.exists(os.path.join(_known.out, "latest")):
-    with open(os.path.join(_known.out, "latest")) as f:
-        _latest = os.path.join(_known.out, f.read().strip())
-    with open(os.path.join(_latest, "meta.json")) as f:
-        ap.set_defaults(**{k: v for k, v in json.load(f)["args"].items() if k not in ("resume", "out")})
+out = _known.out
+run_id = os.environ.get("WANDB_RUN_ID") if os.environ.get("WANDB_SWEEP_ID") else None
+if run_id and os.path.basename(os.path.normpath(out)) != run_id:
+    out = os.path.join(out, run_id)
+# --resume takes the flags the run was started with as defaults; flags given now override them,
+# except the ones that define the model. --max-time is a budget for this launch, not the run.
+resume_dir = latest_checkpoint(out) if _known.resume else None
+saved = {}
+if resume_dir:
+    with open(os.path.join(resume_dir, "meta.json")) as f:
+        saved = json.load(f)
+    ap.set_defaults(**{k: v for k, v in saved["args"].items() if k not in ("resume", "out", "max_time")})
 args = ap.parse_args()
-if os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID") and not args.resume:
-    args.out = os.path.join(args.out, os.environ["WANDB_RUN_ID"])  # sweep runs must not share a directory
+args.out = out
 if not args.data:
     ap.error("--data is required (the shards written by `python -m data.pack --out PREFIX`)")
+if not args.resume and latest_checkpoint(out):
+    ap.error(f"{out} already holds a run ({latest_checkpoint(out)}): add --resume to continue it, "
+             "or choose another --out")
+for k in ("model", "init_from"):
+    if resume_dir and saved["args"][k] != getattr(args, k):
+        ap.error(f"--{k.replace('_', '-')} cannot change when resuming (the run in {out} used "
+                 f"{saved['args'][k]!r})")
+if args.batch_size < 1:
+    ap.error(f"--batch-size must be at least 1, got {args.batch_size}")
 
 # ----------------------------------------------------------------------------- compute
 
@@ -132,8 +162,9 @@ device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_avai
 if device == "cuda":
     device = f"cuda:{local_rank}"
     torch.cuda.set_device(device)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    if args.dtype != "float32":  # TF32 for whatever autocast leaves in float32; --dtype=float32 means it
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 if ddp:
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
 device_type = "cuda" if device.startswith("cuda") else "cpu"
@@ -169,10 +200,20 @@ if total % tokens_per_micro:
              f"{args.batch_size} x {seq_len} x {world} = {tokens_per_micro}")
 accum = total // tokens_per_micro
 train_loader = Loader(args.data, batch_size=args.batch_size * accum, rank=rank, world_size=world, seed=args.seed)
+if train_loader.steps_per_epoch == 0:
+    raise SystemExit(f"train.py: {args.data} has {train_loader.n_rows} rows, fewer than one step's "
+                     f"{args.batch_size * accum * world}; lower --batch-size or --total-batch-tokens")
 if val_loader and (val_loader.seq_len, val_loader.vocab_size) != (seq_len, train_loader.vocab_size):
     raise SystemExit(f"--val-data has rows of {val_loader.seq_len} tokens over {val_loader.vocab_size} ids; "
                      f"--data has {seq_len} over {train_loader.vocab_size}: pack both with the same tokenizer")
+if val_loader and val_loader.n_rows < world:
+    raise SystemExit(f"train.py: {args.val_data} has {val_loader.n_rows} rows, fewer than the {world} ranks")
 max_steps = args.max_steps or max(1, int(args.epochs * train_loader.steps_per_epoch))
+if saved and saved["step"] >= max_steps:
+    log(f"{resume_dir} is at step {saved['step']} of {max_steps}: nothing left to train")
+    if ddp:
+        dist.destroy_process_group()
+    sys.exit(0)
 warmup = int(args.warmup_frac * max_steps)
 data_meta = {}  # data.pack's summary, for the tokenizer it used
 _summary = args.data if args.data.endswith(".json") else args.data + ".json"
@@ -182,11 +223,7 @@ if os.path.exists(_summary):
 
 # ----------------------------------------------------------------------------- model
 
-resume_dir = None
-if args.resume and os.path.exists(os.path.join(args.out, "latest")):
-    with open(os.path.join(args.out, "latest")) as f:
-        resume_dir = os.path.join(args.out, f.read().strip())
-elif args.resume:
+if args.resume and not resume_dir:
     log(f"--resume: no checkpoint in {args.out} yet, starting fresh")
 
 if resume_dir:
@@ -195,7 +232,11 @@ elif args.init_from == "scratch":
     model = Transformer(ModelConfig.preset(args.model, vocab_size=train_loader.vocab_size,
                                            max_seq_len=max(seq_len, PRESETS[args.model].get("max_seq_len", 0))))
 else:
-    model = checkpoint.load_any(args.init_from)
+    source = latest_checkpoint(args.init_from) or args.init_from  # a train.py --out directory: its newest
+    try:
+        model = checkpoint.load_any(source)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"train.py: --init-from={args.init_from}: {e}") from None
     if model.cfg.vocab_size < train_loader.vocab_size:
         log(f"resizing the vocabulary of {args.init_from} from {model.cfg.vocab_size} to "
             f"{train_loader.vocab_size} for the agentc special tokens (new rows start at the mean embedding)")
@@ -207,10 +248,10 @@ if model.cfg.vocab_size < train_loader.vocab_size:
 cfg = model.cfg
 model.to(device)
 raw_model = model
-if args.compile:
-    model = torch.compile(model)
 if ddp:
-    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+    model = ddp_model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+if args.compile:  # around DDP, so the compiler can overlap gradient all-reduce with the backward
+    model = torch.compile(model)
 
 # ----------------------------------------------------------------------------- optimizer
 
@@ -248,6 +289,13 @@ def set_rng_state(s: dict) -> None:
     random.setstate((3, tuple(s["python"]), None))
 
 
+def write_text(path: str, text: str) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    checkpoint.atomic_write(path, write)
+
+
 def barrier():
     if ddp:
         dist.barrier()
@@ -259,13 +307,17 @@ def save_checkpoint(step: int, extra: dict) -> None:
     name = f"step_{step:06d}"
     final, tmp = os.path.join(args.out, name), os.path.join(args.out, f".{name}.tmp")
     if master:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for d in os.listdir(args.out):  # half-written checkpoints of a crash
+            if d.startswith(".step_") and d.endswith(".tmp"):
+                shutil.rmtree(os.path.join(args.out, d), ignore_errors=True)
         os.makedirs(tmp)
         checkpoint.save(raw_model, tmp)
         if data_meta.get("tokenizer", {}).get("path") and os.path.exists(data_meta["tokenizer"]["path"]):
             shutil.copy(data_meta["tokenizer"]["path"], os.path.join(tmp, "tokenizer.model"))
     barrier()
-    torch.save(optimizer.state_dict(), os.path.join(tmp, f"optim_rank{rank}.pt"))
+    os.makedirs(tmp, exist_ok=True)  # on other nodes, without a shared file system
+    state = optimizer.state_dict()
+    checkpoint.atomic_write(os.path.join(tmp, f"optim_rank{rank}.pt"), lambda path: torch.save(state, path))
     rngs = [None] * world
     if ddp:
         dist.all_gather_object(rngs, rng_state())
@@ -275,29 +327,29 @@ def save_checkpoint(step: int, extra: dict) -> None:
     if master:
         meta = {"step": step, "data": train_loader.state_dict(), "rng": rngs, "world_size": world,
                 "model": cfg.to_dict(), "args": vars(args), "tokenizer": data_meta.get("tokenizer"), **extra}
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=1)
+        write_text(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        with open(os.path.join(args.out, "latest.tmp"), "w") as f:
-            f.write(name + "\n")
-        os.replace(os.path.join(args.out, "latest.tmp"), os.path.join(args.out, "latest"))
-        done = sorted(d for d in os.listdir(args.out) if d.startswith("step_"))
-        for old in done[:-args.keep] if args.keep > 0 else []:
-            shutil.rmtree(os.path.join(args.out, old), ignore_errors=True)
+        write_text(os.path.join(args.out, "latest"), name + "\n")
+        # keep the newest --keep, this one included; never touch checkpoints past this step
+        older = sorted(int(d[5:]) for d in os.listdir(args.out) if re.fullmatch(r"step_\d+", d) and int(d[5:]) < step)
+        for s in older[:max(0, len(older) - args.keep + 1)] if args.keep > 0 else []:
+            shutil.rmtree(os.path.join(args.out, f"step_{s:06d}"), ignore_errors=True)
         log(f"saved {final}")
     barrier()
 
 
 step, wandb_id, tokens_seen = 0, None, 0
 if resume_dir:
-    with open(os.path.join(resume_dir, "meta.json")) as f:
-        meta = json.load(f)
+    meta = saved
     optim_file = os.path.join(resume_dir, f"optim_rank{rank}.pt")
     if not os.path.exists(optim_file):  # a different world size: DDP ranks hold identical optimizer states
         optim_file = os.path.join(resume_dir, "optim_rank0.pt")
     optimizer.load_state_dict(torch.load(optim_file, map_location=device, weights_only=True))
-    train_loader.load_state_dict(meta["data"])
+    try:
+        train_loader.load_state_dict(meta["data"])
+    except ValueError as e:
+        raise SystemExit(f"train.py: cannot resume {resume_dir} with these batch flags: {e}") from None
     if len(meta["rng"]) == world:
         set_rng_state(meta["rng"][rank])
     step, wandb_id, tokens_seen = meta["step"], meta.get("wandb_id"), meta.get("tokens_seen", 0)
@@ -328,19 +380,26 @@ if master and args.wandb != "disabled":
     except ImportError:
         print("WARNING: wandb is not installed; logging to the console and metrics.jsonl only", flush=True)
     else:
+        # on resume the same W&B run continues; W&B ignores the re-run steps between the checkpoint
+        # and the crash (its step only moves forward), which is harmless: resumed losses are equal
         run = wandb.init(project=args.wandb_project, name=args.run_name or None, config=vars(args),
                          mode=args.wandb, dir=args.out, id=wandb_id, resume="allow")
         wandb_id = run.id
 
 metrics_path = os.path.join(args.out, "metrics.jsonl")
 if master:
-    # on resume, forget what was logged after the checkpoint: those steps run again
+    # on resume, forget what was logged after the checkpoint (those steps run again) and a line
+    # torn by a crash
     kept = []
     if step and os.path.exists(metrics_path):
         with open(metrics_path) as f:
-            kept = [line for line in f if json.loads(line)["step"] <= step]
-    with open(metrics_path, "w") as f:
-        f.writelines(kept)
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= step:
+                        kept.append(line)
+                except (ValueError, KeyError):
+                    pass
+    write_text(metrics_path, "".join(kept))
 
 
 def record(entry: dict) -> None:
@@ -403,7 +462,7 @@ signal.signal(signal.SIGINT, on_signal)
 start_time = time.time()
 start_step = step
 while True:
-    last = step == max_steps
+    last = step >= max_steps
     if val_loader and ((args.eval_every and step % args.eval_every == 0 and step > start_step) or last):
         val_loss = evaluate()
         record({"step": step, "val/loss": val_loss})
@@ -429,7 +488,7 @@ while True:
     weight = all_sum(sum(b.loss_weights.sum() for b in micro)).clamp(min=1e-9)
     loss_sum = torch.zeros((), device=device)
     for i, b in enumerate(micro):
-        sync = model.no_sync() if ddp and i < accum - 1 else nullcontext()
+        sync = ddp_model.no_sync() if ddp and i < accum - 1 else nullcontext()
         with sync, autocast:
             loss = model(b.tokens, b.doc_offsets, b.targets, b.loss_weights)
         (loss * world / weight).backward()

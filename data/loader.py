@@ -56,10 +56,12 @@ class Loader:
         self.n_rows = int(counts.sum())
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.shuffle = seed, shuffle
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        # 0 is allowed for a loader used only for one_pass() (a small validation set); training
+        # from it fails at the first step
         self.steps_per_epoch = self.n_rows // (batch_size * world_size)
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"{path!r} has {self.n_rows} rows, fewer than one global batch "
-                             f"({batch_size} x {world_size} ranks)")
+        self.path = path
         self.step = 0  # global steps taken; the data position
         self._perm: tuple[int, np.ndarray] | None = None  # (epoch, its row order)
 
@@ -90,6 +92,9 @@ class Loader:
 
     def rows_for_step(self, step: int) -> np.ndarray:
         """The global row indices this rank reads at `step`."""
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{self.path!r} has {self.n_rows} rows, fewer than one global batch "
+                             f"({self.batch_size} x {self.world_size} ranks)")
         epoch, k = divmod(step, self.steps_per_epoch)
         first = (k * self.world_size + self.rank) * self.batch_size
         return self._order(epoch)[first:first + self.batch_size]

@@ -47,13 +47,16 @@ HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"
 # ----------------------------------------------------------------------------- small helpers
 
 
-def _atomic_write(path: str, write) -> None:
+def atomic_write(path: str, write) -> None:
     """write(tmp_path) fills a temp file next to `path`, which then replaces `path` in one rename:
     a reader (or a crash) sees the old file or the new one, never half of one. Same directory so
     os.replace stays on one filesystem, where it is atomic."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint should be readable like any file
     try:
         write(tmp)
         with open(tmp, "rb+") as f:  # the data must be on disk before the rename makes it visible
@@ -70,12 +73,12 @@ def _write_json(path: str, obj: dict) -> None:
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2)
             f.write("\n")
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def _write_safetensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
     # "format": "pt" is the metadata transformers' loader expects to find in every file
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
 
 def _read_config(directory: str) -> dict:

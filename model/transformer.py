@@ -196,20 +196,31 @@ class Documents:
 
 # ----------------------------------------------------------------------------- attention dispatch
 
-# Which attention runs. "torch": PyTorch's scaled_dot_product_attention with an explicit document
-# mask (O(T^2) memory for the mask; fine for tests and short rows). Kernels add their names here.
+# Which attention runs. "torch": PyTorch's scaled_dot_product_attention with an explicit (B, T, T)
+# document mask: it computes every document pair and masks most of it away, so it is the slow,
+# simple reference path (tests, CPU, short rows). Kernels add their names here.
 ATTENTION = "torch"
+_warned = set()
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Documents) -> torch.Tensor:
     """q (B, T, H, D), k and v (B, T, KV, D) -> (B, T, H, D); scale 1/sqrt(D)."""
     if ATTENTION != "torch":
         raise ValueError(f"unknown attention implementation {ATTENTION!r}")
+    if q.is_cuda and "torch" not in _warned:
+        _warned.add("torch")
+        print("WARNING: attention runs in pure PyTorch (SDPA with a dense document mask, O(T^2) per row); "
+              "no fused document-masked kernel is plugged in", flush=True)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
     if docs.ids is None and docs.window is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=docs.mask(), enable_gqa=True)
+        # SDPA's fused GPU kernels refuse a mask together with fewer kv heads and would fall back
+        # to materialising (B, H, T, T) scores; giving every query head its own k/v copy keeps the
+        # memory-efficient kernel (which takes a mask) in play.
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=docs.mask())
     return out.transpose(1, 2)
 
 

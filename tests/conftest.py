@@ -31,12 +31,13 @@ def any_corpus(request):
 
 @pytest.fixture(scope="session")
 def calc_shards(calc_corpus, tmp_path_factory):
-    """calc_corpus packed into 256-token rows: train = its trajectories, val = the first 30 again."""
+    """calc_corpus packed into 512-token rows (about 3 trajectories each): train = its
+    trajectories, val = the first 30 again."""
     from data import pack
     d = tmp_path_factory.mktemp("calc_shards")
     val_jsonl = d / "val.jsonl"
     val_jsonl.write_text("".join(open(calc_corpus["jsonl"]).readlines()[:30]))
     for name, src in (("train", calc_corpus["jsonl"]), ("val", str(val_jsonl))):
-        pack.main([src, "--tokenizer", calc_corpus["tokenizer"], "--seq-len", "256", "--out", str(d / name),
+        pack.main([src, "--tokenizer", calc_corpus["tokenizer"], "--seq-len", "512", "--out", str(d / name),
                    "--quiet"])
     return {"train": str(d / "train"), "val": str(d / "val"), "vocab_size": calc_corpus["tok"].vocab_size}

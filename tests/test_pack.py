@@ -194,7 +194,7 @@ def test_loader_state_resumes_the_stream(packed):
     c.load_state_dict(a.state_dict())
     assert c.rows_for_step(c.step).tolist() == a.rows_for_step(a.step).tolist()[1:]
     with pytest.raises(ValueError, match="fewer than one global batch"):
-        Loader(str(out), batch_size=10_000)
+        Loader(str(out), batch_size=10_000).next_batch()
     with pytest.raises(ValueError, match="rank"):
         Loader(str(out), batch_size=1, rank=2, world_size=2)
 
