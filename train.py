@@ -33,7 +33,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import infer
 from data.loader import Loader
+from data.tokenizer import Tokenizer
 from model import checkpoint
 from model.transformer import PRESETS, ModelConfig, Transformer, flops_per_token
 
@@ -95,6 +97,8 @@ flag("max-steps", 0, "optimizer steps (0: from --epochs); the learning-rate sche
 # evaluation, checkpoints, time
 flag("eval-every", 100, "steps between validation losses (0: only at the end)")
 flag("eval-batches", 0, "micro-batches per rank per validation (0: all validation rows)")
+flag("eval-episodes", 16, "agent episodes on fresh test tasks at each validation, run by infer.py's runtime "
+     "on rank 0 (eval/success_rate; 0: none)")
 flag("save-every", 500, "steps between checkpoints (0: only at the end)")
 flag("keep", 2, "checkpoints kept in --out (older ones are deleted)")
 flag("resume", False, "continue from the newest checkpoint in --out (starts fresh if there is none)")
@@ -314,6 +318,10 @@ def save_checkpoint(step: int, extra: dict) -> None:
         checkpoint.save(raw_model, tmp)
         if data_meta.get("tokenizer", {}).get("path") and os.path.exists(data_meta["tokenizer"]["path"]):
             shutil.copy(data_meta["tokenizer"]["path"], os.path.join(tmp, "tokenizer.model"))
+        # the compiled agent: with agent.json this directory is all `python infer.py --agent` needs
+        summary = {"step": step, "max_steps": max_steps, "tokens_seen": tokens_seen, "data": args.data,
+                   "parameters": raw_model.num_params(), **{k: v for k, v in last_metrics.items()}}
+        write_text(os.path.join(tmp, "agent.json"), json.dumps(infer.agent_json(data_meta, summary), indent=1))
     barrier()
     os.makedirs(tmp, exist_ok=True)  # on other nodes, without a shared file system
     state = optimizer.state_dict()
@@ -402,7 +410,11 @@ if master:
     write_text(metrics_path, "".join(kept))
 
 
+last_metrics = {}  # the newest value of every metric, for agent.json
+
+
 def record(entry: dict) -> None:
+    last_metrics.update({k: v for k, v in entry.items() if k != "step"})
     if master:
         with open(metrics_path, "a") as f:
             f.write(json.dumps(entry) + "\n")
@@ -444,6 +456,27 @@ def evaluate() -> float:
     return (both[0] / both[1].clamp(min=1e-9)).item()
 
 
+eval_agent = None
+if args.eval_episodes and master:
+    flows = data_meta.get("workflows") or []
+    tok_path = (data_meta.get("tokenizer") or {}).get("path")
+    if not flows or not tok_path or not os.path.exists(tok_path):
+        log("note: no agent evaluation (--eval-episodes): the data's summary names no workflow or tokenizer")
+    else:
+        eval_agent = infer.Agent(raw_model, Tokenizer(tok_path), infer.workflow_of(flows[0]),
+                                 [t["function"]["name"] for t in flows[0]["tools"]], {})
+
+
+@torch.no_grad()
+def agent_eval() -> dict:
+    """Episodes on fresh test tasks through the runtime (rank 0; the others wait at the next step)."""
+    raw_model.eval()
+    s = infer.evaluate(eval_agent, args.eval_episodes, "test", seed=1, progress=False,
+                       max_len=max(seq_len, 2048))
+    raw_model.train()
+    return s
+
+
 # ----------------------------------------------------------------------------- the loop
 
 stop_signal = []
@@ -467,6 +500,12 @@ while True:
         val_loss = evaluate()
         record({"step": step, "val/loss": val_loss})
         log(f"step {step}: val loss {val_loss:.4f}")
+    if eval_agent and ((args.eval_every and step % args.eval_every == 0 and step > start_step) or last):
+        s = agent_eval()
+        record({"step": step, "eval/success_rate": s["success_rate"], "eval/mean_steps": s["mean_steps"],
+                **{f"eval/failures/{k}": v for k, v in s["failures"].items()}})
+        log(f"step {step}: agent success {100 * s['success_rate']:.1f}% on {s['episodes']} test tasks "
+            f"(failures: {', '.join(f'{k} {v}' for k, v in s['failures'].items() if v) or 'none'})")
     # stop together: every rank must agree, or the collectives deadlock
     out_of_time = args.max_time and time.time() - start_time >= args.max_time
     stop = all_sum(torch.tensor(float(bool(out_of_time or stop_signal)), device=device)).item() > 0

@@ -27,11 +27,13 @@ from tqdm import tqdm
 from workflows.base import SPLITS, Workflow, load_workflow, run_teacher, task_seed
 
 _WF: Workflow | None = None  # one workflow object per worker process
+_WF_SPEC: dict = {}  # how to build it again (the runtime must: test tasks depend on the split shares)
 
 
 def _init_worker(name: str, kwargs: dict) -> None:
-    global _WF
+    global _WF, _WF_SPEC
     _WF = load_workflow(name, **kwargs)
+    _WF_SPEC = {"module": name, "kwargs": kwargs}
 
 
 def generate_one(job: tuple[int, int, int, str]) -> tuple[dict | None, list[dict]]:
@@ -49,7 +51,8 @@ def generate_one(job: tuple[int, int, int, str]) -> tuple[dict | None, list[dict
         elif kind is not None:
             reason = ep.verdict.reason or "rejected by the checker"
         else:
-            meta = {"workflow": wf.name, "task_id": task.id, "split": split, "seed": task.seed,
+            meta = {"workflow": wf.name, "workflow_module": _WF_SPEC["module"],
+                    "workflow_kwargs": _WF_SPEC["kwargs"], "task_id": task.id, "split": split, "seed": task.seed,
                     "success": True, "index": index, "attempt": attempt, "family": task.family,
                     "heldout_template": task.heldout_template,
                     "n_calls": sum(1 for m in ep.messages if m.get("tool_calls"))}

@@ -199,19 +199,23 @@ def _init_worker(tok_path: str) -> None:
     _TOK = Tokenizer(tok_path)
 
 
-def _render_line(job: tuple[str, int, str]) -> tuple[_Doc | None, str | None, str | None]:
+def _render_line(job: tuple[str, int, str]) -> tuple[_Doc | None, str | None, str | None, str | None]:
+    """(document, error, name, "workflow\ttools JSON") of one JSONL line."""
     path, lineno, line = job
     where = f"{path}:{lineno}"
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
-        return None, f"{where}: not valid JSON ({e.msg})", None
+        return None, f"{where}: not valid JSON ({e.msg})", None, None
     try:
         r = render(record, _TOK, name=where)
     except FormatError as e:
-        return None, str(e), None
+        return None, str(e), None, None
     meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
-    return _Doc(r.ids, r.sources, r.weights.astype(np.float16)), None, str(meta.get("task_id", where))
+    flow = {"name": meta.get("workflow", ""), "module": meta.get("workflow_module", meta.get("workflow", "")),
+            "kwargs": meta.get("workflow_kwargs", {})}
+    agent = f"{json.dumps(flow, sort_keys=True)}\t{json.dumps(record.get('tools') or [], sort_keys=True)}"
+    return _Doc(r.ids, r.sources, r.weights.astype(np.float16)), None, str(meta.get("task_id", where)), agent
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -248,6 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     docs: list[_Doc | None] = []
     names: list[str] = []
+    agents = Counter()  # (workflow, tool schemas) -> trajectories: what a compiled agent will need
     bad: list[str] = []
     bar = tqdm(total=len(jobs), desc="render", unit="traj", disable=args.quiet)
     if args.workers > 1:
@@ -259,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
         _init_worker(args.tokenizer)
         results = map(_render_line, jobs)
     try:
-        for doc, err, name in results:
+        for doc, err, name, agent in results:
             bar.update(1)
             if err is not None:
                 if not args.skip_bad:
@@ -268,6 +273,8 @@ def main(argv: list[str] | None = None) -> dict:
                 bad.append(err)
             docs.append(doc)
             names.append(name or "")
+            if agent is not None:
+                agents[agent] += 1
     finally:
         if pool is not None:
             pool.terminate()
@@ -346,6 +353,9 @@ def main(argv: list[str] | None = None) -> dict:
         "malformed": {"count": len(bad), "errors": bad},
         "tokenizer": {"path": args.tokenizer, "fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size},
         "inputs": inputs, "seed": args.seed, "seconds": round(time.time() - t0, 2),
+        # the workflows the trajectories came from and their tools, for the compiled agent
+        "workflows": [{**json.loads(a.split("\t")[0]), "tools": json.loads(a.split("\t", 1)[1]), "documents": n}
+                      for a, n in agents.most_common()],
     }
     tmp = args.out + ".json.tmp"
     with open(tmp, "w") as f:

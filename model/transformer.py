@@ -160,7 +160,15 @@ class Documents:
     positions: torch.Tensor       # (B, T) int64, restarting at 0 at every document
     ids: torch.Tensor | None      # (B, T) int64 index of each token's document
     window: int | None            # sliding window (keys a query may see), None for all
+    q_offset: int = 0             # with a KV cache: position of the first query among the keys
     _mask: torch.Tensor | None = field(default=None, repr=False)
+
+    @classmethod
+    def for_cache(cls, start: int, B: int, T: int, window: int | None, device) -> "Documents":
+        """T new tokens at positions [start, start + T) of one document per row, whose first
+        `start` keys and values are already cached."""
+        pos = torch.arange(start, start + T, device=device).expand(B, T)
+        return cls(None, pos, None, window, q_offset=start)
 
     @classmethod
     def from_offsets(cls, doc_offsets: torch.Tensor | None, B: int, T: int, window: int | None,
@@ -179,17 +187,26 @@ class Documents:
         pos = tok - off[ids]
         return cls(doc_offsets, pos.view(B, T), ids.view(B, T), window)
 
+    def needs_mask(self) -> bool:
+        """False when plain causal attention is exact (one document per row, no window, no cache
+        offset) or when a single new token may see every cached key."""
+        T = self.positions.shape[1]
+        if self.ids is not None or self.window is not None:
+            return True
+        return self.q_offset > 0 and T > 1
+
     def mask(self) -> torch.Tensor:
-        """(B, 1, T, T) bool, True where query i may attend key j: same document, j <= i, and
-        within the sliding window. Built on first use and shared by every layer."""
+        """(B, 1, T, q_offset + T) bool, True where query i may attend key j: same document,
+        j <= i, and within the sliding window. Built on first use and shared by every layer."""
         if self._mask is None:
             B, T = self.positions.shape
-            i = torch.arange(T, device=self.positions.device)
-            allowed = (i[None, :] <= i[:, None]).expand(B, T, T)
+            i = torch.arange(T, device=self.positions.device) + self.q_offset  # query positions
+            j = torch.arange(self.q_offset + T, device=self.positions.device)  # key positions
+            allowed = (j[None, :] <= i[:, None]).expand(B, T, len(j))
             if self.ids is not None:
                 allowed = allowed & (self.ids[:, :, None] == self.ids[:, None, :])
             if self.window is not None:
-                allowed = allowed & (i[:, None] - i[None, :] < self.window)
+                allowed = allowed & (i[:, None] - j[None, :] < self.window)
             self._mask = allowed[:, None]
         return self._mask
 
@@ -204,7 +221,8 @@ _warned = set()
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Documents) -> torch.Tensor:
-    """q (B, T, H, D), k and v (B, T, KV, D) -> (B, T, H, D); scale 1/sqrt(D)."""
+    """q (B, T, H, D), k and v (B, S, KV, D) -> (B, T, H, D); scale 1/sqrt(D). S = T in
+    training; with a KV cache S = docs.q_offset + T (the cached keys, then the new ones)."""
     if ATTENTION != "torch":
         raise ValueError(f"unknown attention implementation {ATTENTION!r}")
     if q.is_cuda and "torch" not in _warned:
@@ -212,8 +230,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Documents) -
         print("WARNING: attention runs in pure PyTorch (SDPA with a dense document mask, O(T^2) per row); "
               "no fused document-masked kernel is plugged in", flush=True)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-    if docs.ids is None and docs.window is None:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    if not docs.needs_mask():  # causal from position 0, or one new token that sees every key
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=docs.q_offset == 0, enable_gqa=True)
     else:
         # SDPA's fused GPU kernels refuse a mask together with fewer kv heads and would fall back
         # to materialising (B, H, T, T) scores; giving every query head its own k/v copy keeps the
@@ -228,20 +246,23 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Documents) -
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
+        self.layer = layer  # which slice of a KV cache is this layer's
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, docs: Documents):
+    def forward(self, x, cos, sin, docs: Documents, cache=None):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)     # (B, T, H, D)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, KV, D)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # keys and values of the cached prefix, then these T
+            k, v = cache.update(self.layer, k, v)                  # (B, pos + T, KV, D)
         out = attend(q, k, v, docs)                                # (B, T, H, D)
         return self.wo(out.reshape(B, T, -1))
 
@@ -260,15 +281,15 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, layer)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, docs: Documents):
-        x = x + self.attn(self.attn_norm(x), cos, sin, docs)
+    def forward(self, x, cos, sin, docs: Documents, cache=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, docs, cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -277,7 +298,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.reset_parameters()
@@ -302,15 +323,28 @@ class Transformer(nn.Module):
         """(vocab, dim) weight of the LM head."""
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
-    def hidden(self, tokens: torch.Tensor, doc_offsets: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens (B, T) -> final normalised hidden states (B, T, dim)."""
+    def hidden(self, tokens: torch.Tensor, doc_offsets: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """tokens (B, T) -> final normalised hidden states (B, T, dim). With a KV cache
+        (model/kv_cache.py) the tokens continue the cached sequence and are appended to it."""
         B, T = tokens.shape
-        docs = Documents.from_offsets(doc_offsets, B, T, self.cfg.sliding_window, tokens.device)
+        if cache is not None:
+            if doc_offsets is not None:
+                raise ValueError("a KV cache holds one document per row; doc_offsets are for training")
+            cache.check_room(T)
+            docs = Documents.for_cache(cache.pos, B, T, self.cfg.sliding_window, tokens.device)
+        else:
+            docs = Documents.from_offsets(doc_offsets, B, T, self.cfg.sliding_window, tokens.device)
         cos, sin = rope_cos_sin(docs.positions, rope_frequencies(self.cfg, tokens.device))
         x = self.tok_emb(tokens)                                   # (B, T, dim)
         for layer in self.layers:
-            x = layer(x, cos, sin, docs)
+            x = layer(x, cos, sin, docs, cache)
+        if cache is not None:
+            cache.advance(T)
         return self.norm(x)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., dim) -> logits (..., vocab)."""
+        return F.linear(h, self.output_weight)
 
     def forward(self, tokens, doc_offsets=None, targets=None, loss_weights=None):
         """Without targets: logits (B, T, vocab). With targets (B, T) and loss_weights (B, T):

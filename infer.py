@@ -1,0 +1,537 @@
+"""Run a compiled agent: the interrupt/resume decoder, its tool runtime, and evaluation.
+
+    python infer.py --agent out/sql_tiny --task "How many customers live in Lyon?"   # one episode, streamed
+    python infer.py --agent out/sql_tiny --eval --split test --episodes 200          # success rate, latency
+    python infer.py --agent out/sql_tiny --eval --mode reprefill                     # the orchestration-loop baseline
+
+An episode in tokens is exactly what data/format.py renders for its transcript. The prompt is
+prefilled once into a static KV cache (model/kv_cache.py); the model decodes until <|/call|> or
+<|end|>; a call is parsed, checked against the agent's tools and their JSON schemas, executed
+with a timeout, and its observation is rendered as <|result|> ... <|/result|> and appended to the
+cache in one forward pass at the current offset; decoding resumes. An invalid call becomes an
+error observation the model reads, as the faults in its training data did.
+
+--mode selects how context reaches the model, to measure what the design saves:
+  incremental  the runtime above (default)
+  reprefill    the whole context is re-encoded at every step, as orchestration loops do
+  tokenwise    observations are fed one token at a time, as a plain generate() loop would
+
+The compiled agent directory (written by train.py with every checkpoint) holds model.safetensors,
+config.json, tokenizer.model and agent.json (workflows, tool schemas, token-layout version,
+training summary). `--agent` takes that directory or a train.py --out directory (its newest
+checkpoint).
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from data.format import (CALL_END, END, LAYOUT_VERSION, MODEL_TOKENS, SPECIAL_TOKENS, SRC_MODEL, FormatError,
+                         Transcript, parse_model_output)
+from data.tokenizer import Tokenizer
+from model import checkpoint
+from model.kv_cache import CacheFull, KVCache
+from workflows.base import Observation, Workflow, load_workflow, task_seed
+
+FAILURE_KINDS = ("invalid_format", "unknown_tool", "bad_arguments", "tool_timeout", "step_limit", "token_limit",
+                 "wrong_answer")
+
+# ----------------------------------------------------------------------------- the compiled agent
+
+
+@dataclass
+class Agent:
+    model: torch.nn.Module
+    tok: Tokenizer
+    workflow: Workflow
+    tools: list[str]           # the allowlist: tool names the agent may call
+    meta: dict                 # agent.json
+    path: str = ""
+
+
+def agent_json(data_summary: dict, training: dict) -> dict:
+    """What agent.json holds; train.py writes it next to each checkpoint's weights."""
+    return {"layout_version": LAYOUT_VERSION, "workflows": data_summary.get("workflows", []),
+            "tokenizer": data_summary.get("tokenizer"), "training": training}
+
+
+def resolve_agent_dir(path: str) -> str:
+    """A checkpoint directory, or a train.py --out directory (then the checkpoint `latest` names)."""
+    latest = os.path.join(path, "latest")
+    if os.path.isfile(latest):
+        with open(latest) as f:
+            path = os.path.join(path, f.read().strip())
+    return path
+
+
+def load_agent(path: str, device="cpu", workflow: str | None = None) -> Agent:
+    path = resolve_agent_dir(path)
+    for name in ("model.safetensors", "config.json", "tokenizer.model", "agent.json"):
+        if not os.path.isfile(os.path.join(path, name)):
+            raise FileNotFoundError(f"{path} is not a compiled agent: {name} is missing")
+    with open(os.path.join(path, "agent.json")) as f:
+        meta = json.load(f)
+    if meta.get("layout_version") != LAYOUT_VERSION:
+        raise ValueError(f"{path} was trained on token layout {meta.get('layout_version')}; this runtime "
+                         f"speaks {LAYOUT_VERSION}")
+    tok = Tokenizer(os.path.join(path, "tokenizer.model"))
+    want = (meta.get("tokenizer") or {}).get("fingerprint")
+    if want and want != tok.fingerprint:
+        raise ValueError(f"{path}/tokenizer.model is not the tokenizer the agent was trained with")
+    flows = meta.get("workflows") or []
+    if not flows:
+        raise ValueError(f"{path}/agent.json names no workflow")
+    pick = next((w for w in flows if w["name"] == workflow), None) if workflow else flows[0]
+    if pick is None:
+        raise ValueError(f"the agent knows workflows {[w['name'] for w in flows]}, not {workflow!r}")
+    model = checkpoint.load(path, device=device).eval()
+    tools = [t["function"]["name"] for t in pick["tools"]]
+    return Agent(model, tok, workflow_of(pick), tools, meta, path)
+
+
+def workflow_of(entry: dict) -> Workflow:
+    """The workflow an agent.json / pack summary entry names, built with the same arguments as
+    the training data was (its test split depends on them)."""
+    return load_workflow(entry.get("module") or entry["name"], **entry.get("kwargs", {}))
+
+
+# ----------------------------------------------------------------------------- the engine
+
+
+def cut_tokens(text: str, tok: Tokenizer, budget: int) -> str:
+    """An observation cut to at most `budget` tokens, with the same visible marker the training
+    data's character cut uses (workflows/base.py cut_observation)."""
+    if budget <= 0 or len(tok.encode(text)) <= budget:
+        return text
+    lo, hi = 0, len(text)
+    while lo < hi:  # the longest prefix whose tokens, marker included, fit
+        mid = (lo + hi + 1) // 2
+        cut = text[:mid] + f"\n…[cut: {len(text) - mid} more characters]"
+        lo, hi = (mid, hi) if len(tok.encode(cut)) <= budget else (lo, mid - 1)
+    return text[:lo] + f"\n…[cut: {len(text) - lo} more characters]"
+
+
+class Engine:
+    """One sequence on a static KV cache: feed() appends injected tokens, decode() samples model
+    tokens up to a stop token. `record=True` keeps (position, logits) of every forward chunk."""
+
+    def __init__(self, model, tok: Tokenizer, max_len: int = 4096, mode: str = "incremental",
+                 prefill_chunk: int = 1024, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                 record: bool = False):
+        if mode not in ("incremental", "reprefill", "tokenwise"):
+            raise ValueError(f"unknown mode {mode!r}")
+        self.model, self.tok, self.mode = model, tok, mode
+        self.max_len, self.prefill_chunk = max_len, max(1, prefill_chunk)
+        self.temperature, self.top_p = temperature, top_p
+        self.gen = torch.Generator().manual_seed(seed)
+        p = next(model.parameters())
+        self.device = p.device
+        self.cache = KVCache(model.cfg, max_len, 1, p.device, p.dtype)
+        # the runtime's own tokens are never sampled: only text pieces and MODEL_TOKENS
+        sid = tok.special_ids
+        self.banned = torch.tensor([sid[t] for t in SPECIAL_TOKENS if t not in MODEL_TOKENS], device=p.device)
+        self.stop = {sid[CALL_END], sid[END]}
+        self.ids: list[int] = []    # the sequence the cache holds
+        self.pending: list[int] = []  # a sampled stop token, fed with whatever follows it
+        self.record = record
+        self.logits: list[torch.Tensor] = []
+        # prefill: injected tokens run in chunks (a sampled stop token rides with the next chunk);
+        # reencode: what an orchestration loop would prefill; forward: every token through the model
+        self.stats = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0,
+                      "reencode_tokens": 0, "forward_tokens": 0}
+
+    @torch.no_grad()
+    def _forward(self, ids: list[int]) -> torch.Tensor:
+        """Run ids through the model at the cache's offset, in chunks of prefill_chunk; the
+        logits (vocab,) of the last one."""
+        last = None
+        self.stats["forward_tokens"] += len(ids)
+        for s in range(0, len(ids), self.prefill_chunk):
+            x = torch.tensor([ids[s:s + self.prefill_chunk]], device=self.device)
+            start = self.cache.pos
+            h = self.model.hidden(x, cache=self.cache)
+            if self.record:
+                self.logits.append((start, self.model.head(h[0]).float()))
+            last = h[0, -1]
+        return self.model.head(last).float()
+
+    def feed(self, ids: list[int], first: bool = False) -> torch.Tensor:
+        """Append injected tokens (the prompt, an observation); returns the next-token logits."""
+        t0 = time.perf_counter()
+        ids, self.pending = self.pending + list(ids), []
+        self.stats["reencode_tokens"] += len(self.ids) + len(ids)  # what re-encoding would have run
+        if self.mode == "reprefill" and not first:
+            self.cache.reset()
+            self.ids = self.ids + list(ids)
+            n, logits = len(self.ids), self._forward(self.ids)
+        elif self.mode == "tokenwise" and not first:
+            self.ids.extend(ids)
+            n = len(ids)
+            for i in ids:
+                logits = self._forward([i])
+        else:
+            self.ids.extend(ids)
+            n, logits = len(ids), self._forward(list(ids))
+        self.stats["prefill_tokens"] += n
+        self.stats["prefill_s"] += time.perf_counter() - t0
+        return logits
+
+    def sample(self, logits: torch.Tensor) -> int:
+        logits = logits.clone()
+        logits[self.banned] = -math.inf
+        if self.temperature <= 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits / self.temperature, dim=-1).cpu()
+        if self.top_p < 1:  # nucleus: the smallest set of tokens whose mass reaches top_p
+            p, order = probs.sort(descending=True)
+            keep = p.cumsum(0) - p < self.top_p
+            probs = torch.zeros_like(probs).scatter(0, order[keep], p[keep])
+        return int(torch.multinomial(probs, 1, generator=self.gen))
+
+    def decode(self, logits: torch.Tensor, max_new: int, policy=None, on_token=None) -> list[int]:
+        """Sample (or take from `policy(logits)`) up to max_new tokens, stopping after a stop
+        token; every token but the last is fed back through the cache."""
+        out = []
+        t0 = time.perf_counter()
+        try:
+            while len(out) < max_new:
+                nxt = policy(logits) if policy else self.sample(logits)
+                out.append(nxt)
+                if on_token:
+                    on_token(out)
+                if nxt in self.stop:
+                    break
+                self.ids.append(nxt)
+                logits = self._forward([nxt])
+        finally:
+            self.stats["decode_tokens"] += len(out)
+            self.stats["decode_s"] += time.perf_counter() - t0
+        if out and out[-1] in self.stop:
+            self.pending = [out[-1]]
+        return out
+
+
+# ----------------------------------------------------------------------------- episodes
+
+
+@dataclass
+class Step:
+    kind: str                    # call | answer | invalid
+    reasoning: str = ""
+    tool: str | None = None
+    arguments: dict | None = None
+    observation: str | None = None
+    observation_kind: str | None = None  # ok | tool_error | bad_arguments | unknown_tool | invalid_format | timeout
+    answer: str | None = None
+    tokens: list[int] = field(default_factory=list)  # what the model produced in this step
+    latency_s: float = 0.0       # ingesting the previous observation + decoding this step
+    tool_s: float = 0.0
+
+
+@dataclass
+class EpisodeResult:
+    task_id: str
+    prompt: str
+    success: bool
+    failure: str | None          # one of FAILURE_KINDS: the first thing that went wrong
+    ended: str                   # answer | step_limit | token_limit | invalid_format
+    answer: str | None
+    reason: str                  # the checker's verdict, or why the episode stopped
+    steps: list[Step]
+    messages: list[dict]         # the OpenAI-format transcript (data/format.py renders it back)
+    ids: list[int]               # the episode's token stream
+    stats: dict
+
+
+class ToolThread:
+    """The episode's environment lives on one worker thread (SQLite connections, for one, belong
+    to the thread that made them): it is built, called, checked and closed there, and a call that
+    runs past its timeout is abandoned with the thread."""
+
+    def __init__(self, workflow: Workflow, task):
+        self.pool = concurrent.futures.ThreadPoolExecutor(1)
+        self.env = self.pool.submit(workflow.make_env, task).result()
+        self.stuck = False
+
+    def call(self, name: str, arguments: dict, allowed: list[str], timeout: float) -> tuple[Observation, str]:
+        if name not in allowed:
+            return Observation(f"Error: unknown tool '{name}'. Available tools: {', '.join(allowed)}.",
+                               "unknown_tool"), "unknown_tool"
+        try:
+            obs = self.pool.submit(self.env.call, name, arguments).result(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            self.stuck = True
+            return Observation(f"Error: {name} did not finish within {timeout:g} s", "tool_error"), "timeout"
+        return obs, obs.kind
+
+    def run(self, fn, *a):
+        return self.pool.submit(fn, *a).result()
+
+    def close(self):
+        if not self.stuck:
+            self.pool.submit(self.env.close).result()
+        self.pool.shutdown(wait=False)
+
+
+def run_episode(agent: Agent, task, engine: Engine, max_steps: int = 16, max_new_tokens: int = 512,
+                observation_tokens: int = 1024, tool_timeout: float = 10.0, policy=None,
+                on_event=None) -> EpisodeResult:
+    """One episode of `task` through the engine, with the workflow's real tools and checker."""
+    wf, tok = agent.workflow, agent.tok
+    tools = ToolThread(wf, task)
+    env = tools.env
+    emit = on_event or (lambda *a: None)
+    system = wf.system_prompt(env)
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": task.prompt}]
+    t = Transcript(tok)
+    t.begin(system)
+    t.user(task.prompt)
+    steps: list[Step] = []
+    failure, ended, answer, reason = None, "step_limit", None, f"no answer within {max_steps} steps"
+    try:
+        t0 = time.perf_counter()
+        logits = engine.feed(t.ids, first=True)
+        for n in range(max_steps):
+            try:
+                out = engine.decode(logits, max_new_tokens, policy, lambda ids: emit("token", ids))
+            except CacheFull as e:
+                ended, reason = "token_limit", str(e)
+                break
+            t._add(out, SRC_MODEL, 1.0)
+            step = Step("invalid", tokens=out, latency_s=time.perf_counter() - t0)
+            steps.append(step)
+            try:
+                parsed = parse_model_output(out, tok)
+            except FormatError as e:
+                if not out or out[-1] not in engine.stop:
+                    ended, reason = "token_limit", f"no stop token within {max_new_tokens} tokens"
+                    failure = failure or "invalid_format"
+                    break
+                if out[-1] != tok.special_ids[CALL_END]:  # a broken answer ends the episode
+                    ended, reason, failure = "invalid_format", str(e), failure or "invalid_format"
+                    break
+                # a broken call: the model reads why, as it did in training
+                step.observation, step.observation_kind = f"Error: {e}", "invalid_format"
+                failure = failure or "invalid_format"
+                messages.append({"role": "assistant", "content": tok.decode(out), "weight": 0,
+                                 "invalid": True})
+            else:
+                step.reasoning = parsed.reasoning
+                if parsed.answer is not None:
+                    step.kind, step.answer, answer = "answer", parsed.answer, parsed.answer
+                    msg = {"role": "assistant", "content": parsed.answer}
+                    messages.append({"role": "assistant", "reasoning": parsed.reasoning, **msg}
+                                    if parsed.reasoning else msg)
+                    emit("answer", step)
+                    ended = "answer"
+                    break
+                step.kind, step.tool, step.arguments = "call", parsed.call["name"], parsed.call["arguments"]
+                emit("call", step)
+                t1 = time.perf_counter()
+                obs, kind = tools.call(step.tool, step.arguments, agent.tools, tool_timeout)
+                step.tool_s = time.perf_counter() - t1
+                step.observation, step.observation_kind = obs.text, kind
+                if kind in ("unknown_tool", "bad_arguments"):
+                    failure = failure or kind
+                if tools.stuck:  # the environment is in an unknown state: the episode cannot go on
+                    ended, reason, failure = "tool_timeout", obs.text, failure or "tool_timeout"
+                    break
+                call_id = f"call_{n}"
+                msg = {"role": "assistant"}
+                if parsed.reasoning:
+                    msg["reasoning"] = parsed.reasoning
+                messages.append({**msg, "content": None, "tool_calls": [{
+                    "id": call_id, "type": "function",
+                    "function": {"name": step.tool, "arguments": json.dumps(step.arguments, ensure_ascii=False)}}]})
+                messages.append({"role": "tool", "tool_call_id": call_id, "name": step.tool,
+                                 "content": None})  # filled below, after the token cut
+            step.observation = cut_tokens(step.observation, tok, observation_tokens)
+            if messages[-1].get("role") == "tool":
+                messages[-1]["content"] = step.observation
+            emit("observation", step)
+            t0 = time.perf_counter()
+            before = len(t.ids)
+            t.result(step.observation)
+            try:
+                logits = engine.feed(t.ids[before:])
+            except CacheFull as e:
+                ended, reason = "token_limit", str(e)
+                break
+        if ended == "answer":
+            verdict = tools.run(wf.check, task, env, answer)
+            reason = verdict.reason
+            if not verdict.ok:
+                failure = failure or "wrong_answer"
+            success = verdict.ok
+        else:
+            success = False
+            failure = failure or ended
+    finally:
+        tools.close()
+    if success:
+        failure = None
+    return EpisodeResult(task.id, task.prompt, success, failure, ended, answer, reason, steps, messages,
+                         list(t.ids), dict(engine.stats))
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def eval_tasks(workflow: Workflow, split: str, n: int, seed: int):
+    """n fresh tasks of `split`; seed 1 by default, so none is a task data.generate (seed 0) made."""
+    return [workflow.sample_task(split, i, task_seed(seed, workflow.name, split, i)) for i in range(n)]
+
+
+def percentile(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, math.ceil(q * len(xs)) - 1))]
+
+
+def evaluate(agent: Agent, episodes: int = 200, split: str = "test", seed: int = 1, mode: str = "incremental",
+             max_len: int = 4096, traces: str | None = None, progress: bool = True, **episode_kw) -> dict:
+    """Run `episodes` fresh tasks; return the summary (and write one trace per episode)."""
+    from tqdm import tqdm
+    tasks = eval_tasks(agent.workflow, split, episodes, seed)
+    results = []
+    trace_file = open(traces, "w") if traces else None
+    try:
+        for task in tqdm(tasks, desc=f"eval {split}", unit="ep", disable=not progress):
+            engine = Engine(agent.model, agent.tok, max_len=max_len, mode=mode)
+            r = run_episode(agent, task, engine, **episode_kw)
+            results.append(r)
+            if trace_file:
+                trace_file.write(json.dumps(asdict(r), ensure_ascii=False) + "\n")
+                trace_file.flush()
+    finally:
+        if trace_file:
+            trace_file.close()
+    return summarize(results, mode, split, seed)
+
+
+def summarize(results: list[EpisodeResult], mode: str, split: str, seed: int) -> dict:
+    n = len(results)
+    latencies = [s.latency_s for r in results for s in r.steps]
+    tot = {k: sum(r.stats[k] for r in results) for k in results[0].stats} if results else {}
+    failures = {k: sum(r.failure == k for r in results) for k in FAILURE_KINDS}
+    call_errors = {}
+    for r in results:
+        for s in r.steps:
+            if s.observation_kind not in (None, "ok"):
+                call_errors[s.observation_kind] = call_errors.get(s.observation_kind, 0) + 1
+    return {
+        "episodes": n, "split": split, "seed": seed, "mode": mode,
+        "success_rate": sum(r.success for r in results) / max(1, n),
+        "failures": failures, "errors_in_calls": call_errors,
+        "mean_steps": sum(len(r.steps) for r in results) / max(1, n),
+        "mean_step_latency_s": sum(latencies) / max(1, len(latencies)),
+        "p95_step_latency_s": percentile(latencies, 0.95),
+        "prefill_tokens": tot.get("prefill_tokens", 0),
+        "prefill_tokens_if_reencoded": tot.get("reencode_tokens", 0),
+        "prefill_tokens_saved": tot.get("reencode_tokens", 0) - tot.get("prefill_tokens", 0),
+        "decode_tokens": tot.get("decode_tokens", 0),
+        "decode_tokens_per_s": tot.get("decode_tokens", 0) / max(1e-9, tot.get("decode_s", 0.0)),
+        "mean_tokens_per_episode": sum(len(r.ids) for r in results) / max(1, n),
+    }
+
+
+def print_summary(s: dict) -> None:
+    print(f"\n{s['episodes']} {s['split']} episodes ({s['mode']}): success {100 * s['success_rate']:.1f}%")
+    rows = [("failures", ", ".join(f"{k} {v}" for k, v in s["failures"].items())),
+            ("errors seen in calls", ", ".join(f"{k} {v}" for k, v in s["errors_in_calls"].items()) or "none"),
+            ("mean steps", f"{s['mean_steps']:.2f}"),
+            ("latency per step", f"mean {1e3 * s['mean_step_latency_s']:.1f} ms, p95 {1e3 * s['p95_step_latency_s']:.1f} ms"),
+            ("prefill tokens", f"{s['prefill_tokens']:,} (re-encoding would run {s['prefill_tokens_if_reencoded']:,}: "
+                               f"{s['prefill_tokens_saved']:,} saved)"),
+            ("decode", f"{s['decode_tokens']:,} tokens, {s['decode_tokens_per_s']:.0f} tokens/s")]
+    for k, v in rows:
+        print(f"  {k:<22} {v}")
+
+
+# ----------------------------------------------------------------------------- interactive
+
+
+def stream_episode(agent: Agent, prompt: str, seed: int, split: str, engine: Engine, **kw) -> EpisodeResult:
+    """One episode whose question is `prompt`, in the world of a fresh task (for SQL: its
+    database), printed as it happens."""
+    task = eval_tasks(agent.workflow, split, 1, seed)[0]
+    task.prompt = prompt
+    shown = [0]
+
+    def on_event(kind, payload):
+        if kind == "token":  # print the text as it grows (specials included, to show the layout)
+            text = agent.tok.decode(payload)
+            sys.stdout.write(text[shown[0]:])
+            sys.stdout.flush()
+            shown[0] = len(text)
+        elif kind == "observation":
+            print(f"\n\033[2m<|result|> {payload.observation} <|/result|>\033[0m")
+            shown[0] = 0
+        elif kind == "answer":
+            print()
+    print(f"\033[1m{prompt}\033[0m")
+    return run_episode(agent, task, engine, on_event=on_event, **kw)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--agent", required=True, help="compiled agent directory (or a train.py --out directory)")
+    ap.add_argument("--workflow", default=None, help="which of the agent's workflows (default: its first)")
+    ap.add_argument("--task", default=None, help="run one episode with this question, streamed")
+    ap.add_argument("--eval", action="store_true", help="evaluate on fresh tasks")
+    ap.add_argument("--split", default="test", choices=["train", "test"])
+    ap.add_argument("--episodes", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=1, help="task seed (data.generate uses 0: these tasks are new)")
+    ap.add_argument("--mode", default="incremental", choices=["incremental", "reprefill", "tokenwise"])
+    ap.add_argument("--max-steps", type=int, default=16, help="model turns per episode")
+    ap.add_argument("--max-new-tokens", type=int, default=512, help="tokens per model turn")
+    ap.add_argument("--max-len", type=int, default=4096, help="KV cache length: tokens per episode")
+    ap.add_argument("--observation-tokens", type=int, default=1024, help="observation budget (cut with a marker)")
+    ap.add_argument("--tool-timeout", type=float, default=10.0, help="seconds per tool call")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: its default)")
+    ap.add_argument("--out", default=None, help="summary JSON (default AGENT/eval_SPLIT_MODE.json)")
+    ap.add_argument("--traces", default=None, help="one JSON line per episode (default AGENT/traces_SPLIT_MODE.jsonl)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.eval and args.task is None:
+        ap.error("give --task \"...\" for one episode, or --eval")
+    try:
+        agent = load_agent(args.agent, args.device, args.workflow)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"infer.py: {e}") from None
+    kw = dict(max_steps=args.max_steps, max_new_tokens=args.max_new_tokens,
+              observation_tokens=args.observation_tokens, tool_timeout=args.tool_timeout)
+    if args.task is not None:
+        engine = Engine(agent.model, agent.tok, args.max_len, args.mode, temperature=args.temperature,
+                        top_p=args.top_p, seed=args.seed)
+        r = stream_episode(agent, args.task, args.seed, args.split, engine, **kw)
+        print(f"\n[{r.ended}; {len(r.steps)} steps; {sum(s.latency_s for s in r.steps):.2f} s in the model]")
+        return r
+    base = os.path.join(agent.path, f"eval_{args.split}_{args.mode}")
+    summary = evaluate(agent, args.episodes, args.split, args.seed, args.mode, args.max_len,
+                       traces=args.traces or base.replace("eval_", "traces_") + ".jsonl", **kw)
+    summary.update(agent=agent.path, device=args.device, torch=torch.__version__, threads=torch.get_num_threads())
+    print_summary(summary)
+    out = args.out or base + ".json"
+    with open(out, "w") as f:
+        json.dump(summary, f, indent=2)
+    print(f"wrote {out}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""The runtime: interrupt/resume through the KV cache computes what one full forward computes,
+its token stream is what data/format.py renders (no drift), bad calls become observations, and
+the compiled agent directory runs from the command line."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import infer
+from data import pack
+from data.format import ANSWER, CALL, CALL_END, END, SRC_MODEL, render
+from model.transformer import ModelConfig, Transformer
+from workflows.base import load_workflow, run_teacher, task_seed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def agent(sql_corpus):
+    torch.manual_seed(0)
+    tok = sql_corpus["tok"]
+    model = Transformer(ModelConfig.preset("tiny", vocab_size=tok.vocab_size)).eval()
+    wf = load_workflow("sql")
+    return infer.Agent(model, tok, wf, ["list_tables", "describe_table", "run_sql"], {})
+
+
+def teacher_episode(wf, index):
+    task = wf.sample_task("test", index, task_seed(7, wf.name, "test", index))
+    ep = run_teacher(wf, task)
+    assert ep.failure is None
+    return task, ep
+
+
+def forced(ids):
+    """A policy that emits the given tokens in order, whatever the logits say."""
+    it = iter(ids)
+    return lambda logits: next(it)
+
+
+@pytest.mark.parametrize("mode", ["incremental", "reprefill", "tokenwise"])
+def test_interrupt_resume_equals_one_forward_and_renders_back(agent, mode):
+    """Replay teacher episodes (several calls, observations far longer than the 8-token chunks)
+    through the runtime with the real tools: every logit along the way equals one forward over the
+    final sequence, and the stream equals render() of the episode's messages."""
+    for index in ((0, 1, 2) if mode == "incremental" else (0,)):  # the baselines are slow by design
+        task, ep = teacher_episode(agent.workflow, index)
+        ref = render({"messages": ep.messages}, agent.tok)
+        model_tokens = ref.ids[ref.sources == SRC_MODEL].tolist()
+        engine = infer.Engine(agent.model, agent.tok, max_len=2048, mode=mode, prefill_chunk=8, record=True)
+        r = infer.run_episode(agent, task, engine, policy=forced(model_tokens), max_steps=32)
+        assert r.success and r.failure is None and r.answer == ep.answer
+        n_calls = sum(s.kind == "call" for s in r.steps)
+        assert n_calls >= 3 and max(len(agent.tok.encode(s.observation)) for s in r.steps if s.observation) > 8
+        # no drift: the runtime's tokens are the training layout's tokens
+        assert r.ids == ref.ids.tolist()
+        assert render({"messages": r.messages}, agent.tok).ids.tolist() == r.ids
+        # interrupt/resume = one forward: logits of every fed position (the final <|end|> is never fed)
+        with torch.no_grad():
+            full = agent.model(torch.tensor([r.ids[:-1]]))[0]
+        covered = torch.zeros(len(full), dtype=torch.bool)
+        for pos, logits in engine.logits:  # in reprefill mode, positions are computed again and again
+            torch.testing.assert_close(logits, full[pos:pos + len(logits)], rtol=1e-5, atol=1e-5)
+            covered[pos:pos + len(logits)] = True
+        assert covered.all()
+        if mode == "incremental":
+            assert r.stats["forward_tokens"] == len(r.ids) - 1  # every token once: nothing re-encoded
+        if mode == "reprefill":
+            assert r.stats["prefill_tokens"] == r.stats["reencode_tokens"] > 2 * len(r.ids)
+
+
+def test_bad_calls_become_observations(agent):
+    tok, sid = agent.tok, agent.tok.special_ids
+    task, _ = teacher_episode(agent.workflow, 3)
+    out = ([sid[CALL]] + tok.encode("not json") + [sid[CALL_END]]
+           + [sid[CALL]] + tok.encode('{"name": "drop_database", "arguments": {}}') + [sid[CALL_END]]
+           + [sid[CALL]] + tok.encode('{"name": "run_sql", "arguments": {"sql": "x"}}') + [sid[CALL_END]]
+           + [sid[ANSWER]] + tok.encode("42") + [sid[END]])
+    r = infer.run_episode(agent, task, infer.Engine(agent.model, tok), policy=forced(out))
+    kinds = [s.observation_kind for s in r.steps]
+    assert kinds == ["invalid_format", "unknown_tool", "bad_arguments", None]
+    assert "not valid JSON" in r.steps[0].observation and "unknown tool" in r.steps[1].observation
+    assert r.ended == "answer" and not r.success and r.failure == "invalid_format"  # the first thing that went wrong
+
+
+def test_random_model_fails_cleanly_and_summarises(agent, tmp_path):
+    """An untrained model samples garbage: every episode ends with a failure kind, none crashes."""
+    traces = tmp_path / "t.jsonl"
+    s = infer.evaluate(agent, episodes=4, max_new_tokens=24, max_steps=3, traces=str(traces), progress=False)
+    assert s["episodes"] == 4 and s["success_rate"] == 0
+    assert sum(s["failures"].values()) == 4 and set(s["failures"]) == set(infer.FAILURE_KINDS)
+    lines = [json.loads(x) for x in open(traces)]
+    assert len(lines) == 4 and all(x["steps"] and x["steps"][0]["tokens"] for x in lines)
+    assert s["decode_tokens"] > 0 and s["decode_tokens_per_s"] > 0
+
+
+def test_sampling_and_limits(agent):
+    sid = agent.tok.special_ids
+    banned = [sid[t] for t in sid if t not in (CALL, CALL_END, ANSWER, END)]
+    e = infer.Engine(agent.model, agent.tok, max_len=400, temperature=1.0, top_p=0.9, seed=3)
+    logits = torch.zeros(agent.tok.vocab_size)
+    logits[banned] = 50.0  # the runtime's own tokens are never sampled, however likely
+    assert not set(banned) & {e.sample(logits) for _ in range(300)}
+    logits[100], logits[101] = 60.0, 59.0  # top-p 0.9 keeps only the top token here (p = 0.73 + ...)
+    peaked = infer.Engine(agent.model, agent.tok, temperature=1.0, top_p=0.5, seed=0)
+    assert {peaked.sample(logits) for _ in range(100)} == {100}
+    # a model that never stops fills the cache: the episode ends at the token limit, no crash
+    task, _ = teacher_episode(agent.workflow, 4)
+    r = infer.run_episode(agent, task, e, max_new_tokens=1000, max_steps=2, policy=lambda logits: 100)
+    assert r.ended == "token_limit" and r.failure == "token_limit" and e.cache.pos == 400
+
+
+def test_cut_tokens(agent):
+    text = "row " * 500
+    cut = infer.cut_tokens(text, agent.tok, 50)
+    assert len(agent.tok.encode(cut)) <= 50 and cut.endswith("more characters]") and text.startswith(cut.split("\n…")[0])
+    assert infer.cut_tokens("short", agent.tok, 50) == "short"
+
+
+def test_compiled_agent_runs_from_the_command_line(sql_corpus, tmp_path):
+    data = tmp_path / "train"
+    pack.main([sql_corpus["jsonl"], "--tokenizer", sql_corpus["tokenizer"], "--seq-len", "1024",
+               "--out", str(data), "--quiet"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    run = lambda *a: subprocess.run([sys.executable, *a], cwd=ROOT, env=env, capture_output=True, text=True)  # noqa: E731
+    p = run("train.py", f"--data={data}", "--model=tiny", "--batch-size=2", "--max-steps=2", "--wandb=disabled",
+            f"--out={tmp_path / 'run'}", f"--val-data={data}", "--eval-episodes=2")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "agent success 0.0% on 2 test tasks" in p.stdout
+    ck = tmp_path / "run" / "step_000002"
+    meta = json.loads((ck / "agent.json").read_text())
+    assert meta["workflows"][0]["module"] == "sql" and meta["training"]["step"] == 2
+    assert {t["function"]["name"] for t in meta["workflows"][0]["tools"]} == {"list_tables", "describe_table", "run_sql"}
+    p = run("infer.py", f"--agent={tmp_path / 'run'}", "--eval", "--episodes=2", "--max-new-tokens=16",
+            "--max-steps=2")
+    assert p.returncode == 0, p.stderr[-2000:]
+    summary = json.loads((ck / "eval_test_incremental.json").read_text())
+    assert summary["episodes"] == 2 and (ck / "traces_test_incremental.jsonl").exists()
+    p = run("infer.py", f"--agent={ck}", "--task", "How many customers are there?", "--max-new-tokens=8",
+            "--max-steps=1")
+    assert p.returncode == 0 and "How many customers" in p.stdout, p.stderr[-2000:]
+    os.remove(ck / "agent.json")
+    p = run("infer.py", f"--agent={ck}", "--eval")
+    assert p.returncode != 0 and "agent.json is missing" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_packed_documents_use_fresh_caches(agent):
+    """Two engines on the same model do not share state (a cache belongs to one episode)."""
+    a = infer.Engine(agent.model, agent.tok, max_len=64)
+    b = infer.Engine(agent.model, agent.tok, max_len=64)
+    la = a.feed([5, 6, 7], first=True)
+    b.feed([9, 9, 9, 9], first=True)
+    lb = infer.Engine(agent.model, agent.tok, max_len=64).feed([5, 6, 7], first=True)
+    assert np.allclose(la.numpy(), lb.numpy()) and a.cache.pos == 3 and b.cache.pos == 4
