@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from data.format import (CALL_END, END, LAYOUT_VERSION, MODEL_TOKENS, SPECIAL_TOKENS, SRC_MODEL, FormatError,
+from data.format import (ANSWER, CALL, CALL_END, END, LAYOUT_VERSION, MODEL_TOKENS, SPECIAL_TOKENS, SRC_MODEL, FormatError,
                          Transcript, parse_model_output)
 from data.tokenizer import Tokenizer
 from model import checkpoint
@@ -135,9 +135,15 @@ class Engine:
         p = next(model.parameters())
         self.device = p.device
         self.cache = KVCache(model.cfg, max_len, 1, p.device, p.dtype)
-        # the runtime's own tokens are never sampled: only text pieces and MODEL_TOKENS
+        # The runtime's own tokens are never sampled, and the model's follow the layout's grammar:
+        # reasoning, then <|call|> JSON <|/call|> or <|answer|> text <|end|>. Training data always
+        # does, so the constraint removes no mass a well-trained model would give a valid token.
         sid = tok.special_ids
-        self.banned = torch.tensor([sid[t] for t in SPECIAL_TOKENS if t not in MODEL_TOKENS], device=p.device)
+        never = [sid[t] for t in SPECIAL_TOKENS if t not in MODEL_TOKENS]
+        ban = lambda *names: torch.tensor(never + [sid[t] for t in names], device=p.device)  # noqa: E731
+        self.banned = {None: ban(CALL_END, END), sid[CALL]: ban(CALL, ANSWER, END),
+                       sid[ANSWER]: ban(CALL, ANSWER, CALL_END)}
+        self.openers = {sid[CALL], sid[ANSWER]}
         self.stop = {sid[CALL_END], sid[END]}
         self.ids: list[int] = []    # the sequence the cache holds
         self.pending: list[int] = []  # a sampled stop token, fed with whatever follows it
@@ -184,9 +190,11 @@ class Engine:
         self.stats["prefill_s"] += time.perf_counter() - t0
         return logits
 
-    def sample(self, logits: torch.Tensor) -> int:
+    def sample(self, logits: torch.Tensor, opened: int | None = None) -> int:
+        """A token from the next-token logits; `opened`: the <|call|> or <|answer|> this turn has
+        opened, if any (it decides which special tokens may come)."""
         logits = logits.clone()
-        logits[self.banned] = -math.inf
+        logits[self.banned[opened]] = -math.inf
         if self.temperature <= 0:
             return int(logits.argmax())
         probs = torch.softmax(logits / self.temperature, dim=-1).cpu()
@@ -199,12 +207,14 @@ class Engine:
     def decode(self, logits: torch.Tensor, max_new: int, policy=None, on_token=None) -> list[int]:
         """Sample (or take from `policy(logits)`) up to max_new tokens, stopping after a stop
         token; every token but the last is fed back through the cache."""
-        out = []
+        out, opened = [], None
         t0 = time.perf_counter()
         try:
             while len(out) < max_new:
-                nxt = policy(logits) if policy else self.sample(logits)
+                nxt = policy(logits) if policy else self.sample(logits, opened)
                 out.append(nxt)
+                if nxt in self.openers:
+                    opened = nxt
                 if on_token:
                     on_token(out)
                 if nxt in self.stop:

@@ -104,6 +104,12 @@ def test_sampling_and_limits(agent):
     logits = torch.zeros(agent.tok.vocab_size)
     logits[banned] = 50.0  # the runtime's own tokens are never sampled, however likely
     assert not set(banned) & {e.sample(logits) for _ in range(300)}
+    # the layout's grammar: a stop token only closes what was opened, and nothing opens twice
+    for opened, allowed, refused in ((None, CALL, CALL_END), (None, ANSWER, END), (sid[CALL], CALL_END, END),
+                                     (sid[CALL], CALL_END, ANSWER), (sid[ANSWER], END, CALL_END)):
+        logits = torch.zeros(agent.tok.vocab_size)
+        logits[sid[refused]], logits[sid[allowed]] = 100.0, 90.0
+        assert e.sample(logits, opened) == sid[allowed]
     logits[100], logits[101] = 60.0, 59.0  # top-p 0.9 keeps only the top token here (p = 0.73 + ...)
     peaked = infer.Engine(agent.model, agent.tok, temperature=1.0, top_p=0.5, seed=0)
     assert {peaked.sample(logits) for _ in range(100)} == {100}
