@@ -187,6 +187,14 @@ class Documents:
         pos = tok - off[ids]
         return cls(doc_offsets, pos.view(B, T), ids.view(B, T), window)
 
+    def spans(self) -> list[tuple[int, int, int]]:
+        """(row, start, end) of every document, as Python ints (computed once per forward)."""
+        if not hasattr(self, "_spans"):
+            T = self.positions.shape[1]
+            off = self.offsets.tolist()
+            self._spans = [(s // T, s % T, s % T + (e - s)) for s, e in zip(off[:-1], off[1:])]
+        return self._spans
+
     def needs_mask(self) -> bool:
         """False when plain causal attention is exact (one document per row, no window, no cache
         offset) or when a single new token may see every cached key."""
@@ -213,10 +221,12 @@ class Documents:
 
 # ----------------------------------------------------------------------------- attention dispatch
 
-# Which attention runs. "torch": PyTorch's scaled_dot_product_attention with an explicit (B, T, T)
-# document mask: it computes every document pair and masks most of it away, so it is the slow,
-# simple reference path (tests, CPU, short rows). Kernels add their names here.
+# Which attention runs. "torch": PyTorch's scaled_dot_product_attention. Packed rows on CPU loop
+# over documents (causal attention within each: exact, and no work on pairs that would be masked);
+# on GPU one call takes an explicit (B, T, T) document mask, which computes every pair and masks
+# most of them away: the slow, simple path until a kernel plugs in. Kernels add their names here.
 ATTENTION = "torch"
+DOC_LOOP_ON_CPU = True  # False: the dense-mask path on CPU too (tests check the two agree)
 _warned = set()
 
 
@@ -230,6 +240,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Documents) -
         print("WARNING: attention runs in pure PyTorch (SDPA with a dense document mask, O(T^2) per row); "
               "no fused document-masked kernel is plugged in", flush=True)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+    if docs.ids is not None and docs.window is None and docs.q_offset == 0 and not q.is_cuda and DOC_LOOP_ON_CPU:
+        rows = [[] for _ in range(q.shape[0])]
+        for b, s, e in docs.spans():
+            rows[b].append(F.scaled_dot_product_attention(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e],
+                                                          is_causal=True, enable_gqa=True))
+        return torch.cat([torch.cat(r, dim=2) for r in rows]).transpose(1, 2)
     if not docs.needs_mask():  # causal from position 0, or one new token that sees every key
         out = F.scaled_dot_product_attention(q, k, v, is_causal=docs.q_offset == 0, enable_gqa=True)
     else:

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from model import transformer
 from data.loader import Loader
 from model.transformer import (Documents, ModelConfig, Transformer, apply_rope, flops_per_token, lm_loss,
                                rope_cos_sin, rope_frequencies)
@@ -60,8 +61,11 @@ def test_document_mask_and_positions():
         Documents.from_offsets(torch.tensor([0, 8, 15]), 2, 8, None, "cpu")
 
 
-def test_attention_matches_explicit_softmax_in_float64():
-    """The attention dispatch against a loop over documents written out by hand (GQA, window)."""
+@pytest.mark.parametrize("doc_loop", [True, False])
+def test_attention_matches_explicit_softmax_in_float64(doc_loop, monkeypatch):
+    """The attention dispatch (its per-document loop and its dense-mask path) against a loop over
+    documents written out by hand (GQA, window)."""
+    monkeypatch.setattr(transformer, "DOC_LOOP_ON_CPU", doc_loop)
     torch.manual_seed(0)
     B, T, H, KV, D = 2, 13, 6, 2, 8
     off = torch.tensor([0, 4, 13, 20, 26], dtype=torch.int32)

@@ -74,6 +74,7 @@ def test_extend_existing_model(tmp_path, calc_corpus):
     out = str(tmp_path / "llama-agentc.model")
     tokenizer.main(["extend", base_path, out])
     tok = Tokenizer(out)
+    assert not tok.presplit  # a pretrained tokenizer encodes as it was trained
     n = base.get_piece_size()
     assert tok.vocab_size == n + len(SPECIAL_TOKENS)
     assert sorted(tok.special_ids.values()) == list(range(n, n + len(SPECIAL_TOKENS)))
@@ -90,3 +91,17 @@ def test_extend_existing_model(tmp_path, calc_corpus):
 def test_missing_file():
     with pytest.raises(FileNotFoundError):
         Tokenizer("/nonexistent/tok.model")
+
+
+def test_presplit_keeps_identifiers_the_same_tokens_in_every_context(sql_corpus, tmp_path):
+    """With --presplit a name copied from an observation into a call or a query keeps its tokens."""
+    assert not sql_corpus["tok"].presplit
+    tokenizer.main(["train", sql_corpus["jsonl"], "--out", str(tmp_path / "w"), "--vocab-size", "1500", "--presplit"])
+    tok = Tokenizer(str(tmp_path / "w.model"))
+    assert tok.presplit
+    name = tok.encode("order_lines")
+    for context in ("buyers order_lines sales", '{"table": "order_lines"}', "FROM order_lines o",
+                    "SELECT o.order_lines, x", "  order_lines INTEGER", "(order_lines)"):
+        ids = tok.encode(context)
+        assert any(ids[i:i + len(name)] == name for i in range(len(ids))), (context, [tok.piece(i) for i in ids])
+        assert tok.decode(ids) == context
