@@ -24,25 +24,26 @@ checkpoint).
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
 import math
 import os
+import queue
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from data.format import (ANSWER, CALL, CALL_END, END, LAYOUT_VERSION, MODEL_TOKENS, SPECIAL_TOKENS, SRC_MODEL, FormatError,
-                         Transcript, parse_model_output)
+from data.format import (ANSWER, CALL, CALL_END, END, LAYOUT_VERSION, FormatError, Transcript, parse_model_output,
+                         render)
 from data.tokenizer import Tokenizer
 from model import checkpoint
 from model.kv_cache import CacheFull, KVCache
 from workflows.base import Observation, Workflow, load_workflow, task_seed
 
 FAILURE_KINDS = ("invalid_format", "unknown_tool", "bad_arguments", "tool_timeout", "step_limit", "token_limit",
-                 "wrong_answer")
+                 "wrong_answer")  # token_limit: a turn without a stop token, or the cache full
 
 # ----------------------------------------------------------------------------- the compiled agent
 
@@ -94,7 +95,12 @@ def load_agent(path: str, device="cpu", workflow: str | None = None) -> Agent:
         raise ValueError(f"the agent knows workflows {[w['name'] for w in flows]}, not {workflow!r}")
     model = checkpoint.load(path, device=device).eval()
     tools = [t["function"]["name"] for t in pick["tools"]]
-    return Agent(model, tok, workflow_of(pick), tools, meta, path)
+    wf = workflow_of(pick)
+    live = [t.schema() for t in wf.make_env(wf.sample_task("test", 0, 0)).tools()]
+    if json.dumps(live, sort_keys=True) != json.dumps(pick["tools"], sort_keys=True):
+        print(f"WARNING: the tools of workflow {pick['name']!r} changed since this agent was trained; it runs "
+              "with today's code and schemas", file=sys.stderr)
+    return Agent(model, tok, wf, tools, meta, path)
 
 
 def workflow_of(entry: dict) -> Workflow:
@@ -139,7 +145,9 @@ class Engine:
         # reasoning, then <|call|> JSON <|/call|> or <|answer|> text <|end|>. Training data always
         # does, so the constraint removes no mass a well-trained model would give a valid token.
         sid = tok.special_ids
-        never = [sid[t] for t in SPECIAL_TOKENS if t not in MODEL_TOKENS]
+        own = {sid[t] for t in (CALL, CALL_END, ANSWER, END)}
+        never = [i for i in tok.unsampled_ids() if i not in own]  # other specials, <unk>, PRESPLIT
+        never += list(range(tok.vocab_size, model.cfg.vocab_size))  # embedding rows with no piece
         ban = lambda *names: torch.tensor(never + [sid[t] for t in names], device=p.device)  # noqa: E731
         self.banned = {None: ban(CALL_END, END), sid[CALL]: ban(CALL, ANSWER, END),
                        sid[ANSWER]: ban(CALL, ANSWER, CALL_END)}
@@ -147,6 +155,7 @@ class Engine:
         self.stop = {sid[CALL_END], sid[END]}
         self.ids: list[int] = []    # the sequence the cache holds
         self.pending: list[int] = []  # a sampled stop token, fed with whatever follows it
+        self.full = False           # decode() stopped because the cache is full
         self.record = record
         self.logits: list[torch.Tensor] = []
         # prefill: injected tokens run in chunks (a sampled stop token rides with the next chunk);
@@ -173,6 +182,8 @@ class Engine:
         """Append injected tokens (the prompt, an observation); returns the next-token logits."""
         t0 = time.perf_counter()
         ids, self.pending = self.pending + list(ids), []
+        if len(self.ids) + len(ids) > self.max_len:  # before any chunk runs: all or nothing
+            raise CacheFull(f"{len(self.ids)} tokens + {len(ids)} new exceed the cache of {self.max_len}")
         self.stats["reencode_tokens"] += len(self.ids) + len(ids)  # what re-encoding would have run
         if self.mode == "reprefill" and not first:
             self.cache.reset()
@@ -219,8 +230,12 @@ class Engine:
                     on_token(out)
                 if nxt in self.stop:
                     break
+                try:
+                    logits = self._forward([nxt])
+                except CacheFull:
+                    self.full = True
+                    break
                 self.ids.append(nxt)
-                logits = self._forward([nxt])
         finally:
             self.stats["decode_tokens"] += len(out)
             self.stats["decode_s"] += time.perf_counter() - t0
@@ -259,36 +274,58 @@ class EpisodeResult:
     messages: list[dict]         # the OpenAI-format transcript (data/format.py renders it back)
     ids: list[int]               # the episode's token stream
     stats: dict
+    canonical: bool = True       # render(messages) == ids
 
 
 class ToolThread:
-    """The episode's environment lives on one worker thread (SQLite connections, for one, belong
-    to the thread that made them): it is built, called, checked and closed there, and a call that
-    runs past its timeout is abandoned with the thread."""
+    """The episode's environment lives on one daemon thread (SQLite connections, for one, belong
+    to the thread that made them): it is built, called, checked and closed there. A call that runs
+    past its timeout is interrupted if the environment can (Environment.interrupt) and abandoned
+    otherwise; a daemon thread never keeps the process alive."""
 
     def __init__(self, workflow: Workflow, task):
-        self.pool = concurrent.futures.ThreadPoolExecutor(1)
-        self.env = self.pool.submit(workflow.make_env, task).result()
+        self.jobs: queue.Queue = queue.Queue()
+        threading.Thread(target=self._serve, daemon=True, name="agentc-tools").start()
         self.stuck = False
+        self.env = self.run(workflow.make_env, task)
+
+    def _serve(self):
+        while True:
+            fn, args, box, done = self.jobs.get()
+            if fn is None:
+                return
+            try:
+                box.append((True, fn(*args)))
+            except BaseException as e:  # handed to the caller
+                box.append((False, e))
+            done.set()
+
+    def run(self, fn, *args, timeout: float | None = None):
+        box, done = [], threading.Event()
+        self.jobs.put((fn, args, box, done))
+        if not done.wait(timeout):
+            self.stuck = True
+            raise TimeoutError
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
 
     def call(self, name: str, arguments: dict, allowed: list[str], timeout: float) -> tuple[Observation, str]:
         if name not in allowed:
             return Observation(f"Error: unknown tool '{name}'. Available tools: {', '.join(allowed)}.",
                                "unknown_tool"), "unknown_tool"
         try:
-            obs = self.pool.submit(self.env.call, name, arguments).result(timeout=timeout)
-        except concurrent.futures.TimeoutError:
-            self.stuck = True
+            obs = self.run(self.env.call, name, arguments, timeout=timeout)
+        except TimeoutError:
+            self.env.interrupt()
             return Observation(f"Error: {name} did not finish within {timeout:g} s", "tool_error"), "timeout"
         return obs, obs.kind
 
-    def run(self, fn, *a):
-        return self.pool.submit(fn, *a).result()
-
     def close(self):
         if not self.stuck:
-            self.pool.submit(self.env.close).result()
-        self.pool.shutdown(wait=False)
+            self.run(self.env.close)
+        self.jobs.put((None, None, None, None))
 
 
 def run_episode(agent: Agent, task, engine: Engine, max_steps: int = 16, max_new_tokens: int = 512,
@@ -299,40 +336,37 @@ def run_episode(agent: Agent, task, engine: Engine, max_steps: int = 16, max_new
     tools = ToolThread(wf, task)
     env = tools.env
     emit = on_event or (lambda *a: None)
-    system = wf.system_prompt(env)
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": task.prompt}]
-    t = Transcript(tok)
-    t.begin(system)
-    t.user(task.prompt)
     steps: list[Step] = []
-    failure, ended, answer, reason = None, "step_limit", None, f"no answer within {max_steps} steps"
+    failure, ended, answer, reason, success = None, "step_limit", None, f"no answer within {max_steps} steps", False
+    t, messages = Transcript(tok), []
     try:
+        system = tools.run(wf.system_prompt, env)
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": task.prompt}]
+        t.begin(system)
+        t.user(task.prompt)
         t0 = time.perf_counter()
         logits = engine.feed(t.ids, first=True)
         for n in range(max_steps):
-            try:
-                out = engine.decode(logits, max_new_tokens, policy, lambda ids: emit("token", ids))
-            except CacheFull as e:
-                ended, reason = "token_limit", str(e)
-                break
-            t._add(out, SRC_MODEL, 1.0)
+            out = engine.decode(logits, max_new_tokens, policy, lambda ids: emit("token", ids))
+            t.sampled(out)
             step = Step("invalid", tokens=out, latency_s=time.perf_counter() - t0)
             steps.append(step)
+            if not out or out[-1] not in engine.stop:  # the turn ran out of tokens or of cache
+                ended = "token_limit"
+                reason = "the cache is full" if engine.full else f"no stop token within {max_new_tokens} tokens"
+                break
             try:
                 parsed = parse_model_output(out, tok)
             except FormatError as e:
-                if not out or out[-1] not in engine.stop:
-                    ended, reason = "token_limit", f"no stop token within {max_new_tokens} tokens"
-                    failure = failure or "invalid_format"
-                    break
                 if out[-1] != tok.special_ids[CALL_END]:  # a broken answer ends the episode
                     ended, reason, failure = "invalid_format", str(e), failure or "invalid_format"
                     break
-                # a broken call: the model reads why, as it did in training
+                # a broken call: the model reads why, as it did in training. The transcript keeps
+                # the raw text (no OpenAI message can hold it); the trace's ids are exact.
                 step.observation, step.observation_kind = f"Error: {e}", "invalid_format"
                 failure = failure or "invalid_format"
-                messages.append({"role": "assistant", "content": tok.decode(out), "weight": 0,
-                                 "invalid": True})
+                messages.append({"role": "assistant", "invalid_call": tok.decode(out)})
+                messages.append({"role": "tool", "content": None})
             else:
                 step.reasoning = parsed.reasoning
                 if parsed.answer is not None:
@@ -345,15 +379,6 @@ def run_episode(agent: Agent, task, engine: Engine, max_steps: int = 16, max_new
                     break
                 step.kind, step.tool, step.arguments = "call", parsed.call["name"], parsed.call["arguments"]
                 emit("call", step)
-                t1 = time.perf_counter()
-                obs, kind = tools.call(step.tool, step.arguments, agent.tools, tool_timeout)
-                step.tool_s = time.perf_counter() - t1
-                step.observation, step.observation_kind = obs.text, kind
-                if kind in ("unknown_tool", "bad_arguments"):
-                    failure = failure or kind
-                if tools.stuck:  # the environment is in an unknown state: the episode cannot go on
-                    ended, reason, failure = "tool_timeout", obs.text, failure or "tool_timeout"
-                    break
                 call_id = f"call_{n}"
                 msg = {"role": "assistant"}
                 if parsed.reasoning:
@@ -361,12 +386,19 @@ def run_episode(agent: Agent, task, engine: Engine, max_steps: int = 16, max_new
                 messages.append({**msg, "content": None, "tool_calls": [{
                     "id": call_id, "type": "function",
                     "function": {"name": step.tool, "arguments": json.dumps(step.arguments, ensure_ascii=False)}}]})
-                messages.append({"role": "tool", "tool_call_id": call_id, "name": step.tool,
-                                 "content": None})  # filled below, after the token cut
+                messages.append({"role": "tool", "tool_call_id": call_id, "name": step.tool, "content": None})
+                t1 = time.perf_counter()
+                obs, kind = tools.call(step.tool, step.arguments, agent.tools, tool_timeout)
+                step.tool_s = time.perf_counter() - t1
+                step.observation, step.observation_kind = obs.text, kind
+                if kind in ("unknown_tool", "bad_arguments"):
+                    failure = failure or kind
             step.observation = cut_tokens(step.observation, tok, observation_tokens)
-            if messages[-1].get("role") == "tool":
-                messages[-1]["content"] = step.observation
+            messages[-1]["content"] = step.observation
             emit("observation", step)
+            if tools.stuck:  # the environment is in an unknown state: the episode cannot go on
+                ended, reason, failure = "tool_timeout", step.observation, failure or "tool_timeout"
+                break
             t0 = time.perf_counter()
             before = len(t.ids)
             t.result(step.observation)
@@ -376,20 +408,30 @@ def run_episode(agent: Agent, task, engine: Engine, max_steps: int = 16, max_new
                 ended, reason = "token_limit", str(e)
                 break
         if ended == "answer":
-            verdict = tools.run(wf.check, task, env, answer)
-            reason = verdict.reason
-            if not verdict.ok:
+            verdict = tools.run(wf.check, task, env, answer, timeout=tool_timeout)
+            reason, success = verdict.reason, verdict.ok
+            if not success:
                 failure = failure or "wrong_answer"
-            success = verdict.ok
         else:
-            success = False
             failure = failure or ended
+    except TimeoutError:
+        ended = reason = failure = "tool_timeout"
     finally:
         tools.close()
     if success:
         failure = None
     return EpisodeResult(task.id, task.prompt, success, failure, ended, answer, reason, steps, messages,
-                         list(t.ids), dict(engine.stats))
+                         list(t.ids), dict(engine.stats), canonical(messages, t.ids, tok))
+
+
+def canonical(messages: list[dict], ids: list[int], tok) -> bool:
+    """Whether rendering the transcript gives back the episode's exact tokens. Teacher-forced
+    episodes always do (tests/test_infer.py); a model may write a call's JSON with other spacing
+    or split a word into unusual pieces, which its messages then no longer show."""
+    try:
+        return render({"messages": messages}, tok).ids.tolist() == list(ids)
+    except FormatError:
+        return False
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -408,15 +450,17 @@ def percentile(xs: list[float], q: float) -> float:
 
 
 def evaluate(agent: Agent, episodes: int = 200, split: str = "test", seed: int = 1, mode: str = "incremental",
-             max_len: int = 4096, traces: str | None = None, progress: bool = True, **episode_kw) -> dict:
+             max_len: int = 4096, traces: str | None = None, progress: bool = True, temperature: float = 0.0,
+             top_p: float = 1.0, **episode_kw) -> dict:
     """Run `episodes` fresh tasks; return the summary (and write one trace per episode)."""
     from tqdm import tqdm
     tasks = eval_tasks(agent.workflow, split, episodes, seed)
     results = []
     trace_file = open(traces, "w") if traces else None
     try:
-        for task in tqdm(tasks, desc=f"eval {split}", unit="ep", disable=not progress):
-            engine = Engine(agent.model, agent.tok, max_len=max_len, mode=mode)
+        for i, task in enumerate(tqdm(tasks, desc=f"eval {split}", unit="ep", disable=not progress)):
+            engine = Engine(agent.model, agent.tok, max_len=max_len, mode=mode, temperature=temperature,
+                            top_p=top_p, seed=seed * 1_000_003 + i)
             r = run_episode(agent, task, engine, **episode_kw)
             results.append(r)
             if trace_file:
@@ -451,6 +495,7 @@ def summarize(results: list[EpisodeResult], mode: str, split: str, seed: int) ->
         "decode_tokens": tot.get("decode_tokens", 0),
         "decode_tokens_per_s": tot.get("decode_tokens", 0) / max(1e-9, tot.get("decode_s", 0.0)),
         "mean_tokens_per_episode": sum(len(r.ids) for r in results) / max(1, n),
+        "non_canonical_episodes": sum(not r.canonical for r in results),
     }
 
 
@@ -478,7 +523,7 @@ def stream_episode(agent: Agent, prompt: str, seed: int, split: str, engine: Eng
     shown = [0]
 
     def on_event(kind, payload):
-        if kind == "token":  # print the text as it grows (specials included, to show the layout)
+        if kind == "token":  # print the text as it grows
             text = agent.tok.decode(payload)
             sys.stdout.write(text[shown[0]:])
             sys.stdout.flush()
@@ -533,7 +578,8 @@ def main(argv=None):
         return r
     base = os.path.join(agent.path, f"eval_{args.split}_{args.mode}")
     summary = evaluate(agent, args.episodes, args.split, args.seed, args.mode, args.max_len,
-                       traces=args.traces or base.replace("eval_", "traces_") + ".jsonl", **kw)
+                       traces=args.traces or base.replace("eval_", "traces_") + ".jsonl",
+                       temperature=args.temperature, top_p=args.top_p, **kw)
     summary.update(agent=agent.path, device=args.device, torch=torch.__version__, threads=torch.get_num_threads())
     print_summary(summary)
     out = args.out or base + ".json"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import datetime
 import json
 import math
 import os
@@ -169,8 +170,8 @@ if device == "cuda":
     if args.dtype != "float32":  # TF32 for whatever autocast leaves in float32; --dtype=float32 means it
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-if ddp:
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+if ddp:  # a long timeout: the other ranks wait while rank 0 runs the agent evaluation
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=datetime.timedelta(hours=1))
 device_type = "cuda" if device.startswith("cuda") else "cpu"
 use_bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device_type == "cuda")
 autocast = torch.autocast(device_type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
@@ -224,6 +225,19 @@ _summary = args.data if args.data.endswith(".json") else args.data + ".json"
 if os.path.exists(_summary):
     with open(_summary) as f:
         data_meta = json.load(f)
+# the tokenizer the shards were made with: copied into every checkpoint (the compiled agent) and
+# used by the agent evaluation. Its path is as data.pack was given it, so also try it next to the
+# summary; the fingerprint must match.
+data_tokenizer = None
+_tok = data_meta.get("tokenizer") or {}
+for _p in filter(None, [_tok.get("path"), _tok.get("path") and os.path.join(os.path.dirname(_summary),
+                                                                           os.path.basename(_tok["path"]))]):
+    if os.path.isfile(_p) and Tokenizer(_p).fingerprint == _tok.get("fingerprint"):
+        data_tokenizer = _p
+        break
+if data_meta and data_tokenizer is None:
+    log(f"WARNING: the tokenizer of {args.data} ({_tok.get('path')}) is not found or has changed: checkpoints "
+        "will lack tokenizer.model (not runnable by infer.py) and there is no agent evaluation")
 
 # ----------------------------------------------------------------------------- model
 
@@ -316,8 +330,8 @@ def save_checkpoint(step: int, extra: dict) -> None:
                 shutil.rmtree(os.path.join(args.out, d), ignore_errors=True)
         os.makedirs(tmp)
         checkpoint.save(raw_model, tmp)
-        if data_meta.get("tokenizer", {}).get("path") and os.path.exists(data_meta["tokenizer"]["path"]):
-            shutil.copy(data_meta["tokenizer"]["path"], os.path.join(tmp, "tokenizer.model"))
+        if data_tokenizer:
+            shutil.copy(data_tokenizer, os.path.join(tmp, "tokenizer.model"))
         # the compiled agent: with agent.json this directory is all `python infer.py --agent` needs
         summary = {"step": step, "max_steps": max_steps, "tokens_seen": tokens_seen, "data": args.data,
                    "parameters": raw_model.num_params(), **{k: v for k, v in last_metrics.items()}}
@@ -459,12 +473,13 @@ def evaluate() -> float:
 eval_agent = None
 if args.eval_episodes and master:
     flows = data_meta.get("workflows") or []
-    tok_path = (data_meta.get("tokenizer") or {}).get("path")
-    if not flows or not tok_path or not os.path.exists(tok_path):
-        log("note: no agent evaluation (--eval-episodes): the data's summary names no workflow or tokenizer")
-    else:
-        eval_agent = infer.Agent(raw_model, Tokenizer(tok_path), infer.workflow_of(flows[0]),
+    try:
+        if not flows or not data_tokenizer:
+            raise ValueError("the data's summary names no workflow, or its tokenizer is missing")
+        eval_agent = infer.Agent(raw_model, Tokenizer(data_tokenizer), infer.workflow_of(flows[0]),
                                  [t["function"]["name"] for t in flows[0]["tools"]], {})
+    except (ValueError, ImportError) as e:
+        log(f"note: no agent evaluation (--eval-episodes): {e}")
 
 
 @torch.no_grad()

@@ -139,6 +139,10 @@ class Transcript:
         self.text(text, SRC_MODEL, weight)
         self.special(END, SRC_MODEL, weight)
 
+    def sampled(self, ids: Sequence[int]) -> None:
+        """Tokens the model produced at run time, as they are (the runtime's side of call/answer)."""
+        self._add(ids, SRC_MODEL, 1.0)
+
     def rendered(self) -> Rendered:
         return Rendered(np.asarray(self.ids, np.int32), np.asarray(self.sources, np.uint8),
                         np.asarray(self.weights, np.float32))

@@ -351,11 +351,12 @@ def main(argv: list[str] | None = None) -> dict:
                      "records": [names[i] for i in overlong]},
         "untrained": {"count": len(untrained), "records": [names[i] for i in untrained]},
         "malformed": {"count": len(bad), "errors": bad},
-        "tokenizer": {"path": args.tokenizer, "fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size},
+        "tokenizer": {"path": os.path.abspath(args.tokenizer), "fingerprint": tok.fingerprint,
+                      "vocab_size": tok.vocab_size},
         "inputs": inputs, "seed": args.seed, "seconds": round(time.time() - t0, 2),
         # the workflows the trajectories came from and their tools, for the compiled agent
         "workflows": [{**json.loads(a.split("\t")[0]), "tools": json.loads(a.split("\t", 1)[1]), "documents": n}
-                      for a, n in agents.most_common()],
+                      for a, n in agents.most_common() if json.loads(a.split("\t")[0])["name"]],
     }
     tmp = args.out + ".json.tmp"
     with open(tmp, "w") as f:

@@ -102,6 +102,10 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
 
+    def unsampled_ids(self) -> list[int]:
+        """Ids that are not text: control pieces (our special tokens, PRESPLIT) and <unk>."""
+        return [i for i in range(self.vocab_size) if self.sp.is_control(i) or self.sp.is_unknown(i)]
+
     def piece(self, i: int) -> str:
         return self.sp.id_to_piece(int(i))
 

@@ -37,6 +37,10 @@ class FakeTok:
     def __init__(self, vocab: int):
         from data.format import SPECIAL_TOKENS
         self.special_ids = {t: vocab - 1 - i for i, t in enumerate(SPECIAL_TOKENS)}
+        self.vocab_size = vocab
+
+    def unsampled_ids(self):
+        return list(self.special_ids.values())
 
 
 def sync(device):
@@ -67,9 +71,10 @@ def decode_speed(model, tok, prompt, n, device, repeats):
 
     def ours(k):
         e = Engine(model, tok, max_len=prompt + k + 8)
+        greedy = lambda logits: (lambda t: 7 if t in e.stop else t)(e.sample(logits))  # noqa: E731
         sync(device)
         t0 = time.perf_counter()
-        e.decode(e.feed(ids, first=True), k, policy=lambda _: 7)
+        e.decode(e.feed(ids, first=True), k, policy=greedy)  # the real sampler: ban, argmax
         sync(device)
         return time.perf_counter() - t0
 

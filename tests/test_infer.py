@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ import infer
 from data import pack
 from data.format import ANSWER, CALL, CALL_END, END, SRC_MODEL, render
 from model.transformer import ModelConfig, Transformer
-from workflows.base import load_workflow, run_teacher, task_seed
+from workflows.base import Environment, Task, Verdict, Workflow, load_workflow, run_teacher, task_seed, tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,6 +85,8 @@ def test_bad_calls_become_observations(agent):
     assert kinds == ["invalid_format", "unknown_tool", "bad_arguments", None]
     assert "not valid JSON" in r.steps[0].observation and "unknown tool" in r.steps[1].observation
     assert r.ended == "answer" and not r.success and r.failure == "invalid_format"  # the first thing that went wrong
+    assert r.messages[2] == {"role": "assistant", "invalid_call": "not json"} and not r.canonical
+    assert [m.get("content", "")[:6] for m in r.messages[3:8:2]] == ["Error:"] * 3  # each error is in the transcript
 
 
 def test_random_model_fails_cleanly_and_summarises(agent, tmp_path):
@@ -91,9 +94,10 @@ def test_random_model_fails_cleanly_and_summarises(agent, tmp_path):
     traces = tmp_path / "t.jsonl"
     s = infer.evaluate(agent, episodes=4, max_new_tokens=24, max_steps=3, traces=str(traces), progress=False)
     assert s["episodes"] == 4 and s["success_rate"] == 0
-    assert sum(s["failures"].values()) == 4 and set(s["failures"]) == set(infer.FAILURE_KINDS)
     lines = [json.loads(x) for x in open(traces)]
     assert len(lines) == 4 and all(x["steps"] and x["steps"][0]["tokens"] for x in lines)
+    assert all(x["failure"] in infer.FAILURE_KINDS for x in lines)
+    assert s["failures"] == {k: sum(x["failure"] == k for x in lines) for k in infer.FAILURE_KINDS}
     assert s["decode_tokens"] > 0 and s["decode_tokens_per_s"] > 0
 
 
@@ -117,6 +121,11 @@ def test_sampling_and_limits(agent):
     task, _ = teacher_episode(agent.workflow, 4)
     r = infer.run_episode(agent, task, e, max_new_tokens=1000, max_steps=2, policy=lambda logits: 100)
     assert r.ended == "token_limit" and r.failure == "token_limit" and e.cache.pos == 400
+    assert r.reason == "the cache is full" and len(r.ids) == 400 + 1  # the partial turn is kept
+    # a turn that never stops within its budget: also a token limit
+    r = infer.run_episode(agent, task, infer.Engine(agent.model, agent.tok), max_new_tokens=20,
+                          policy=lambda logits: 100)
+    assert r.failure == "token_limit" and len(r.steps) == 1 and len(r.steps[0].tokens) == 20
 
 
 def test_cut_tokens(agent):
@@ -161,3 +170,41 @@ def test_packed_documents_use_fresh_caches(agent):
     b.feed([9, 9, 9, 9], first=True)
     lb = infer.Engine(agent.model, agent.tok, max_len=64).feed([5, 6, 7], first=True)
     assert np.allclose(la.numpy(), lb.numpy()) and a.cache.pos == 3 and b.cache.pos == 4
+
+
+class SlowEnv(Environment):
+    @tool
+    def wait(self, seconds: float) -> str:
+        """Sleep, then say so.
+
+        Args:
+            seconds: How long to sleep.
+        """
+        time.sleep(seconds)
+        return "done"
+
+
+class SlowWorkflow(Workflow):
+    name, instructions = "slow", "Wait when asked."
+
+    def sample_task(self, split, index, seed):
+        return Task("slow", split, index, seed, "wait", "Wait a bit.", {})
+
+    def make_env(self, task):
+        return SlowEnv()
+
+    def check(self, task, env, answer):
+        return Verdict(True)
+
+
+def test_a_tool_past_its_timeout_ends_the_episode(agent):
+    slow = infer.Agent(agent.model, agent.tok, SlowWorkflow(), ["wait"], {})
+    sid, tok = agent.tok.special_ids, agent.tok
+    call = lambda s: [sid[CALL]] + tok.encode('{"name": "wait", "arguments": {"seconds": %s}}' % s) + [sid[CALL_END]]  # noqa: E731
+    task = SlowWorkflow().sample_task("test", 0, 0)
+    r = infer.run_episode(slow, task, infer.Engine(agent.model, tok), tool_timeout=5,
+                          policy=forced(call(0.01) + [sid[ANSWER]] + tok.encode("ok") + [sid[END]]))
+    assert r.success and r.steps[0].observation == "done"
+    r = infer.run_episode(slow, task, infer.Engine(agent.model, tok), tool_timeout=0.2, policy=forced(call(3)))
+    assert r.failure == r.ended == "tool_timeout" and "did not finish within 0.2 s" in r.steps[0].observation
+    assert r.messages[-1]["content"] == r.steps[0].observation

@@ -129,3 +129,21 @@ def test_config_errors_and_accounting():
         m = Transformer(cfg)
     # 6 FLOPs per matmul weight per token (+ attention): the non-embedding count plus the LM head
     assert flops_per_token(cfg, 0) == 6 * (m.num_params(False) - 2 * cfg.n_layers * cfg.dim - cfg.dim + 8192 * 768)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_kv_cache_chunks_equal_one_forward(window):
+    """Feeding a sequence in uneven chunks through the KV cache gives the full forward's logits."""
+    from model.kv_cache import CacheFull, KVCache
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny", vocab_size=50, sliding_window=window)
+    model = Transformer(cfg).eval()
+    x = torch.randint(0, 50, (1, 40))
+    cache = KVCache(cfg, 40)
+    with torch.no_grad():
+        full = model(x)
+        parts = [model.head(model.hidden(x[:, s:e], cache=cache))
+                 for s, e in [(0, 7), (7, 8), (8, 9), (9, 30), (30, 31), (31, 40)]]
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
+    with pytest.raises(CacheFull):
+        model.hidden(x[:, :1], cache=cache)

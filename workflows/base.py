@@ -217,6 +217,10 @@ class Environment:
     def close(self) -> None:
         """Release what the episode held (connections, temporary files). Called once it is scored."""
 
+    def interrupt(self) -> None:
+        """Called from another thread when a tool call runs past the runtime's timeout: stop it if
+        you can (the episode ends either way)."""
+
     def call(self, name: str, arguments: Any) -> Observation:
         """Validate and run one tool call. Never raises: every failure becomes an observation the
         agent can read ("crash" marks a bug in the tool itself, which generation rejects)."""

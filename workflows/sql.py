@@ -137,6 +137,9 @@ class SqlEnv(Environment):
     def close(self) -> None:
         self.conn.close()
 
+    def interrupt(self) -> None:
+        self.conn.interrupt()  # sqlite3 allows this one call from any thread
+
     def state_hash(self) -> str:
         return state_hash({t: self.conn.execute(f"SELECT * FROM {t}").fetchall() for t in self._table_names()})
 
