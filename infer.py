@@ -96,7 +96,11 @@ def load_agent(path: str, device="cpu", workflow: str | None = None) -> Agent:
     model = checkpoint.load(path, device=device).eval()
     tools = [t["function"]["name"] for t in pick["tools"]]
     wf = workflow_of(pick)
-    live = [t.schema() for t in wf.make_env(wf.sample_task("test", 0, 0)).tools()]
+    env = wf.make_env(wf.sample_task("test", 0, 0))
+    try:
+        live = [t.schema() for t in env.tools()]
+    finally:
+        env.close()
     if json.dumps(live, sort_keys=True) != json.dumps(pick["tools"], sort_keys=True):
         print(f"WARNING: the tools of workflow {pick['name']!r} changed since this agent was trained; it runs "
               "with today's code and schemas", file=sys.stderr)

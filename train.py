@@ -38,7 +38,7 @@ import infer
 from data.loader import Loader
 from data.tokenizer import Tokenizer
 from model import checkpoint
-from model.transformer import PRESETS, ModelConfig, Transformer, flops_per_token
+from model.transformer import PRESETS, ModelConfig, Transformer, flops_per_token, peak_flops
 
 # ----------------------------------------------------------------------------- flags
 
@@ -230,11 +230,11 @@ if os.path.exists(_summary):
 # summary; the fingerprint must match.
 data_tokenizer = None
 _tok = data_meta.get("tokenizer") or {}
-for _p in filter(None, [_tok.get("path"), _tok.get("path") and os.path.join(os.path.dirname(_summary),
-                                                                           os.path.basename(_tok["path"]))]):
-    if os.path.isfile(_p) and Tokenizer(_p).fingerprint == _tok.get("fingerprint"):
-        data_tokenizer = _p
-        break
+if _tok.get("path"):
+    for _p in (_tok["path"], os.path.join(os.path.dirname(_summary), os.path.basename(_tok["path"]))):
+        if os.path.isfile(_p) and Tokenizer(_p).fingerprint == _tok.get("fingerprint"):
+            data_tokenizer = _p
+            break
 if data_meta and data_tokenizer is None:
     log(f"WARNING: the tokenizer of {args.data} ({_tok.get('path')}) is not found or has changed: checkpoints "
         "will lack tokenizer.model (not runnable by infer.py) and there is no agent evaluation")
@@ -435,11 +435,7 @@ def record(entry: dict) -> None:
         run.log({k: v for k, v in entry.items() if k != "step"}, step=entry["step"])
 
 
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
-peak = None
-if device_type == "cuda":
-    name = torch.cuda.get_device_name()
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+peak = peak_flops(torch.cuda.get_device_name()) if device_type == "cuda" else None
 flops_token = flops_per_token(cfg, seq_len)
 
 log(f"model: {raw_model.num_params() / 1e6:.2f}M parameters ({raw_model.num_params(False) / 1e6:.2f}M without "

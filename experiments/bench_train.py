@@ -20,9 +20,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model.transformer import ATTENTION, LOSS, PRESETS, ModelConfig, Transformer, flops_per_token  # noqa: E402
-
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+from model.transformer import (ATTENTION, LOSS, PRESETS, ModelConfig, Transformer, flops_per_token,  # noqa: E402
+                               peak_flops)
 
 
 def packed_batch(B, T, vocab, doc_len, gen, device):
@@ -86,7 +85,7 @@ def main():
     median = times[len(times) // 2]
     tokens = args.batch_size * args.seq_len
     dev_name = torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine())
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in dev_name), None) if cuda else None
+    peak = peak_flops(dev_name) if cuda else None
     result = {
         "what": "one training step (fwd+bwd+AdamW) on packed rows", "model": args.model,
         "params": model.num_params(), "params_no_embeddings": model.num_params(False),

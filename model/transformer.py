@@ -162,6 +162,7 @@ class Documents:
     window: int | None            # sliding window (keys a query may see), None for all
     q_offset: int = 0             # with a KV cache: position of the first query among the keys
     _mask: torch.Tensor | None = field(default=None, repr=False)
+    _spans: list | None = field(default=None, repr=False)
 
     @classmethod
     def for_cache(cls, start: int, B: int, T: int, window: int | None, device) -> "Documents":
@@ -189,7 +190,7 @@ class Documents:
 
     def spans(self) -> list[tuple[int, int, int]]:
         """(row, start, end) of every document, as Python ints (computed once per forward)."""
-        if not hasattr(self, "_spans"):
+        if self._spans is None:
             T = self.positions.shape[1]
             off = self.offsets.tolist()
             self._spans = [(s // T, s % T, s % T + (e - s)) for s, e in zip(off[:-1], off[1:])]
@@ -410,3 +411,12 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     per_layer = d * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + 3 * d * cfg.ffn_dim
     matmul_weights = cfg.n_layers * per_layer + cfg.vocab_size * d
     return 6 * matmul_weights + 6 * cfg.n_layers * cfg.n_heads * hd * seq_len
+
+
+# dense bf16 tensor-core peaks from the vendors' data sheets (SXM parts), for MFU
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def peak_flops(device_name: str) -> float | None:
+    """The bf16 peak of a GPU by its name (torch.cuda.get_device_name()), None if not listed."""
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), None)

@@ -162,7 +162,7 @@ def test_compiled_agent_runs_from_the_command_line(sql_corpus, tmp_path):
     assert p.returncode != 0 and "agent.json is missing" in p.stderr and "Traceback" not in p.stderr
 
 
-def test_packed_documents_use_fresh_caches(agent):
+def test_engines_do_not_share_a_cache(agent):
     """Two engines on the same model do not share state (a cache belongs to one episode)."""
     a = infer.Engine(agent.model, agent.tok, max_len=64)
     b = infer.Engine(agent.model, agent.tok, max_len=64)
