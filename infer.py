@@ -61,7 +61,8 @@ class Agent:
 def agent_json(data_summary: dict, training: dict) -> dict:
     """What agent.json holds; train.py writes it next to each checkpoint's weights."""
     return {"layout_version": LAYOUT_VERSION, "workflows": data_summary.get("workflows", []),
-            "tokenizer": data_summary.get("tokenizer"), "training": training}
+            "tokenizer": data_summary.get("tokenizer"), "system": data_summary.get("system", "keep"),
+            "training": training}
 
 
 def resolve_agent_dir(path: str) -> str:
@@ -344,8 +345,10 @@ def run_episode(agent: Agent, task, engine: Engine, max_steps: int = 16, max_new
     failure, ended, answer, reason, success = None, "step_limit", None, f"no answer within {max_steps} steps", False
     t, messages = Transcript(tok), []
     try:
-        system = tools.run(wf.system_prompt, env)
-        messages = [{"role": "system", "content": system}, {"role": "user", "content": task.prompt}]
+        # An agent packed with --system drop has its instructions in the weights: no system turn.
+        system = None if agent.meta.get("system") == "drop" else tools.run(wf.system_prompt, env)
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + \
+            [{"role": "user", "content": task.prompt}]
         t.begin(system)
         t.user(task.prompt)
         t0 = time.perf_counter()
@@ -455,25 +458,66 @@ def percentile(xs: list[float], q: float) -> float:
 
 def evaluate(agent: Agent, episodes: int = 200, split: str = "test", seed: int = 1, mode: str = "incremental",
              max_len: int = 4096, traces: str | None = None, progress: bool = True, temperature: float = 0.0,
-             top_p: float = 1.0, **episode_kw) -> dict:
-    """Run `episodes` fresh tasks; return the summary (and write one trace per episode)."""
+             top_p: float = 1.0, workers: int = 1, **episode_kw) -> dict:
+    """Run `episodes` fresh tasks; return the summary (and write one trace per episode, in task
+    order). workers > 1 runs episodes in that many processes (CPU: torch's threads are shared out
+    between them); every episode is the same as with one worker, its seed included."""
     from tqdm import tqdm
     tasks = eval_tasks(agent.workflow, split, episodes, seed)
+    engine_kw = dict(max_len=max_len, mode=mode, temperature=temperature, top_p=top_p)
     results = []
     trace_file = open(traces, "w") if traces else None
+    bar = tqdm(total=len(tasks), desc=f"eval {split}", unit="ep", disable=not progress)
     try:
-        for i, task in enumerate(tqdm(tasks, desc=f"eval {split}", unit="ep", disable=not progress)):
-            engine = Engine(agent.model, agent.tok, max_len=max_len, mode=mode, temperature=temperature,
-                            top_p=top_p, seed=seed * 1_000_003 + i)
-            r = run_episode(agent, task, engine, **episode_kw)
+        if workers <= 1:
+            stream = (_episode(agent, task, i, seed, engine_kw, episode_kw) for i, task in enumerate(tasks))
+            pool = None
+        else:
+            import multiprocessing as mp
+            if not agent.path:
+                raise ValueError("workers > 1 needs an agent loaded from a directory (each worker loads it)")
+            device = str(next(agent.model.parameters()).device)
+            threads = max(1, torch.get_num_threads() // workers) if device == "cpu" else 0
+            pool = mp.get_context("spawn").Pool(workers, initializer=_init_eval_worker,
+                                                initargs=(agent.path, device, agent.workflow.name, threads))
+            jobs = [(task, i, seed, engine_kw, episode_kw) for i, task in enumerate(tasks)]
+            stream = pool.imap(_eval_worker_episode, jobs)  # in order, so traces keep task order
+        for r in stream:
             results.append(r)
+            bar.update()
             if trace_file:
                 trace_file.write(json.dumps(asdict(r), ensure_ascii=False) + "\n")
                 trace_file.flush()
+        if pool:
+            pool.close()
+            pool.join()
     finally:
+        bar.close()
         if trace_file:
             trace_file.close()
-    return summarize(results, mode, split, seed)
+    summary = summarize(results, mode, split, seed)
+    summary["workers"] = max(1, workers)
+    return summary
+
+
+def _episode(agent: Agent, task, i: int, seed: int, engine_kw: dict, episode_kw: dict) -> EpisodeResult:
+    engine = Engine(agent.model, agent.tok, seed=seed * 1_000_003 + i, **engine_kw)
+    return run_episode(agent, task, engine, **episode_kw)
+
+
+_WORKER_AGENT: Agent | None = None
+
+
+def _init_eval_worker(path: str, device: str, workflow: str | None, threads: int) -> None:
+    global _WORKER_AGENT
+    if threads:
+        torch.set_num_threads(threads)
+    _WORKER_AGENT = load_agent(path, device, workflow)
+
+
+def _eval_worker_episode(job) -> EpisodeResult:
+    task, i, seed, engine_kw, episode_kw = job
+    return _episode(_WORKER_AGENT, task, i, seed, engine_kw, episode_kw)
 
 
 def summarize(results: list[EpisodeResult], mode: str, split: str, seed: int) -> dict:
@@ -561,6 +605,8 @@ def main(argv=None):
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: its default)")
+    ap.add_argument("--workers", type=int, default=1, help="episodes run in parallel processes (--eval); on a "
+                    "CPU they share the threads, which suits small models whose decoding is Python-bound")
     ap.add_argument("--out", default=None, help="summary JSON (default AGENT/eval_SPLIT_MODE.json)")
     ap.add_argument("--traces", default=None, help="one JSON line per episode (default AGENT/traces_SPLIT_MODE.jsonl)")
     args = ap.parse_args(argv)
@@ -583,7 +629,7 @@ def main(argv=None):
     base = os.path.join(agent.path, f"eval_{args.split}_{args.mode}")
     summary = evaluate(agent, args.episodes, args.split, args.seed, args.mode, args.max_len,
                        traces=args.traces or base.replace("eval_", "traces_") + ".jsonl",
-                       temperature=args.temperature, top_p=args.top_p, **kw)
+                       temperature=args.temperature, top_p=args.top_p, workers=args.workers, **kw)
     summary.update(agent=agent.path, device=args.device, torch=torch.__version__, threads=torch.get_num_threads())
     print_summary(summary)
     out = args.out or base + ".json"

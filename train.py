@@ -80,6 +80,8 @@ flag("val-data", "", "validation shards ('' for none)")
 flag("out", "out/run", "directory for checkpoints, metrics.jsonl and the W&B run (under a W&B sweep agent: "
      "OUT/<run id>)")
 flag("model", "small", "size preset when training from scratch", choices=list(PRESETS))
+flag("model-config", "", "overrides of the preset's fields when training from scratch, as comma-separated "
+     "key=value pairs (e.g. dim=192,n_layers=6,n_heads=6,n_kv_heads=6)")
 flag("init-from", "scratch", "'scratch', a Hugging Face Llama/Mistral/Qwen2 directory, or an agentc checkpoint")
 # batch
 flag("batch-size", 8, "rows per micro-batch on each rank")
@@ -118,6 +120,22 @@ flag("wandb-project", "agentc", "W&B project")
 flag("run-name", "", "W&B run name ('' lets W&B pick)")
 
 
+def parse_overrides(text: str) -> dict:
+    """'dim=192,n_layers=6,tie_embeddings=true' -> {"dim": 192, "n_layers": 6, "tie_embeddings": True}."""
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or key.strip() not in ModelConfig.__dataclass_fields__ or key.strip() == "vocab_size":
+            raise SystemExit(f"train.py: --model-config: expected key=value with a ModelConfig field "
+                             f"(not vocab_size), got {item!r}")
+        try:
+            out[key.strip()] = json.loads(value.strip().lower() if value.strip().lower() in ("true", "false")
+                                          else value.strip())
+        except json.JSONDecodeError:
+            out[key.strip()] = value.strip()
+    return out
+
+
 def latest_checkpoint(out: str) -> str | None:
     """The checkpoint directory OUT/latest names, None if there is none yet."""
     pointer = os.path.join(out, "latest")
@@ -151,8 +169,8 @@ if not args.data:
 if not args.resume and latest_checkpoint(out):
     ap.error(f"{out} already holds a run ({latest_checkpoint(out)}): add --resume to continue it, "
              "or choose another --out")
-for k in ("model", "init_from"):
-    if resume_dir and saved["args"][k] != getattr(args, k):
+for k in ("model", "model_config", "init_from"):
+    if resume_dir and saved["args"].get(k, "") != getattr(args, k):
         ap.error(f"--{k.replace('_', '-')} cannot change when resuming (the run in {out} used "
                  f"{saved['args'][k]!r})")
 if args.batch_size < 1:
@@ -247,8 +265,13 @@ if args.resume and not resume_dir:
 if resume_dir:
     model = checkpoint.load(resume_dir)
 elif args.init_from == "scratch":
-    model = Transformer(ModelConfig.preset(args.model, vocab_size=train_loader.vocab_size,
-                                           max_seq_len=max(seq_len, PRESETS[args.model].get("max_seq_len", 0))))
+    overrides = parse_overrides(args.model_config)
+    overrides.setdefault("max_seq_len", max(seq_len, PRESETS[args.model].get("max_seq_len", 0)))
+    try:
+        cfg = ModelConfig.preset(args.model, vocab_size=train_loader.vocab_size, **overrides)
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"train.py: --model={args.model} --model-config={args.model_config!r}: {e}") from None
+    model = Transformer(cfg)
 else:
     source = latest_checkpoint(args.init_from) or args.init_from  # a train.py --out directory: its newest
     try:
@@ -473,7 +496,8 @@ if args.eval_episodes and master:
         if not flows or not data_tokenizer:
             raise ValueError("the data's summary names no workflow, or its tokenizer is missing")
         eval_agent = infer.Agent(raw_model, Tokenizer(data_tokenizer), infer.workflow_of(flows[0]),
-                                 [t["function"]["name"] for t in flows[0]["tools"]], {})
+                                 [t["function"]["name"] for t in flows[0]["tools"]],
+                                 {"system": data_meta.get("system", "keep")})
     except (ValueError, ImportError) as e:
         log(f"note: no agent evaluation (--eval-episodes): {e}")
 

@@ -96,13 +96,32 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--test-share", type=float, default=0.3, help="share of entity values and numbers held out for test")
     ap.add_argument("--heldout-template-share", type=float, default=0.25,
                     help="share of question templates per family that only the test split uses")
+    ap.add_argument("--workflow-arg", action="append", default=[], metavar="KEY=VALUE",
+                    help="a keyword argument of the workflow's constructor (repeatable; VALUE is JSON or a "
+                         "plain string), e.g. --workflow-arg invented=0.8 for sql")
+    ap.add_argument("--mistake-rate", type=float, default=0.0,
+                    help="chance per teacher call of a deliberate mistake first (its error kept in context, "
+                         "loss weight 0), where the workflow knows one")
     ap.add_argument("--resume", action="store_true", help="continue OUT.partial after a crash")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     if args.n < 1 or args.max_attempts < 1 or args.workers < 1:
         ap.error("--n, --max-attempts and --workers must be positive")
     wf_kwargs = {"test_share": args.test_share, "heldout_template_share": args.heldout_template_share}
-    wf = load_workflow(args.workflow, **wf_kwargs)  # fail here, not in a worker, on a bad name
+    if args.mistake_rate:
+        wf_kwargs["mistake_rate"] = args.mistake_rate
+    for item in args.workflow_arg:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            ap.error(f"--workflow-arg expects KEY=VALUE, got {item!r}")
+        try:
+            wf_kwargs[key] = json.loads(value)
+        except json.JSONDecodeError:
+            wf_kwargs[key] = value
+    try:
+        wf = load_workflow(args.workflow, **wf_kwargs)  # fail here, not in a worker, on a bad name
+    except TypeError as e:  # an argument the workflow's constructor does not take
+        ap.error(f"workflow {args.workflow!r}: {e}")
 
     shard_i, shard_n = args.shard
     indices = list(range(shard_i, args.n, shard_n))

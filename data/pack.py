@@ -192,11 +192,12 @@ class _Doc:
 
 
 _TOK: Tokenizer | None = None
+_SYSTEM = "keep"
 
 
-def _init_worker(tok_path: str) -> None:
-    global _TOK
-    _TOK = Tokenizer(tok_path)
+def _init_worker(tok_path: str, system: str = "keep") -> None:
+    global _TOK, _SYSTEM
+    _TOK, _SYSTEM = Tokenizer(tok_path), system
 
 
 def _render_line(job: tuple[str, int, str]) -> tuple[_Doc | None, str | None, str | None, str | None]:
@@ -207,6 +208,10 @@ def _render_line(job: tuple[str, int, str]) -> tuple[_Doc | None, str | None, st
         record = json.loads(line)
     except json.JSONDecodeError as e:
         return None, f"{where}: not valid JSON ({e.msg})", None, None
+    msgs = record.get("messages") if isinstance(record, dict) else None
+    if _SYSTEM == "drop" and isinstance(msgs, list) and msgs and isinstance(msgs[0], dict) \
+            and msgs[0].get("role") in ("system", "developer"):
+        record = {**record, "messages": msgs[1:]}
     try:
         r = render(record, _TOK, name=where)
     except FormatError as e:
@@ -228,6 +233,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0, help="seed of the document and row order")
     ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="rendering processes")
     ap.add_argument("--skip-bad", action="store_true", help="report malformed records and go on")
+    ap.add_argument("--system", default="keep", choices=["keep", "drop"],
+                    help="drop: leave every trajectory's system message out, so the instructions and tool "
+                         "list are compiled into the weights; the agent records it and its runtime sends none")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     if args.seq_len < 2:
@@ -257,11 +265,11 @@ def main(argv: list[str] | None = None) -> dict:
     bar = tqdm(total=len(jobs), desc="render", unit="traj", disable=args.quiet)
     if args.workers > 1:
         pool = mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(
-            args.workers, initializer=_init_worker, initargs=(args.tokenizer,))
+            args.workers, initializer=_init_worker, initargs=(args.tokenizer, args.system))
         results = pool.imap(_render_line, jobs, chunksize=32)
     else:
         pool = None
-        _init_worker(args.tokenizer)
+        _init_worker(args.tokenizer, args.system)
         results = map(_render_line, jobs)
     try:
         for doc, err, name, agent in results:
@@ -354,6 +362,7 @@ def main(argv: list[str] | None = None) -> dict:
         "tokenizer": {"path": os.path.abspath(args.tokenizer), "fingerprint": tok.fingerprint,
                       "vocab_size": tok.vocab_size},
         "inputs": inputs, "seed": args.seed, "seconds": round(time.time() - t0, 2),
+        "system": args.system,  # "drop": trained without system messages (the runtime then sends none)
         # the workflows the trajectories came from and their tools, for the compiled agent
         "workflows": [{**json.loads(a.split("\t")[0]), "tools": json.loads(a.split("\t", 1)[1]), "documents": n}
                       for a, n in agents.most_common() if json.loads(a.split("\t")[0])["name"]],

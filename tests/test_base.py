@@ -4,7 +4,7 @@ from typing import Literal, Optional
 import pytest
 
 from tests.fake_workflow import CalcWorkflow
-from workflows.base import (Call, Environment, ToolError, heldout_templates, load_workflow,
+from workflows.base import (Call, Environment, Mistake, ToolError, heldout_templates, load_workflow,
                             run_teacher, split_pool, stable_hash, task_seed, tool, tool_manifest)
 
 
@@ -178,6 +178,32 @@ def test_run_teacher_reports_failures_instead_of_raising():
     assert run_teacher(Silent(), task).verdict.reason.startswith("no_answer")
     ep = run_teacher(Looping(), task, max_steps=5)
     assert not ep.verdict.ok and len(ep.observations) == 5
+
+
+def test_deliberate_mistakes_come_first_untrained_and_must_fail():
+    """With mistake_rate 1, every call the workflow knows a mistake for is preceded by it: sent,
+    its error observed, weight 0; the real call then carries the recovery reasoning. A mistake
+    the tool accepts would change the world unseen: it is a teacher error."""
+    class Slips(CalcWorkflow):
+        def mistake(self, task, env, call, rng):
+            return Mistake(Call("add", {"a": "one", "b": 2}, call.reasoning), "a must be a number.")
+
+    class Harmful(CalcWorkflow):
+        def mistake(self, task, env, call, rng):
+            return Mistake(Call("add", {"a": 0, "b": 0}), "oops")
+
+    ok = [i for i in range(40) if task_seed(0, "calc", "train", i) % 4 in (0, 3)][0]
+    task = CalcWorkflow().sample_task("train", ok, task_seed(0, "calc", "train", ok))
+    ep = run_teacher(Slips(mistake_rate=1.0), task)
+    assert ep.verdict.ok
+    roles = [(m["role"], m.get("weight", 1)) for m in ep.messages]
+    assert roles == [("system", 1), ("user", 1), ("assistant", 0), ("tool", 1), ("assistant", 1), ("tool", 1),
+                     ("assistant", 1)]
+    assert ep.messages[3]["content"].startswith("Error:") and ep.messages[4]["reasoning"] == "a must be a number."
+    assert run_teacher(Slips(mistake_rate=0.0), task).messages == run_teacher(CalcWorkflow(), task).messages
+    assert run_teacher(Harmful(mistake_rate=1.0), task).verdict.reason.startswith("teacher_error: RuntimeError")
+    with pytest.raises(ValueError, match="mistake_rate"):
+        CalcWorkflow(mistake_rate=1.5)
 
 
 def test_load_workflow():

@@ -73,6 +73,18 @@ def test_interrupt_resume_equals_one_forward_and_renders_back(agent, mode):
             assert r.stats["prefill_tokens"] == r.stats["reencode_tokens"] > 2 * len(r.ids)
 
 
+def test_an_agent_trained_without_system_messages_gets_none(agent):
+    """data.pack --system drop: the runtime leaves the system turn out too, and the stream still
+    equals what render() gives for the episode's (system-less) messages."""
+    lean = infer.Agent(agent.model, agent.tok, agent.workflow, agent.tools, {"system": "drop"})
+    task, ep = teacher_episode(agent.workflow, 0)
+    ref = render({"messages": ep.messages[1:]}, agent.tok)
+    engine = infer.Engine(agent.model, agent.tok, max_len=2048)
+    r = infer.run_episode(lean, task, engine, policy=forced(ref.ids[ref.sources == SRC_MODEL].tolist()))
+    assert r.success and r.messages[0]["role"] == "user"
+    assert r.ids == ref.ids.tolist() and agent.tok.special_ids["<|system|>"] not in r.ids
+
+
 def test_bad_calls_become_observations(agent):
     tok, sid = agent.tok, agent.tok.special_ids
     task, _ = teacher_episode(agent.workflow, 3)
@@ -154,6 +166,16 @@ def test_compiled_agent_runs_from_the_command_line(sql_corpus, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     summary = json.loads((ck / "eval_test_incremental.json").read_text())
     assert summary["episodes"] == 2 and (ck / "traces_test_incremental.jsonl").exists()
+    # two worker processes run the same episodes, and the traces keep task order
+    p = run("infer.py", f"--agent={ck}", "--eval", "--episodes=3", "--max-new-tokens=16", "--max-steps=2",
+            "--workers=2", f"--out={tmp_path / 'w2.json'}", f"--traces={tmp_path / 'w2.jsonl'}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    p = run("infer.py", f"--agent={ck}", "--eval", "--episodes=3", "--max-new-tokens=16", "--max-steps=2",
+            f"--out={tmp_path / 'w1.json'}", f"--traces={tmp_path / 'w1.jsonl'}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    w1, w2 = ([json.loads(x) for x in open(tmp_path / f"{w}.jsonl")] for w in ("w1", "w2"))
+    assert [(x["task_id"], x["ids"]) for x in w1] == [(x["task_id"], x["ids"]) for x in w2]
+    assert json.loads((tmp_path / "w2.json").read_text())["workers"] == 2
     p = run("infer.py", f"--agent={ck}", "--task", "How many customers are there?", "--max-new-tokens=8",
             "--max-steps=1")
     assert p.returncode == 0 and "How many customers" in p.stdout, p.stderr[-2000:]

@@ -59,6 +59,25 @@ def test_rows_decode_back_to_the_trajectories(any_corpus, tmp_path):
     assert 0 < summary["trained_share"] < 1 and summary["trained_tokens_by_source"]["tool"] == 0
 
 
+def test_system_drop_leaves_out_only_the_system_message(calc_corpus, tmp_path):
+    """--system drop packs every trajectory without its system turn, and says so in the summary."""
+    tok, records = calc_corpus["tok"], records_of(calc_corpus["jsonl"])
+    assert all(r["messages"][0]["role"] == "system" for r in records)
+    kept = do_pack(calc_corpus, tmp_path / "kept", "--seq-len", 1024)
+    dropped = do_pack(calc_corpus, tmp_path / "drop", "--seq-len", 1024, "--system", "drop")
+    assert kept["system"] == "keep" and dropped["system"] == "drop"
+    system_tokens = sum(len(tok.encode(r["messages"][0]["content"])) + 1 for r in records)  # + <|system|>
+    assert kept["document_tokens"] - dropped["document_tokens"] == system_tokens
+    assert kept["tokens_by_source"]["model"] == dropped["tokens_by_source"]["model"]
+    for sh in map(Shard, find_shards(str(tmp_path / "drop"))):
+        for r in range(sh.n_rows):
+            starts, ids = sh.docs(r)
+            ends = list(starts[1:]) + [sh.row_len]
+            for s, e, d in zip(starts, ends, ids):
+                if d >= 0:
+                    assert unrender(sh.tokens[r, s:e], tok, sh.weights[r, s:e]) == records[d]["messages"][1:]
+
+
 def test_overlong_and_untrained_are_counted_not_lost(calc_corpus, tmp_path):
     records = records_of(calc_corpus["jsonl"])
     lengths = [len(render(r, calc_corpus["tok"])) for r in records]

@@ -3,8 +3,10 @@ the tools behave (errors, limits, runaway queries) and the checker rejects wrong
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 
@@ -57,6 +59,33 @@ def test_teacher_solves_every_task(episodes):
     modifying = {e.task.family for e in episodes["train"] if e.task.gold["kind"] == "state"}
     assert modifying == {f for f, fam in FAMILIES.items() if fam.modifies} and len(modifying) >= 2
     assert len(FAMILIES) >= 12 and all(3 <= len(fam.templates) <= 4 for fam in FAMILIES.values())
+
+
+def test_deliberate_mistakes_are_untrained_rejected_and_fixed():
+    """With mistake_rate, the teacher sometimes first sends a name from another schema: the tool
+    rejects it (no row changes: modifying tasks still end in the gold state), the message carries
+    weight 0, and the next call is the correct one, opened by a reasoning that names both."""
+    wf = load_workflow("sql", mistake_rate=0.3)
+    kinds, n = set(), 0
+    for i in range(120):
+        ep = run_teacher(wf, wf.sample_task("train", i, seed_of("train", i)))
+        assert ep.verdict.ok, (ep.task.id, ep.verdict.reason, ep.error)
+        msgs = ep.messages
+        for k, m in enumerate(msgs):
+            if m.get("weight") != 0:
+                continue
+            n += 1
+            wrong, fix = m["tool_calls"][0]["function"], msgs[k + 2]["tool_calls"][0]["function"]
+            assert msgs[k + 1]["content"].startswith("Error:") and wrong["name"] == fix["name"]
+            assert wrong["arguments"] != fix["arguments"] and "weight" not in msgs[k + 2]
+            kinds.add(wrong["name"])
+            (a,), (b,) = json.loads(wrong["arguments"]).values(), json.loads(fix["arguments"]).values()
+            (w,) = Counter(re.findall(r"\w+", a)) - Counter(re.findall(r"\w+", b))  # the wrong name
+            assert w in msgs[k + 2]["reasoning"]
+    assert n > 60 and kinds == {"describe_table", "run_sql"}
+    # the same tasks without mistakes: the same answers
+    plain = load_workflow("sql")
+    assert all(run_teacher(plain, plain.sample_task("train", i, seed_of("train", i))).verdict.ok for i in range(20))
 
 
 @pytest.mark.parametrize("test_share", [0.1, 0.6])
@@ -161,7 +190,9 @@ def test_databases_and_questions_use_only_their_split_values(wf):
         for i in range(150):
             task = wf.sample_task(split, i, seed_of(split, i))
             for name, values in _db_entities(wf.make_env(task)).items():
-                assert values <= pool(name, split) and not values & pool(name, other), (task.id, name)
+                # train shops mix invented names into their pools (never a real value of any split)
+                real = values - invented(values) if split == "train" else values
+                assert real <= pool(name, split) and not values & pool(name, other), (task.id, name)
             p = task.params
             checks = {"city": p.get("city"), "category": p.get("category"), "year": p.get("year"),
                       "more_than": p.get("k"), "percent": p.get("pct"), "stock": p.get("n")}
@@ -169,8 +200,39 @@ def test_databases_and_questions_use_only_their_split_values(wf):
                 checks["first"], checks["last"] = p["customer"].split()
             months = [p[key][:7] for key in ("date", "start", "end") if key in p]
             for name, value in list(checks.items()) + [("month", m) for m in months]:
-                if value is not None:
+                if value is not None and not (split == "train" and invented({value})):
                     assert value in pool(name, split) and value not in pool(name, other), (task.id, name, value)
+
+
+def invented(values) -> set:
+    """The values that are in no real pool (made up by sql_shop.invent_words)."""
+    return {v for v in values if str(v).casefold() not in sql_shop.TAKEN}
+
+
+def test_train_shops_mix_in_invented_names_and_test_shops_never_do(wf):
+    shares, test_invented = {}, set()
+    for split in ("train", "test"):
+        for i in range(40):
+            env = wf.make_env(wf.sample_task(split, i, seed_of(split, i)))
+            for name, values in _db_entities(env).items():
+                if split == "train":
+                    shares.setdefault(name, []).append(len(invented(values)) / len(values))
+                else:
+                    test_invented |= invented(values)
+            env.close()
+    for name, s in shares.items():  # in a train shop, about half of every kind of name is made up
+        assert 0.3 < sum(s) / len(s) < 0.7, (name, sum(s) / len(s))
+    assert not test_invented
+    # the test split does not depend on the setting: same databases and questions with none invented
+    plain = load_workflow("sql", invented=0.0)
+    for i in range(10):
+        a, b = (w.sample_task("test", i, seed_of("test", i)) for w in (wf, plain))
+        assert (a.prompt, a.gold) == (b.prompt, b.gold)
+        assert wf.make_env(a).state_hash() == plain.make_env(b).state_hash()
+    env = plain.make_env(plain.sample_task("train", 0, seed_of("train", 0)))
+    assert not any(invented(v) for v in _db_entities(env).values())
+    with pytest.raises(ValueError, match="invented"):
+        load_workflow("sql", invented=1.0)
 
 
 def test_heldout_templates_only_in_test(episodes, wf):

@@ -101,8 +101,13 @@ def test_resume_continues_the_same_curve(calc_shards, tmp_path):
 
 def test_keep_deletes_only_older_checkpoints(calc_shards, tmp_path):
     out = tmp_path / "run"
-    train(*tiny_run(calc_shards, out, "--max-steps=6", "--save-every=2", "--keep=2"))
+    shape = "--model-config=dim=48,n_layers=1,n_heads=3,n_kv_heads=1,tie_embeddings=true"
+    train(*tiny_run(calc_shards, out, "--max-steps=6", "--save-every=2", "--keep=2", shape))
     assert sorted(os.listdir(out)) == ["latest", "metrics.jsonl", "step_000004", "step_000006"]
+    cfg = json.loads((out / "step_000006" / "config.json").read_text())["model"]  # the preset, as overridden
+    assert (cfg["dim"], cfg["n_layers"], cfg["n_heads"], cfg["n_kv_heads"], cfg["tie_embeddings"]) == (48, 1, 3, 1, True)
+    p = train("--out=" + str(out), "--resume", "--max-steps=8", "--model-config=dim=64", check=False)
+    assert p.returncode != 0 and "--model-config cannot change when resuming" in p.stderr
     shutil.copytree(out / "step_000006", out / "step_000100")  # not this run's: left alone
     (out / "latest").write_text("step_000004\n")
     train("--out=" + str(out), "--resume", "--max-steps=8", "--keep=1")
@@ -167,7 +172,7 @@ def test_sweep_config_drives_train_py(calc_shards, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing shard", "bad header", "unknown flag", "batch not divisible",
-                                  "no init checkpoint", "batch of 0"])
+                                  "no init checkpoint", "batch of 0", "bad model config"])
 def test_bad_inputs_give_clear_errors(calc_shards, tmp_path, case):
     data = tmp_path / "data"
     flags = tiny_run(calc_shards, tmp_path / "run", "--max-steps=1")
@@ -191,6 +196,9 @@ def test_bad_inputs_give_clear_errors(calc_shards, tmp_path, case):
     elif case == "no init checkpoint":
         flags.append(f"--init-from={tmp_path / 'nowhere'}")
         expect = "nowhere"
+    elif case == "bad model config":
+        flags.append("--model-config=dim=64,layers=3")
+        expect = "expected key=value with a ModelConfig field"
     else:
         flags.append("--batch-size=0")
         expect = "--batch-size must be at least 1"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import random
 import re
 import traceback
 import types
@@ -324,6 +325,15 @@ class Answer:
     reasoning: str = ""
 
 
+@dataclass
+class Mistake:
+    """A deliberate teacher mistake (Workflow.mistake): `call` is sent and its error observed, but
+    kept in context with loss weight 0; the corrected call then opens with `recovery` as its
+    reasoning, so the policy learns to read an error and fix the call, never to make the mistake."""
+    call: Call
+    recovery: str
+
+
 Teacher = Generator[Union[Call, Answer], Observation, None]
 
 
@@ -335,13 +345,18 @@ class Workflow:
     name: str = "base"
     instructions: str = ""  # the system prompt's prose; the tool manifest is appended
 
-    def __init__(self, test_share: float = 0.3, heldout_template_share: float = 0.25):
+    def __init__(self, test_share: float = 0.3, heldout_template_share: float = 0.25, mistake_rate: float = 0.0):
+        """mistake_rate: the chance, per teacher call, that a deliberate mistake comes first (if
+        the workflow knows one for that call; see `mistake`)."""
         if not 0 < test_share < 1:
             raise ValueError("test_share must be in (0, 1)")
         if not 0 <= heldout_template_share < 1:
             raise ValueError("heldout_template_share must be in [0, 1)")
+        if not 0 <= mistake_rate <= 1:
+            raise ValueError("mistake_rate must be in [0, 1]")
         self.test_share = test_share
         self.heldout_template_share = heldout_template_share
+        self.mistake_rate = mistake_rate
 
     def system_prompt(self, env: Environment) -> str:
         return f"{self.instructions.strip()}\n\nTools:\n{tool_manifest(env.tools())}"
@@ -357,6 +372,11 @@ class Workflow:
 
     def check(self, task: Task, env: Environment, answer: str) -> Verdict:
         raise NotImplementedError
+
+    def mistake(self, task: Task, env: Environment, call: Call, rng: random.Random) -> Mistake | None:
+        """A plausible wrong version of the teacher's next `call` whose tool reports an error and
+        changes nothing (a misspelt name, a column of another schema), or None. Default: none."""
+        return None
 
 
 def load_workflow(name: str, **kwargs) -> Workflow:
@@ -414,12 +434,29 @@ def run_teacher(workflow: Workflow, task: Task, max_steps: int = 64) -> Episode:
         env.close()
 
 
+def _send(messages: list[dict], env: Environment, call: Call, call_id: str, weight: float = 1.0) -> Observation:
+    """Append the assistant message of `call`, run it, append its tool message."""
+    msg = {"role": "assistant"}
+    if call.reasoning:
+        msg["reasoning"] = call.reasoning
+    msg["content"] = None
+    msg["tool_calls"] = [{"id": call_id, "type": "function",
+                          "function": {"name": call.tool, "arguments": dump_json(call.args)}}]
+    if weight != 1:
+        msg["weight"] = weight
+    messages.append(msg)
+    obs = env.call(call.tool, call.args)
+    messages.append({"role": "tool", "tool_call_id": call_id, "name": call.tool, "content": obs.text})
+    return obs
+
+
 def _drive(workflow: Workflow, task: Task, env: Environment, max_steps: int) -> Episode:
     messages = [{"role": "system", "content": workflow.system_prompt(env)},
                 {"role": "user", "content": task.prompt}]
     tools = [t.schema() for t in env.tools()]
     observations: list[Observation] = []
     answer = None
+    rng = random.Random(stable_hash("mistakes", task.seed))
     gen = workflow.teacher(task, env)
     try:
         step = next(gen)
@@ -431,17 +468,15 @@ def _drive(workflow: Workflow, task: Task, env: Environment, max_steps: int) -> 
                 break
             if not isinstance(step, Call):
                 raise TypeError(f"teacher yielded {type(step).__name__}; expected Call or Answer")
-            call_id = f"call_{n}"
-            msg = {"role": "assistant"}
-            if step.reasoning:
-                msg["reasoning"] = step.reasoning
-            msg["content"] = None
-            msg["tool_calls"] = [{"id": call_id, "type": "function",
-                                  "function": {"name": step.tool, "arguments": dump_json(step.args)}}]
-            messages.append(msg)
-            obs = env.call(step.tool, step.args)
+            wrong = workflow.mistake(task, env, step, rng) if rng.random() < workflow.mistake_rate else None
+            if wrong is not None:
+                obs = _send(messages, env, wrong.call, f"call_{n}_mistake", weight=0)
+                if obs.ok:
+                    raise RuntimeError(f"a deliberate mistake ran without an error: {wrong.call}")
+                observations.append(obs)
+                step = Call(step.tool, step.args, wrong.recovery)
+            obs = _send(messages, env, step, f"call_{n}")
             observations.append(obs)
-            messages.append({"role": "tool", "tool_call_id": call_id, "name": step.tool, "content": obs.text})
             step = gen.send(obs)
     except StopIteration:
         pass

@@ -20,10 +20,10 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
-from workflows.base import (Answer, Call, Environment, Task, ToolError, Verdict, Workflow,
+from workflows.base import (Answer, Call, Environment, Mistake, Task, ToolError, Verdict, Workflow,
                             heldout_templates, stable_hash, tool)
-from workflows.sql_shop import (LAST_DAY, MONTH_NAMES, STATUSES, Customer, Shop, build_shop, entity_pool,
-                                iso, long_date, state_hash)
+from workflows.sql_shop import (COLUMN_NAMES, LAST_DAY, MONTH_NAMES, STATUSES, TABLE_NAMES, Customer, Shop,
+                                build_shop, entity_pool, iso, long_date, state_hash)
 
 # ----------------------------------------------------------------------------- environment
 
@@ -196,7 +196,12 @@ class Ctx:
 
     def __init__(self, rng: random.Random, shop: Shop, split: str, test_share: float):
         self.rng, self.shop, self.s = rng, shop, shop.schema
-        self.pool = functools.partial(entity_pool, split=split, test_share=test_share)
+        self.split, self.test_share = split, test_share
+
+    def pool(self, name: str) -> tuple:
+        """Entity values come from the shop's pools (which may hold invented names), numbers and
+        dates from the split's."""
+        return self.shop.pools.get(name) or entity_pool(name, self.split, self.test_share)
 
     def resample(self):
         raise Resample
@@ -625,6 +630,14 @@ ANSWER_WHYS = {"cell": ("The query returned {v}.", "That gives {v}.", "So the an
                "done": ("The change went through.", "The database confirms the change.", "That's applied.")}
 
 
+TABLE_RECOVERY = ("There is no table {wrong} here; this database calls it {right}.",
+                  "{wrong} does not exist. The table list shows {right}, so I'll use that.",
+                  "Wrong name: the table is {right}, not {wrong}.")
+COLUMN_RECOVERY = ("{wrong} is not a column here; the schema calls it {right}.",
+                   "No column {wrong} in this database. describe_table showed {right}, so I'll use that.",
+                   "Wrong column name: it is {right}, not {wrong}.")
+
+
 def spell(names: list[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
@@ -663,8 +676,18 @@ query the data and reply with just the value: a number, a name, or a comma-separ
 several items are asked for. When asked to change data, run the INSERT, UPDATE or DELETE statements
 (changes are saved immediately) and reply with a short confirmation."""
 
+    def __init__(self, test_share: float = 0.3, heldout_template_share: float = 0.25, mistake_rate: float = 0.0,
+                 invented: float = 0.5):
+        """invented: share of made-up names, cities, categories and products mixed into the pools of
+        train shops (sql_shop.shop_pools), so the policy learns to copy names instead of memorising
+        them. Test shops never have any."""
+        super().__init__(test_share, heldout_template_share, mistake_rate)
+        if not 0 <= invented < 1:
+            raise ValueError(f"invented must be in [0, 1), got {invented}")
+        self.invented = invented
+
     def _build(self, split: str, index: int, seed: int) -> tuple[Task, Spec]:
-        shop = build_shop(seed, split, self.test_share)
+        shop = build_shop(seed, split, self.test_share, self.invented)
         rng = random.Random(seed)
         ctx = Ctx(rng, shop, split, self.test_share)
         for _ in range(100):
@@ -687,7 +710,7 @@ several items are asked for. When asked to change data, run the INSERT, UPDATE o
         return self._build(split, index, seed)[0]
 
     def make_env(self, task: Task) -> SqlEnv:
-        return SqlEnv(build_shop(task.seed, task.split, self.test_share))
+        return SqlEnv(build_shop(task.seed, task.split, self.test_share, self.invented))
 
     def teacher(self, task: Task, env: SqlEnv):
         spec = self._build(task.split, task.index, task.seed)[1]
@@ -719,6 +742,35 @@ several items are asked for. When asked to change data, run the INSERT, UPDATE o
         else:
             text = re.sub(r"\{(\w+):([\w ]+)\}", lambda m: plural(binds[m.group(1)], m.group(2)), spec.answer)
             yield Answer(text, rng.choice(ANSWER_WHYS["done"]))
+
+    def mistake(self, task: Task, env: SqlEnv, call: Call, rng: random.Random) -> Mistake | None:
+        """The slip an agent makes on a schema it half knows: a table or column name another shop
+        uses (`clients` where this one says `buyers`). SQLite rejects it before touching any row."""
+        s = env.shop.schema
+        tables = set(s.t.values())
+        taken = tables | {c for cs in s.cols.values() for _, c, _ in cs}
+        if call.tool == "describe_table":
+            logical = next(t for t, name in s.t.items() if name == call.args["table"])
+            wrong = [n for n, _ in TABLE_NAMES[logical] if n not in taken]
+            if not wrong:
+                return None
+            w = rng.choice(wrong)
+            return Mistake(Call("describe_table", {"table": w}, call.reasoning),
+                           rng.choice(TABLE_RECOVERY).format(wrong=w, right=call.args["table"]))
+        if call.tool != "run_sql":
+            return None
+        query, swaps = call.args["query"], []
+        for t, name in s.t.items():
+            if t in s.cols and re.search(rf"\b{name}\b", query):
+                swaps += [(name, n, TABLE_RECOVERY) for n, _ in TABLE_NAMES[t] if n not in taken]
+        for (t, f), name in s.col.items():
+            if (t, f) in COLUMN_NAMES and re.search(rf"\b{name}\b", query):
+                swaps += [(name, n, COLUMN_RECOVERY) for n in COLUMN_NAMES[t, f] if n not in taken]
+        if not swaps:
+            return None
+        right, w, recovery = rng.choice(swaps)
+        return Mistake(Call("run_sql", {"query": re.sub(rf"\b{right}\b", w, query, count=1)}, call.reasoning),
+                       rng.choice(recovery).format(wrong=w, right=right))
 
     def check(self, task: Task, env: SqlEnv, answer: str) -> Verdict:
         gold = task.gold

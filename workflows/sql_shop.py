@@ -91,6 +91,51 @@ def entity_pool(name: str, split: str, test_share: float) -> tuple:
     return tuple(split_pool(POOLS[name], split, test_share, salt=f"sql-{name}"))
 
 
+# Invented names (train split only, `invented` > 0). A pool of ~70 first names is small enough for a
+# model to memorise every name's spelling, and then it never learns to copy a name it has not seen,
+# which is all the test split asks of it. Mixing pronounceable made-up words into the train pools
+# (a fresh set per shop) makes copying the only way to predict them.
+ONSETS = "b br c ch d dr f fl g gr h j k kr l m n p pl r s sh st t tr v w y z".split() + [""] * 4
+NUCLEI = "a e i o u a e i o u ai ea ia io ou".split()
+CODAS = [""] * 14 + "l m n r s t k nd rt ll ss".split()
+SYLLABLES = tuple(o + n + c for o in ONSETS for n in NUCLEI for c in CODAS)  # repeats weight the common ones
+ENTITY_POOLS = ("first", "last", "city", "category", "adjective")
+TAKEN = {str(v).casefold() for values in POOLS.values() for v in values} | \
+        {n.casefold() for nouns in CATEGORIES.values() for n in nouns}
+
+
+def invent_words(rng: random.Random, n: int, taken: set[str], syllables: tuple[int, int] = (2, 3)) -> list[str]:
+    """n distinct made-up words, none equal (ignoring case) to a real pool value or to `taken`."""
+    out = []
+    while len(out) < n:
+        w = "".join(rng.choices(SYLLABLES, k=rng.randint(*syllables))).capitalize()
+        if len(w) >= 3 and w.casefold() not in TAKEN and w.casefold() not in taken:
+            taken.add(w.casefold())
+            out.append(w)
+    return out
+
+
+def shop_pools(rng: random.Random, split: str, test_share: float, invented: float) -> tuple[dict, Callable]:
+    """The entity pools one shop draws from: the split's real values, plus (train split,
+    invented > 0) made-up ones, about `invented` of each pool; and nouns(category), the product
+    nouns of a category (made up for a made-up category, on first use)."""
+    pools = {name: entity_pool(name, split, test_share) for name in ENTITY_POOLS}
+    if split != "train" or invented <= 0:
+        return pools, CATEGORIES.__getitem__
+    if not 0 < invented < 1:
+        raise ValueError(f"invented must be in [0, 1), got {invented}")
+    taken: set[str] = set()
+    extra = lambda n: max(1, round(n * invented / (1 - invented)))  # noqa: E731
+    pools = {name: values + tuple(invent_words(rng, extra(len(values)), taken)) for name, values in pools.items()}
+    made_up: dict[str, list[str]] = {}
+
+    def nouns(category: str) -> list[str]:
+        if category in CATEGORIES:
+            return CATEGORIES[category]
+        return made_up.setdefault(category, invent_words(rng, 6, taken, (1, 2)))
+    return pools, nouns
+
+
 # ----------------------------------------------------------------------------- schema
 # Logical names (used by the code) -> the names one shop may use. The singular names the key columns.
 
@@ -231,8 +276,8 @@ def long_date(date: str) -> str:
 class Shop:
     """One shop's rows (logical table -> list of row tuples) and the indexes the gold answers use."""
 
-    def __init__(self, schema: Schema, tables: dict[str, list]):
-        self.schema, self.tables = schema, tables
+    def __init__(self, schema: Schema, tables: dict[str, list], pools: dict[str, tuple]):
+        self.schema, self.tables, self.pools = schema, tables, pools  # pools: the entity values it drew from
         self.customers, self.products, self.orders = tables["customers"], tables["products"], tables["orders"]
         self.categories = [c.name for c in tables["categories"]]
         self.product = {p.id: p for p in self.products}
@@ -259,10 +304,11 @@ def _sampler(rng: random.Random, values: list, weights) -> Callable[[], object]:
 
 
 @functools.lru_cache(maxsize=16)  # sample_task and make_env both need the shop of a task
-def build_shop(seed: int, split: str, test_share: float) -> Shop:
+def build_shop(seed: int, split: str, test_share: float, invented: float = 0.0) -> Shop:
     rng = random.Random(stable_hash("sql-shop", seed))
-    pool = functools.partial(entity_pool, split=split, test_share=test_share)
     schema = Schema(rng)
+    pools, nouns_of = shop_pools(random.Random(stable_hash("sql-invented", seed)), split, test_share, invented)
+    pool = pools.__getitem__
 
     # Sizes are capped by the pools, which shrink on one side when --test-share is far from 0.3.
     sample = lambda values, lo, hi: rng.sample(values, min(len(values), rng.randint(lo, hi)))  # noqa: E731
@@ -281,7 +327,7 @@ def build_shop(seed: int, split: str, test_share: float) -> Shop:
                  for i, name in enumerate(sample(pool("last"), 4, 8))]
     adjectives, drafts = pool("adjective"), []
     for cat in categories:
-        nouns = CATEGORIES[cat.name]
+        nouns = nouns_of(cat.name)
         for k in sample(range(len(adjectives) * len(nouns)), 5, 10):
             drafts.append((f"{adjectives[k // len(nouns)]} {nouns[k % len(nouns)]}", cat))
     rng.shuffle(drafts)
@@ -318,7 +364,8 @@ def build_shop(seed: int, split: str, test_share: float) -> Shop:
     reviews = [Review(i + 1, pick_product().id, rng.choice(customers).id, stars(),
                       iso(rng.randint(FIRST_DAY, LAST_DAY))) for i in range(rng.randint(80, 160))]
     return Shop(schema, {"customers": customers, "categories": categories, "suppliers": suppliers,
-                         "products": products, "orders": orders, "order_items": items, "reviews": reviews})
+                         "products": products, "orders": orders, "order_items": items, "reviews": reviews},
+                pools)
 
 
 def state_hash(tables: dict[str, list[tuple]]) -> str:
