@@ -468,10 +468,10 @@ def evaluate(agent: Agent, episodes: int = 200, split: str = "test", seed: int =
     results = []
     trace_file = open(traces, "w") if traces else None
     bar = tqdm(total=len(tasks), desc=f"eval {split}", unit="ep", disable=not progress)
+    pool = None
     try:
         if workers <= 1:
             stream = (_episode(agent, task, i, seed, engine_kw, episode_kw) for i, task in enumerate(tasks))
-            pool = None
         else:
             import multiprocessing as mp
             if not agent.path:
@@ -488,10 +488,9 @@ def evaluate(agent: Agent, episodes: int = 200, split: str = "test", seed: int =
             if trace_file:
                 trace_file.write(json.dumps(asdict(r), ensure_ascii=False) + "\n")
                 trace_file.flush()
-        if pool:
-            pool.close()
-            pool.join()
     finally:
+        if pool:  # every result is in (or something failed): nothing left to wait for
+            pool.terminate()
         bar.close()
         if trace_file:
             trace_file.close()

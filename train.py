@@ -172,7 +172,7 @@ if not args.resume and latest_checkpoint(out):
 for k in ("model", "model_config", "init_from"):
     if resume_dir and saved["args"].get(k, "") != getattr(args, k):
         ap.error(f"--{k.replace('_', '-')} cannot change when resuming (the run in {out} used "
-                 f"{saved['args'][k]!r})")
+                 f"{saved['args'].get(k, '')!r})")
 if args.batch_size < 1:
     ap.error(f"--batch-size must be at least 1, got {args.batch_size}")
 

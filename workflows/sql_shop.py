@@ -117,13 +117,11 @@ def invent_words(rng: random.Random, n: int, taken: set[str], syllables: tuple[i
 
 def shop_pools(rng: random.Random, split: str, test_share: float, invented: float) -> tuple[dict, Callable]:
     """The entity pools one shop draws from: the split's real values, plus (train split,
-    invented > 0) made-up ones, about `invented` of each pool; and nouns(category), the product
+    0 < invented < 1) made-up ones, about `invented` of each pool; and nouns(category), the product
     nouns of a category (made up for a made-up category, on first use)."""
     pools = {name: entity_pool(name, split, test_share) for name in ENTITY_POOLS}
     if split != "train" or invented <= 0:
         return pools, CATEGORIES.__getitem__
-    if not 0 < invented < 1:
-        raise ValueError(f"invented must be in [0, 1), got {invented}")
     taken: set[str] = set()
     extra = lambda n: max(1, round(n * invented / (1 - invented)))  # noqa: E731
     pools = {name: values + tuple(invent_words(rng, extra(len(values)), taken)) for name, values in pools.items()}
