@@ -1,5 +1,14 @@
-"""Shared fixtures: small corpora of trajectories, each with a tokenizer trained on it, built once."""
+"""Shared fixtures: small corpora of trajectories, each with a tokenizer trained on it, built once.
+
+Without a GPU, Triton kernels run in Triton's CPU interpreter: TRITON_INTERPRET must be set before
+the first kernel is defined, so it is set here, before any test module imports one."""
+import os
+
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from data import generate, tokenizer
 

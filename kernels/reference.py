@@ -1,0 +1,51 @@
+"""Pure-PyTorch twins of the Triton kernels in this folder: slow, obvious, and exact in float64.
+
+Every kernel's tests compare against the function here on fresh random inputs, forward and
+backward (autograd through these is the reference gradient). Never deleted, never optimised.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def document_ids(doc_offsets: torch.Tensor, B: int, T: int) -> torch.Tensor:
+    """(B, T) index of each token's document, from cumulative offsets over the flattened B*T
+    tokens (cu_seqlens form: 0, end of document 0, ..., B*T)."""
+    tok = torch.arange(B * T, device=doc_offsets.device)
+    return (torch.searchsorted(doc_offsets.long(), tok, right=True) - 1).view(B, T)
+
+
+def attention_mask(B: int, T: int, S: int, doc_offsets: torch.Tensor | None = None,
+                   device=None) -> torch.Tensor:
+    """(B, T, S) bool, True where query i may see key j. The T queries are the last T of the S
+    keys' positions (bottom-right causal: query i sits at position S - T + i and sees keys
+    j <= S - T + i); with doc_offsets (only when S == T) also only keys of its own document."""
+    i = torch.arange(T, device=device)[:, None] + (S - T)
+    j = torch.arange(S, device=device)[None, :]
+    allowed = (j <= i).expand(B, T, S)
+    if doc_offsets is not None:
+        if S != T:
+            raise ValueError("document offsets describe packed rows, where keys are the queries (S == T)")
+        ids = document_ids(doc_offsets.to(device), B, T)
+        allowed = allowed & (ids[:, :, None] == ids[:, None, :])
+    return allowed
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              doc_offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention with grouped-query heads and optional document masking.
+
+    q (B, T, H, D); k, v (B, S, KV, D) with H a multiple of KV and S >= T (S > T: the queries are
+    appended to S - T cached keys). Scale 1/sqrt(D). Computed in q's dtype (float64 for tests)."""
+    B, T, H, D = q.shape
+    S, KV = k.shape[1], k.shape[2]
+    if H % KV:
+        raise ValueError(f"{H} query heads are not a multiple of {KV} key/value heads")
+    k = k.repeat_interleave(H // KV, dim=2)
+    v = v.repeat_interleave(H // KV, dim=2)
+    scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(D)
+    allowed = attention_mask(B, T, S, doc_offsets, q.device)[:, None]  # (B, 1, T, S)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.einsum("bhts,bshd->bthd", scores.softmax(dim=-1), v)
