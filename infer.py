@@ -38,7 +38,7 @@ import torch
 from data.format import (ANSWER, CALL, CALL_END, END, LAYOUT_VERSION, FormatError, Transcript, parse_model_output,
                          render)
 from data.tokenizer import Tokenizer
-from model import checkpoint
+from model import checkpoint, transformer
 from model.kv_cache import CacheFull, KVCache
 from workflows.base import Observation, Workflow, load_workflow, task_seed
 
@@ -479,7 +479,8 @@ def evaluate(agent: Agent, episodes: int = 200, split: str = "test", seed: int =
             device = str(next(agent.model.parameters()).device)
             threads = max(1, torch.get_num_threads() // workers) if device == "cpu" else 0
             pool = mp.get_context("spawn").Pool(workers, initializer=_init_eval_worker,
-                                                initargs=(agent.path, device, agent.workflow.name, threads))
+                                                initargs=(agent.path, device, agent.workflow.name, threads,
+                                                          transformer.ATTENTION))
             jobs = [(task, i, seed, engine_kw, episode_kw) for i, task in enumerate(tasks)]
             stream = pool.imap(_eval_worker_episode, jobs)  # in order, so traces keep task order
         for r in stream:
@@ -507,8 +508,9 @@ def _episode(agent: Agent, task, i: int, seed: int, engine_kw: dict, episode_kw:
 _WORKER_AGENT: Agent | None = None
 
 
-def _init_eval_worker(path: str, device: str, workflow: str | None, threads: int) -> None:
+def _init_eval_worker(path: str, device: str, workflow: str | None, threads: int, attention: str) -> None:
     global _WORKER_AGENT
+    transformer.set_attention(attention, device)  # a spawned process starts from the module default
     if threads:
         torch.set_num_threads(threads)
     _WORKER_AGENT = load_agent(path, device, workflow)
@@ -603,6 +605,8 @@ def main(argv=None):
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--attn", default="auto", choices=transformer.BACKENDS,
+                    help="attention backend (auto: triton on CUDA, sdpa on CPU)")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: its default)")
     ap.add_argument("--workers", type=int, default=1, help="episodes run in parallel processes (--eval); on a "
                     "CPU they share the threads, which suits small models whose decoding is Python-bound")
@@ -614,6 +618,7 @@ def main(argv=None):
     if not args.eval and args.task is None:
         ap.error("give --task \"...\" for one episode, or --eval")
     try:
+        transformer.set_attention(args.attn, args.device)
         agent = load_agent(args.agent, args.device, args.workflow)
     except (OSError, ValueError) as e:
         raise SystemExit(f"infer.py: {e}") from None
@@ -629,7 +634,8 @@ def main(argv=None):
     summary = evaluate(agent, args.episodes, args.split, args.seed, args.mode, args.max_len,
                        traces=args.traces or base.replace("eval_", "traces_") + ".jsonl",
                        temperature=args.temperature, top_p=args.top_p, workers=args.workers, **kw)
-    summary.update(agent=agent.path, device=args.device, torch=torch.__version__, threads=torch.get_num_threads())
+    summary.update(agent=agent.path, device=args.device, attention=transformer.attention_backend(args.device),
+                   torch=torch.__version__, threads=torch.get_num_threads())
     print_summary(summary)
     out = args.out or base + ".json"
     with open(out, "w") as f:

@@ -38,7 +38,7 @@ import infer
 from data.loader import Loader
 from data.tokenizer import Tokenizer
 from model import checkpoint
-from model.transformer import PRESETS, ModelConfig, Transformer, flops_per_token, peak_flops
+from model.transformer import BACKENDS, PRESETS, ModelConfig, Transformer, flops_per_token, peak_flops, set_attention
 
 # ----------------------------------------------------------------------------- flags
 
@@ -112,6 +112,8 @@ flag("device", "auto", "auto, cpu or cuda")
 flag("dtype", "auto", "matmul precision: auto (bfloat16 autocast on GPU, float32 on CPU), float32, bfloat16",
      choices=["auto", "float32", "bfloat16"])
 flag("compile", False, "torch.compile the model")
+flag("attn", "auto", "attention backend: auto (triton on CUDA, sdpa on CPU), triton, sdpa, flex, reference",
+     choices=list(BACKENDS))
 flag("seed", 1337, "model initialisation and data order")
 flag("log-every", 1, "steps between console lines")
 flag("wandb", "offline", "W&B logging: disabled, offline (default; no login) or online",
@@ -191,6 +193,10 @@ if device == "cuda":
 if ddp:  # a long timeout: the other ranks wait while rank 0 runs the agent evaluation
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=datetime.timedelta(hours=1))
 device_type = "cuda" if device.startswith("cuda") else "cpu"
+try:
+    attention = set_attention(args.attn, device)
+except ValueError as e:
+    raise SystemExit(f"error: {e}")
 use_bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device_type == "cuda")
 autocast = torch.autocast(device_type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 torch.manual_seed(args.seed)  # every rank builds the same initial model (DDP also broadcasts rank 0's)
@@ -468,7 +474,7 @@ log(f"data: {train_loader.n_rows} rows of {seq_len} tokens, vocab {train_loader.
 log(f"batch: {args.batch_size} rows x {accum} accumulation x {world} ranks = {total} tokens per step; "
     f"{train_loader.steps_per_epoch} steps per epoch; {max_steps} steps, {warmup} warmup")
 log(f"device: {device}, {'bfloat16 autocast' if use_bf16 else 'float32'}, {'DDP ' if ddp else ''}"
-    f"{'compiled' if args.compile else 'eager'}; attention and loss: pure PyTorch")
+    f"{'compiled' if args.compile else 'eager'}; attention: {attention}; loss: pure PyTorch")
 
 # ----------------------------------------------------------------------------- evaluation
 

@@ -39,7 +39,7 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
-NEG_BIG = -1.0e30  # initial running max: finite, so a fully masked row gives exp2(-inf - NEG_BIG) = 0, not NaN
+NEG_BIG = tl.constexpr(-1.0e30)  # initial running max: finite, so a fully masked row gives exp2(-inf - NEG_BIG) = 0, not NaN
 
 
 def _configs(kind: str) -> list[triton.Config]:

@@ -9,7 +9,7 @@ never attends to another one and its positions restart at 0, so a packed row com
 what each trajectory would compute alone (tests/test_model.py checks this).
 
 Module names are the checkpoint keys (model/checkpoint.py maps them to Hugging Face names). Fast
-kernels plug in at `attend` and `lm_loss` by setting ATTENTION / LOSS; they never change a key.
+kernels plug in at `attend` (set_attention / --attn) and `lm_loss` (LOSS); they never change a key.
 """
 from __future__ import annotations
 
@@ -164,6 +164,7 @@ class Documents:
     q_offset: int = 0             # with a KV cache: position of the first query among the keys
     _mask: torch.Tensor | None = field(default=None, repr=False)
     _spans: list | None = field(default=None, repr=False)
+    _cache: dict = field(default_factory=dict, repr=False)  # per-forward objects the backends build once
 
     @classmethod
     def for_cache(cls, start: int, B: int, T: int, window: int | None, device) -> "Documents":
@@ -223,24 +224,82 @@ class Documents:
 
 # ----------------------------------------------------------------------------- attention dispatch
 
-# Which attention runs. "torch": PyTorch's scaled_dot_product_attention. Packed rows on CPU loop
-# over documents (causal attention within each: exact, and no work on pairs that would be masked);
-# on GPU one call takes an explicit (B, T, T) document mask, which computes every pair and masks
-# most of them away: the slow, simple path until a kernel plugs in. Kernels add their names here.
-ATTENTION = "torch"
-DOC_LOOP_ON_CPU = True  # False: the dense-mask path on CPU too (tests check the two agree)
+# Which attention runs; train.py and infer.py set it with --attn. Every backend computes the same
+# function (tests/test_model.py checks loss and gradients agree) and none changes a checkpoint key.
+#   triton     kernels/flash_attention.py: document-masked FlashAttention (CUDA, or the CPU
+#              interpreter with TRITON_INTERPRET=1); the default on CUDA
+#   sdpa       PyTorch's scaled_dot_product_attention. Packed rows on CPU loop over documents
+#              (exact, no work on masked pairs; the default on CPU); elsewhere one call with a
+#              dense (B, T, T) document mask, which computes every pair and masks most of them
+#   flex       FlexAttention with a document block mask (compiled on CUDA; on CPU eager and
+#              forward only, as PyTorch allows)
+#   reference  the scores written out and softmaxed in plain PyTorch (float64-capable)
+ATTENTION = "auto"
+BACKENDS = ("auto", "triton", "sdpa", "flex", "reference")
+DOC_LOOP_ON_CPU = True  # False: sdpa's dense-mask path on CPU too (tests check the two agree)
 _warned = set()
+
+
+def attention_backend(device) -> str:
+    """The backend `attend` uses for tensors on `device` under the current ATTENTION."""
+    if ATTENTION not in BACKENDS:
+        raise ValueError(f"unknown attention backend {ATTENTION!r}; choose from {BACKENDS}")
+    if ATTENTION != "auto":
+        return ATTENTION
+    return "triton" if torch.device(device).type == "cuda" else "sdpa"
+
+
+def set_attention(name: str, device) -> str:
+    """Select a backend for a run on `device`, refusing one that cannot run there; returns the
+    resolved name."""
+    global ATTENTION
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose from {BACKENDS}")
+    ATTENTION = name
+    resolved = attention_backend(device)
+    if resolved == "triton" and torch.device(device).type != "cuda":
+        import os
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("--attn=triton needs a CUDA device (or TRITON_INTERPRET=1 on the CPU: correct but very slow)")
+    return resolved
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        print(f"WARNING: {message}", flush=True)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Documents) -> torch.Tensor:
     """q (B, T, H, D), k and v (B, S, KV, D) -> (B, T, H, D); scale 1/sqrt(D). S = T in
     training; with a KV cache S = docs.q_offset + T (the cached keys, then the new ones)."""
-    if ATTENTION != "torch":
-        raise ValueError(f"unknown attention implementation {ATTENTION!r}")
-    if q.is_cuda and "torch" not in _warned:
-        _warned.add("torch")
-        print("WARNING: attention runs in pure PyTorch (SDPA with a dense document mask, O(T^2) per row); "
-              "no fused document-masked kernel is plugged in", flush=True)
+    impl = attention_backend(q.device)
+    if impl == "triton":
+        if docs.window is None:
+            return _attend_triton(q, k, v, docs)
+        _warn_once("window", "the Triton kernel has no sliding window; attention falls back to sdpa")
+        impl = "sdpa"
+    if impl == "flex":
+        return _attend_flex(q, k, v, docs)
+    if impl == "reference":
+        return _attend_reference(q, k, v, docs)
+    return _attend_sdpa(q, k, v, docs)
+
+
+def _attend_triton(q, k, v, docs: Documents) -> torch.Tensor:
+    from kernels.flash_attention import document_bounds, flash_attention  # imports triton: only when used
+    if docs.offsets is None:
+        return flash_attention(q, k, v)
+    if "bounds" not in docs._cache:  # once per forward, shared by every layer
+        B, T = docs.positions.shape
+        docs._cache["bounds"] = document_bounds(docs.offsets.to(q.device), B, T)
+    return flash_attention(q, k, v, bounds=docs._cache["bounds"])
+
+
+def _attend_sdpa(q, k, v, docs: Documents) -> torch.Tensor:
+    if q.is_cuda:
+        _warn_once("sdpa", "attention runs in PyTorch SDPA with a dense document mask (O(T^2) per row); "
+                   "--attn=triton skips the masked pairs")
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
     if docs.ids is not None and docs.window is None and docs.q_offset == 0 and not q.is_cuda and DOC_LOOP_ON_CPU:
         rows = [[] for _ in range(q.shape[0])]
@@ -257,6 +316,41 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Documents) -
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=docs.mask())
+    return out.transpose(1, 2)
+
+
+def _attend_reference(q, k, v, docs: Documents) -> torch.Tensor:
+    rep = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+    scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~docs.mask(), float("-inf"))
+    return torch.einsum("bhts,bshd->bthd", scores.softmax(dim=-1), v)
+
+
+_flex_compiled = None
+
+
+def _attend_flex(q, k, v, docs: Documents) -> torch.Tensor:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    global _flex_compiled
+    B, T, S = q.shape[0], q.shape[1], k.shape[1]
+    if "block_mask" not in docs._cache:  # once per forward, shared by every layer
+        ids, off, window = docs.ids, docs.q_offset, docs.window
+
+        def mask_mod(b, h, qi, kj):
+            ok = kj <= qi + off
+            if ids is not None:
+                ok = ok & (ids[b, qi] == ids[b, kj])
+            if window is not None:
+                ok = ok & (qi + off - kj < window)
+            return ok
+        docs._cache["block_mask"] = create_block_mask(mask_mod, B, None, T, S, device=q.device)
+    fn = flex_attention
+    if q.is_cuda:  # eager flex attention is a slow reference; compiled it is the fused kernel
+        _flex_compiled = _flex_compiled or torch.compile(flex_attention)
+        fn = _flex_compiled
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    out = fn(q, k, v, block_mask=docs._cache["block_mask"], enable_gqa=True)
     return out.transpose(1, 2)
 
 

@@ -131,10 +131,55 @@ def test_config_errors_and_accounting():
     assert flops_per_token(cfg, 0) == 6 * (m.num_params(False) - 2 * cfg.n_layers * cfg.dim - cfg.dim + 8192 * 768)
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_attention_backends_agree_on_loss_and_every_gradient(monkeypatch):
+    """The model's loss and the gradient of every parameter are the same whichever attention
+    backend runs (packed rows with a length-1 document, GQA). On the CPU, PyTorch's flex
+    attention has no backward, so there it is checked on the loss only."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=61, dim=48, n_layers=2, n_heads=6, n_kv_heads=2, ffn_dim=96, max_seq_len=64)
+    model = Transformer(cfg)
+    B, T = 2, 29
+    x, y = torch.randint(0, 61, (2, B, T))
+    w = (torch.rand(B, T) > 0.3).float()
+    off = torch.tensor([0, 11, 12, 29, 40, 58], dtype=torch.int32)
+    results = {}
+    for name in ["sdpa", "sdpa-dense", "reference", "triton", "flex"]:
+        monkeypatch.setattr(transformer, "DOC_LOOP_ON_CPU", name != "sdpa-dense")
+        transformer.set_attention(name.split("-")[0], "cpu")
+        model.zero_grad()
+        if name == "flex" and not torch.cuda.is_available():
+            with torch.no_grad():
+                results[name] = (model(x, off, y, w), None)
+            continue
+        loss = model(x, off, y, w)
+        loss.backward()
+        results[name] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    ref_loss, ref_grads = results["reference"]
+    for name, (loss, grads) in results.items():
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5, msg=f"{name} loss")
+        for n, g in (grads or {}).items():
+            torch.testing.assert_close(g, ref_grads[n], rtol=1e-4, atol=1e-6, msg=f"{name}: gradient of {n}")
+
+
+def test_unknown_or_unavailable_backend_is_refused(monkeypatch):
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        transformer.set_attention("flash3", "cpu")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="CUDA"):
+        transformer.set_attention("triton", "cpu")
+    monkeypatch.setattr(transformer, "ATTENTION", "auto")
+    assert transformer.attention_backend("cpu") == "sdpa"
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("attn", ["sdpa", "triton", "flex", "reference"])
 @pytest.mark.parametrize("window", [None, 5])
-def test_kv_cache_chunks_equal_one_forward(window):
-    """Feeding a sequence in uneven chunks through the KV cache gives the full forward's logits."""
+def test_kv_cache_chunks_equal_one_forward(window, attn, monkeypatch):
+    """Feeding a sequence in uneven chunks (single tokens included) through the KV cache gives
+    the full forward's logits, whichever backend attends (the full forward uses sdpa)."""
     from model.kv_cache import CacheFull, KVCache
+    monkeypatch.setattr(transformer, "ATTENTION", "auto")
     torch.manual_seed(0)
     cfg = ModelConfig.preset("tiny", vocab_size=50, sliding_window=window)
     model = Transformer(cfg).eval()
@@ -142,6 +187,7 @@ def test_kv_cache_chunks_equal_one_forward(window):
     cache = KVCache(cfg, 40)
     with torch.no_grad():
         full = model(x)
+        transformer.set_attention(attn, "cpu")
         parts = [model.head(model.hidden(x[:, s:e], cache=cache))
                  for s, e in [(0, 7), (7, 8), (8, 9), (9, 30), (30, 31), (31, 40)]]
     torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)

@@ -110,7 +110,8 @@ def test_keep_deletes_only_older_checkpoints(calc_shards, tmp_path):
     assert p.returncode != 0 and "--model-config cannot change when resuming" in p.stderr
     shutil.copytree(out / "step_000006", out / "step_000100")  # not this run's: left alone
     (out / "latest").write_text("step_000004\n")
-    train("--out=" + str(out), "--resume", "--max-steps=8", "--keep=1")
+    p = train("--out=" + str(out), "--resume", "--max-steps=8", "--keep=1", "--attn=reference")  # a backend swap
+    assert "attention: reference" in p.stdout
     assert sorted(d for d in os.listdir(out) if d.startswith("step_")) == ["step_000008", "step_000100"]
 
 
@@ -172,7 +173,7 @@ def test_sweep_config_drives_train_py(calc_shards, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing shard", "bad header", "unknown flag", "batch not divisible",
-                                  "no init checkpoint", "batch of 0", "bad model config"])
+                                  "no init checkpoint", "batch of 0", "bad model config", "triton without GPU"])
 def test_bad_inputs_give_clear_errors(calc_shards, tmp_path, case):
     data = tmp_path / "data"
     flags = tiny_run(calc_shards, tmp_path / "run", "--max-steps=1")
@@ -199,9 +200,13 @@ def test_bad_inputs_give_clear_errors(calc_shards, tmp_path, case):
     elif case == "bad model config":
         flags.append("--model-config=dim=64,layers=3")
         expect = "expected key=value with a ModelConfig field"
+    elif case == "triton without GPU":
+        flags.append("--attn=triton")
+        expect = "--attn=triton needs a CUDA device"
     else:
         flags.append("--batch-size=0")
         expect = "--batch-size must be at least 1"
-    p = train(*flags, check=False)
+    env = {"TRITON_INTERPRET": "0"} if case == "triton without GPU" else {}
+    p = train(*flags, check=False, env=env)
     assert p.returncode != 0 and expect in p.stderr, p.stderr[-2000:]
     assert "Traceback" not in p.stderr
