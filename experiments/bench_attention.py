@@ -63,8 +63,8 @@ def attended_pairs(off: torch.Tensor | None, B: int, N: int) -> float:
     return sum(L * L / 2 for L in lengths)
 
 
-def timer(fn, smoke: bool) -> float:
-    """Median milliseconds of fn()."""
+def timer(fn, smoke: bool, grads=None) -> float:
+    """Median milliseconds of fn() (grads: tensors whose .grad is reset between runs)."""
     if smoke:
         fn()
         times = []
@@ -74,7 +74,7 @@ def timer(fn, smoke: bool) -> float:
             times.append(time.perf_counter() - t0)
         return 1e3 * sorted(times)[1]
     import triton.testing
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grads, return_mode="median")
 
 
 def methods(q, k, v, off, smoke: bool) -> dict:
@@ -133,7 +133,7 @@ def bench_point(N: int, D: int, docs: bool, args, device: str) -> list[dict]:
             row.update(fwd_ms=t_fwd, fwd_tflops=fwd_flops / t_fwd / 1e9)
             if not (args.smoke and name == "flex"):  # PyTorch has no flex backward on the CPU
                 qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
-                t_all = timer(lambda: fn(qg, kg, vg).backward(do), args.smoke)
+                t_all = timer(lambda: fn(qg, kg, vg).backward(do), args.smoke, grads=[qg, kg, vg])
                 row.update(fwd_bwd_ms=t_all, fwd_bwd_tflops=3.5 * fwd_flops / t_all / 1e9)
         except Exception as e:  # a peer that cannot run this point is recorded, not fatal
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
