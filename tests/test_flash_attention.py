@@ -86,6 +86,8 @@ def check(B, T, H, KV, D, docs: bool, dtype, seed, S=None):
     (100, 4, 4, 64, True),
     (257, 8, 2, 128, True),
     (257, 2, 1, 64, False),
+    (17, 2, 1, 256, True),    # the largest head dim the kernel takes
+    (40, 2, 2, 16, True),     # the smallest tile width
 ])
 def test_matches_reference_float32(T, H, KV, D, docs):
     check(2 if T < 200 else 1, T, H, KV, D, docs, torch.float32, seed=T * 31 + D)
