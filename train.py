@@ -38,7 +38,8 @@ import infer
 from data.loader import Loader
 from data.tokenizer import Tokenizer
 from model import checkpoint
-from model.transformer import BACKENDS, PRESETS, ModelConfig, Transformer, flops_per_token, peak_flops, set_attention
+from model.transformer import (BACKENDS, LOSSES, PRESETS, ModelConfig, Transformer, flops_per_token, peak_flops,
+                               set_attention, set_loss)
 
 # ----------------------------------------------------------------------------- flags
 
@@ -112,6 +113,8 @@ flag("device", "auto", "auto, cpu or cuda")
 flag("dtype", "auto", "matmul precision: auto (bfloat16 autocast on GPU, float32 on CPU), float32, bfloat16",
      choices=["auto", "float32", "bfloat16"])
 flag("compile", False, "torch.compile the model")
+flag("loss", "auto", "LM-head loss: auto (fused on CUDA, reference on CPU), fused (kernels/masked_ce.py) or reference",
+     choices=list(LOSSES))
 flag("attn", "auto", "attention backend: auto (triton on CUDA, sdpa on CPU), triton, sdpa, flex, reference",
      choices=list(BACKENDS))
 flag("seed", 1337, "model initialisation and data order")
@@ -195,6 +198,7 @@ if ddp:  # a long timeout: the other ranks wait while rank 0 runs the agent eval
 device_type = "cuda" if device.startswith("cuda") else "cpu"
 try:
     attention = set_attention(args.attn, device)
+    loss_impl = set_loss(args.loss, device)
 except ValueError as e:
     raise SystemExit(f"error: {e}")
 use_bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device_type == "cuda")
@@ -474,7 +478,7 @@ log(f"data: {train_loader.n_rows} rows of {seq_len} tokens, vocab {train_loader.
 log(f"batch: {args.batch_size} rows x {accum} accumulation x {world} ranks = {total} tokens per step; "
     f"{train_loader.steps_per_epoch} steps per epoch; {max_steps} steps, {warmup} warmup")
 log(f"device: {device}, {'bfloat16 autocast' if use_bf16 else 'float32'}, {'DDP ' if ddp else ''}"
-    f"{'compiled' if args.compile else 'eager'}; attention: {attention}; loss: pure PyTorch")
+    f"{'compiled' if args.compile else 'eager'}; attention: {attention}; loss: {loss_impl}")
 
 # ----------------------------------------------------------------------------- evaluation
 

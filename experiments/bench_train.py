@@ -20,8 +20,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model.transformer import (BACKENDS, LOSS, set_attention, PRESETS, ModelConfig, Transformer, flops_per_token,  # noqa: E402
-                               peak_flops)
+from model.transformer import (BACKENDS, LOSSES, PRESETS, ModelConfig, Transformer, flops_per_token,  # noqa: E402
+                               peak_flops, set_attention, set_loss)
 
 
 def packed_batch(B, T, vocab, doc_len, gen, device):
@@ -49,12 +49,14 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--attn", default="auto", choices=BACKENDS, help="attention backend (model/transformer.py)")
+    ap.add_argument("--loss", default="auto", choices=LOSSES, help="LM-head loss (model/transformer.py)")
     ap.add_argument("--out", default=None, help="JSON path (default: experiments/results/train_...json)")
     args = ap.parse_args()
 
     torch.manual_seed(0)
     cuda = args.device.startswith("cuda")
     attention = set_attention(args.attn, args.device)
+    loss_impl = set_loss(args.loss, args.device)
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
     cfg = ModelConfig.preset(args.model, vocab_size=args.vocab_size, max_seq_len=args.seq_len)
@@ -92,7 +94,7 @@ def main():
         "what": "one training step (fwd+bwd+AdamW) on packed rows", "model": args.model,
         "params": model.num_params(), "params_no_embeddings": model.num_params(False),
         "seq_len": args.seq_len, "batch_size": args.batch_size, "doc_len": args.doc_len,
-        "vocab_size": args.vocab_size, "compile": args.compile, "attention": attention, "loss": LOSS,
+        "vocab_size": args.vocab_size, "compile": args.compile, "attention": attention, "loss": loss_impl,
         "precision": "bf16 autocast" if cuda else "fp32",
         "step_ms_median": 1e3 * median, "step_ms_min": 1e3 * times[0], "tokens_per_s": tokens / median,
         "mfu": flops_per_token(cfg, args.seq_len) * tokens / median / peak if peak else None,

@@ -1,4 +1,4 @@
-"""Compile our Triton attention kernels for a GPU that is not here, and report what the compiler
+"""Compile our Triton kernels (attention, fused loss) for a GPU that is not here, and report what the compiler
 made of them: registers, local-memory spills (stack bytes), shared memory, and whether the matrix
 products became Hopper's wgmma (HGMMA in the SASS). No GPU needed: Triton's wheel carries ptxas,
 cuobjdump and nvdisasm.
@@ -27,11 +27,13 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 import kernels.flash_attention as fa  # noqa: E402
+import kernels.masked_ce as ce  # noqa: E402
 
-PTR = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
-F32_PTR = {"LSE", "DELTA"}
+PTR = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "LOGITS"}
+F32_PTR = {"LSE", "DELTA", "WEIGHTS", "LOSS"}
 I32_PTR = {"STARTS", "ENDS"}
-FLOATS = {"qk_scale", "sm_scale"}
+I64_PTR = {"TARGETS"}
+FLOATS = {"qk_scale", "sm_scale", "z_loss"}
 
 
 def compile_for(kernel, constexprs: dict, num_warps: int, num_stages: int, arch: int, dtype: str):
@@ -39,7 +41,7 @@ def compile_for(kernel, constexprs: dict, num_warps: int, num_stages: int, arch:
     sig = {}
     for n in names:
         sig[n] = ("constexpr" if n in constexprs else f"*{dtype}" if n in PTR else "*fp32" if n in F32_PTR
-                  else "*i32" if n in I32_PTR else "fp32" if n in FLOATS else "i32")
+                  else "*i32" if n in I32_PTR else "*i64" if n in I64_PTR else "fp32" if n in FLOATS else "i32")
     src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in constexprs.items()})
     with contextlib.redirect_stdout(io.StringIO()):
         return triton.compile(src, target=GPUTarget("cuda", arch, 32),
@@ -85,6 +87,13 @@ def main(argv=None) -> list[dict]:
                 print(f"{name:5s} D={D:3d} BM={row['BM']:3d} BN={row['BN']:3d} warps={row['num_warps']} "
                       f"stages={row['num_stages']}  regs {row['registers']:3d}  stack {row['stack_bytes']:5d} B  "
                       f"shared {row['shared_bytes'] // 1024:3d} KiB  HGMMA {row['hgmma']:3d}  HMMA {row['hmma']}", flush=True)
+    for BV, warps in ((8192, 8), (4096, 8)):  # the fused loss's row kernel (kernels/masked_ce.py)
+        for grad in (True, False):
+            row = {"kernel": "ce_rows", "BV": BV, "write_grad": grad, "num_warps": warps, "num_stages": 1}
+            row.update(resources(compile_for(ce._ce_rows_kernel, dict(BV=BV, WRITE_GRAD=grad), warps, 1,
+                                             args.arch, args.dtype)))
+            rows.append(row)
+            print(f"ce_rows BV={BV} grad={grad} warps={warps}  regs {row['registers']:3d}  stack {row['stack_bytes']:5d} B", flush=True)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"kernel_report_sm{args.arch}.json")
     with open(out, "w") as f:

@@ -49,3 +49,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     allowed = attention_mask(B, T, S, doc_offsets, q.device)[:, None]  # (B, 1, T, S)
     scores = scores.masked_fill(~allowed, float("-inf"))
     return torch.einsum("bhts,bshd->bthd", scores.softmax(dim=-1), v)
+
+
+def masked_cross_entropy(h: torch.Tensor, W: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+                         z_loss: float = 0.0, reduction: str = "mean") -> torch.Tensor:
+    """sum_i w_i * (CE(h_i @ W.T, y_i) + z_loss * logsumexp_i^2), over sum_i w_i for "mean" (0 when
+    every weight is 0). The full logits, in float32 at least (float64 stays float64)."""
+    h = h.reshape(-1, h.shape[-1])
+    logits = (h @ W.T).to(torch.promote_types(h.dtype, torch.float32))
+    lse = logits.logsumexp(dim=-1)
+    per_row = lse - logits.gather(1, targets.reshape(-1, 1).long())[:, 0] + z_loss * lse * lse
+    w = weights.reshape(-1).to(logits.dtype)
+    total = (per_row * w).sum()
+    return total if reduction == "sum" else total / w.sum().clamp_min(1e-12)

@@ -9,7 +9,7 @@ never attends to another one and its positions restart at 0, so a packed row com
 what each trajectory would compute alone (tests/test_model.py checks this).
 
 Module names are the checkpoint keys (model/checkpoint.py maps them to Hugging Face names). Fast
-kernels plug in at `attend` (set_attention / --attn) and `lm_loss` (LOSS); they never change a key.
+kernels plug in at `attend` (set_attention, --attn) and `lm_loss` (set_loss, --loss); they never change a key.
 """
 from __future__ import annotations
 
@@ -255,13 +255,16 @@ def set_attention(name: str, device) -> str:
     global ATTENTION
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose from {BACKENDS}")
+    resolved = name if name != "auto" else ("triton" if torch.device(device).type == "cuda" else "sdpa")
+    if resolved == "triton" and torch.device(device).type != "cuda" and not _interpreting():
+        raise ValueError("--attn=triton needs a CUDA device (or TRITON_INTERPRET=1 on the CPU: correct but very slow)")
     ATTENTION = name
-    resolved = attention_backend(device)
-    if resolved == "triton" and torch.device(device).type != "cuda":
-        import os
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError("--attn=triton needs a CUDA device (or TRITON_INTERPRET=1 on the CPU: correct but very slow)")
     return resolved
+
+
+def _interpreting() -> bool:
+    import os
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _warn_once(key: str, message: str) -> None:
@@ -477,15 +480,42 @@ class Transformer(nn.Module):
 # ----------------------------------------------------------------------------- loss dispatch
 
 # Which loss runs. "torch": logits of the trained tokens only, in float32, then cross-entropy.
-LOSS = "torch"
+# Which loss runs; train.py sets it with --loss. Both compute the same function (tests/test_model.py).
+#   fused      kernels/masked_ce.py: untrained rows dropped, logits in chunks, never (N, V) (CUDA, or
+#              the CPU interpreter with TRITON_INTERPRET=1); the default on CUDA
+#   reference  logits of the trained rows, then F.cross_entropy; the default on CPU
+LOSS = "auto"
+LOSSES = ("auto", "fused", "reference")
+
+
+def loss_backend(device) -> str:
+    if LOSS not in LOSSES:
+        raise ValueError(f"unknown loss {LOSS!r}; choose from {LOSSES}")
+    if LOSS != "auto":
+        return LOSS
+    return "fused" if torch.device(device).type == "cuda" else "reference"
+
+
+def set_loss(name: str, device) -> str:
+    """Select the loss for a run on `device`, refusing one that cannot run there; returns the
+    resolved name."""
+    global LOSS
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose from {LOSSES}")
+    resolved = name if name != "auto" else ("fused" if torch.device(device).type == "cuda" else "reference")
+    if resolved == "fused" and torch.device(device).type != "cuda" and not _interpreting():
+        raise ValueError("--loss=fused needs a CUDA device (or TRITON_INTERPRET=1 on the CPU: correct but slow)")
+    LOSS = name
+    return resolved
 
 
 def lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
             loss_weights: torch.Tensor) -> torch.Tensor:
     """sum_i loss_weights[i] * CE(hidden[i] @ weight.T, targets[i]), a scalar in float32 (or float64).
     hidden (B, T, dim), weight (vocab, dim), targets and loss_weights (B, T)."""
-    if LOSS != "torch":
-        raise ValueError(f"unknown loss implementation {LOSS!r}")
+    if loss_backend(hidden.device) == "fused" and hidden.dtype != torch.float64:
+        from kernels.masked_ce import masked_cross_entropy  # imports triton: only when used
+        return masked_cross_entropy(hidden, weight, targets, loss_weights, reduction="sum")
     h = hidden.reshape(-1, hidden.shape[-1])
     t, w = targets.reshape(-1), loss_weights.reshape(-1).float()
     keep = w.nonzero().squeeze(1)  # about a third of a row is trained: skip the rest's logits

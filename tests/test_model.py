@@ -136,6 +136,7 @@ def test_attention_backends_agree_on_loss_and_every_gradient(monkeypatch):
     """The model's loss and the gradient of every parameter are the same whichever attention
     backend runs (packed rows with a length-1 document, GQA). On the CPU, PyTorch's flex
     attention has no backward, so there it is checked on the loss only."""
+    monkeypatch.setattr(transformer, "ATTENTION", "auto")  # restored afterwards
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=61, dim=48, n_layers=2, n_heads=6, n_kv_heads=2, ffn_dim=96, max_seq_len=64)
     model = Transformer(cfg)
@@ -162,6 +163,31 @@ def test_attention_backends_agree_on_loss_and_every_gradient(monkeypatch):
             torch.testing.assert_close(g, ref_grads[n], rtol=1e-4, atol=1e-6, msg=f"{name}: gradient of {n}")
 
 
+def test_fused_loss_agrees_with_reference_on_loss_and_every_gradient(monkeypatch):
+    """--loss=fused (kernels/masked_ce.py, the interpreter on CPU) and --loss=reference give the
+    model the same loss and the same gradient for every parameter, tied head included."""
+    monkeypatch.setattr(transformer, "LOSS", "auto")  # restored afterwards
+    torch.manual_seed(0)
+    for tie in (False, True):
+        cfg = ModelConfig(vocab_size=301, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64,
+                          tie_embeddings=tie)
+        model = Transformer(cfg)
+        x, y = torch.randint(0, 301, (2, 2, 23))
+        w = (torch.rand(2, 23) > 0.6).float() * 1.5
+        off = torch.tensor([0, 9, 23, 24, 46], dtype=torch.int32)
+        results = {}
+        for name in ("reference", "fused"):
+            transformer.set_loss(name, "cpu")
+            model.zero_grad()
+            loss = model(x, off, y, w)
+            loss.backward()
+            results[name] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+        (ref_loss, ref_grads), (loss, grads) = results["reference"], results["fused"]
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+        for n, g in grads.items():
+            torch.testing.assert_close(g, ref_grads[n], rtol=1e-4, atol=1e-6, msg=f"gradient of {n} (tied={tie})")
+
+
 def test_unknown_or_unavailable_backend_is_refused(monkeypatch):
     with pytest.raises(ValueError, match="unknown attention backend"):
         transformer.set_attention("flash3", "cpu")
@@ -170,6 +196,12 @@ def test_unknown_or_unavailable_backend_is_refused(monkeypatch):
         transformer.set_attention("triton", "cpu")
     monkeypatch.setattr(transformer, "ATTENTION", "auto")
     assert transformer.attention_backend("cpu") == "sdpa"
+    monkeypatch.setattr(transformer, "LOSS", "auto")
+    with pytest.raises(ValueError, match="CUDA"):
+        transformer.set_loss("fused", "cpu")
+    with pytest.raises(ValueError, match="unknown loss"):
+        transformer.set_loss("liger", "cpu")
+    assert transformer.loss_backend("cpu") == "reference"
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
