@@ -240,31 +240,33 @@ DOC_LOOP_ON_CPU = True  # False: sdpa's dense-mask path on CPU too (tests check 
 _warned = set()
 
 
-def attention_backend(device) -> str:
-    """The backend `attend` uses for tensors on `device` under the current ATTENTION."""
-    if ATTENTION not in BACKENDS:
-        raise ValueError(f"unknown attention backend {ATTENTION!r}; choose from {BACKENDS}")
-    if ATTENTION != "auto":
-        return ATTENTION
-    return "triton" if torch.device(device).type == "cuda" else "sdpa"
-
-
-def set_attention(name: str, device) -> str:
-    """Select a backend for a run on `device`, refusing one that cannot run there; returns the
-    resolved name."""
-    global ATTENTION
-    if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose from {BACKENDS}")
-    resolved = name if name != "auto" else ("triton" if torch.device(device).type == "cuda" else "sdpa")
-    if resolved == "triton" and torch.device(device).type != "cuda" and not _interpreting():
-        raise ValueError("--attn=triton needs a CUDA device (or TRITON_INTERPRET=1 on the CPU: correct but very slow)")
-    ATTENTION = name
+def resolve_backend(kind: str, flag: str, name: str, choices: tuple, device, on_cuda: str, on_cpu: str) -> str:
+    """The implementation `name` ("auto": on_cuda or on_cpu) stands for on `device`; a Triton
+    kernel (triton, fused) off CUDA only under TRITON_INTERPRET=1. Shared by --attn and --loss."""
+    if name not in choices:
+        raise ValueError(f"unknown {kind} {name!r}; choose from {choices}")
+    cuda = torch.device(device).type == "cuda"
+    resolved = name if name != "auto" else (on_cuda if cuda else on_cpu)
+    if resolved in ("triton", "fused") and not cuda:
+        import os
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"{flag}={resolved} needs a CUDA device (or TRITON_INTERPRET=1 on the CPU: "
+                             "correct but slow)")
     return resolved
 
 
-def _interpreting() -> bool:
-    import os
-    return os.environ.get("TRITON_INTERPRET") == "1"
+def attention_backend(device) -> str:
+    """The backend `attend` uses for tensors on `device` under the current ATTENTION."""
+    return resolve_backend("attention backend", "--attn", ATTENTION, BACKENDS, device, "triton", "sdpa")
+
+
+def set_attention(name: str, device) -> str:
+    """Select the attention for a run on `device` (--attn), refusing one that cannot run there;
+    returns the resolved name."""
+    global ATTENTION
+    resolved = resolve_backend("attention backend", "--attn", name, BACKENDS, device, "triton", "sdpa")
+    ATTENTION = name
+    return resolved
 
 
 def _warn_once(key: str, message: str) -> None:
@@ -489,22 +491,14 @@ LOSSES = ("auto", "fused", "reference")
 
 
 def loss_backend(device) -> str:
-    if LOSS not in LOSSES:
-        raise ValueError(f"unknown loss {LOSS!r}; choose from {LOSSES}")
-    if LOSS != "auto":
-        return LOSS
-    return "fused" if torch.device(device).type == "cuda" else "reference"
+    return resolve_backend("loss", "--loss", LOSS, LOSSES, device, "fused", "reference")
 
 
 def set_loss(name: str, device) -> str:
-    """Select the loss for a run on `device`, refusing one that cannot run there; returns the
-    resolved name."""
+    """Select the loss for a run on `device` (--loss), refusing one that cannot run there;
+    returns the resolved name."""
     global LOSS
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; choose from {LOSSES}")
-    resolved = name if name != "auto" else ("fused" if torch.device(device).type == "cuda" else "reference")
-    if resolved == "fused" and torch.device(device).type != "cuda" and not _interpreting():
-        raise ValueError("--loss=fused needs a CUDA device (or TRITON_INTERPRET=1 on the CPU: correct but slow)")
+    resolved = resolve_backend("loss", "--loss", name, LOSSES, device, "fused", "reference")
     LOSS = name
     return resolved
 

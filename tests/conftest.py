@@ -3,6 +3,8 @@
 Without a GPU, Triton kernels run in Triton's CPU interpreter: TRITON_INTERPRET must be set before
 the first kernel is defined, so it is set here, before any test module imports one."""
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -50,3 +52,17 @@ def calc_shards(calc_corpus, tmp_path_factory):
         pack.main([src, "--tokenizer", calc_corpus["tokenizer"], "--seq-len", "512", "--out", str(d / name),
                    "--quiet"])
     return {"train": str(d / "train"), "val": str(d / "val"), "vocab_size": calc_corpus["tok"].vocab_size}
+
+
+@pytest.fixture
+def run_script():
+    """Run a repository script (`python ARGS...`) from the repository root, one torch thread,
+    and fail the test with its stderr if it fails."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def run(*args, env=None, timeout=900):
+        p = subprocess.run([sys.executable, *map(str, args)], cwd=root, capture_output=True, text=True, timeout=timeout,
+                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+        assert p.returncode == 0, p.stderr[-3000:]
+        return p
+    return run

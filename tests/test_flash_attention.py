@@ -7,6 +7,7 @@ larger ones.
 Tolerances: float32 kernels against a float64 reference to 1e-5 (relative Frobenius error); bf16
 and fp16 kernels must be within 2x (+ a small floor) of the error PyTorch's own computation in the
 same dtype makes against float64 (the FlashAttention tests' criterion)."""
+import json
 import random
 
 import pytest
@@ -172,19 +173,13 @@ def test_gpu_larger_shapes(T, H, KV, D, dtype):
     check(1, T, H, KV, D, False, dtype, seed=T + 1)
 
 
-def test_kernels_compile_for_hopper(tmp_path):
-    """Our kernels (these and the fused loss's) compile for sm_90 (no GPU needed: Triton carries ptxas), which the CPU
-    interpreter does not check (constexpr globals, layouts), and their products run on tensor
-    cores: wgmma for the forward, which also keeps everything in registers at head dim 128."""
-    import json
-    import os
-    import subprocess
-    import sys
+def test_kernels_compile_for_hopper(tmp_path, run_script):
+    """Our kernels (these and the fused loss's) compile for sm_90 (no GPU needed: Triton carries
+    ptxas), which the CPU interpreter does not check (constexpr globals, layouts), and their
+    products run on tensor cores: wgmma for the forward, which also keeps everything in registers
+    at head dim 128."""
     out = tmp_path / "report.json"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    p = subprocess.run([sys.executable, "experiments/kernel_report.py", "--quick", "--head-dim", "128", "--out", str(out)],
-                       cwd=root, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
+    run_script("experiments/kernel_report.py", "--quick", "--head-dim", "128", "--out", out, timeout=600)
     rows = {r["kernel"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"fwd", "dq", "dkdv", "ce_rows"}  # ce_rows: kernels/masked_ce.py
     assert rows["ce_rows"]["stack_bytes"] == 0
@@ -192,19 +187,11 @@ def test_kernels_compile_for_hopper(tmp_path):
     assert all(rows[k]["hgmma"] + rows[k]["hmma"] > 0 for k in ("fwd", "dq", "dkdv"))
 
 
-def test_attention_benchmark_runs_end_to_end(tmp_path):
+def test_attention_benchmark_runs_end_to_end(tmp_path, run_script):
     """experiments/bench_attention.py --smoke: every method, point, JSON field and the plot, on
     tiny shapes (the GPU run takes the same code path with do_bench timing and bf16)."""
-    import json
-    import os
-    import subprocess
-    import sys
     out = tmp_path / "att.json"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    p = subprocess.run([sys.executable, "experiments/bench_attention.py", "--smoke", "--out", str(out)], cwd=root,
-                       capture_output=True, text=True, timeout=900,
-                       env={**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"})
-    assert p.returncode == 0, p.stderr[-3000:]
+    run_script("experiments/bench_attention.py", "--smoke", "--out", out, env={"TRITON_INTERPRET": "1"})
     r = json.loads(out.read_text())
     assert r["smoke"] and r["device"] and r["torch"] and r["triton"] and (tmp_path / "att.png").exists()
     ours = [x for x in r["rows"] if x["method"] == "ours"]
