@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--mistake-rate", type=float, default=0.0,
                     help="chance per teacher call of a deliberate mistake first (its error kept in context, "
                          "loss weight 0), where the workflow knows one")
+    ap.add_argument("--fault-rate", type=float, default=0.0,
+                    help="chance per call attempt of a transient tool error (timeout, rate limit, locked "
+                         "database) that the teacher answers by retrying the same call")
     ap.add_argument("--resume", action="store_true", help="continue OUT.partial after a crash")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
@@ -110,6 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
     wf_kwargs = {"test_share": args.test_share, "heldout_template_share": args.heldout_template_share}
     if args.mistake_rate:
         wf_kwargs["mistake_rate"] = args.mistake_rate
+    if args.fault_rate:
+        wf_kwargs["fault_rate"] = args.fault_rate
     for item in args.workflow_arg:
         key, sep, value = item.partition("=")
         if not sep or not key.isidentifier():

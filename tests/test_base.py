@@ -206,6 +206,38 @@ def test_deliberate_mistakes_come_first_untrained_and_must_fail():
         CalcWorkflow(mistake_rate=1.5)
 
 
+def test_transient_faults_are_retried_trained_and_change_nothing():
+    """With fault_rate 1, every call meets MAX_CONSECUTIVE_FAULTS transient errors first: the same
+    call, answered by a fault text instead of the tool (so a modifying call runs once), then
+    retried with the retry reasoning; all trained. Rate 0 changes nothing; faults are seeded."""
+    from workflows.base import MAX_CONSECUTIVE_FAULTS, TRANSIENT_FAULTS
+    task = CalcWorkflow().sample_task("train", 3, task_seed(0, "calc", "train", 3))
+    plain = run_teacher(CalcWorkflow(), task)
+    ep = run_teacher(CalcWorkflow(fault_rate=1.0), task)
+    assert ep.verdict.ok and ep.answer == plain.answer
+    calls = [m for m in ep.messages if m.get("tool_calls")]
+    results = [m for m in ep.messages if m["role"] == "tool"]
+    n_real = sum(1 for m in plain.messages if m.get("tool_calls"))
+    assert len(calls) == n_real * (MAX_CONSECUTIVE_FAULTS + 1) and all("weight" not in m for m in ep.messages)
+    fault_texts, retry_texts = {t for t, _ in TRANSIENT_FAULTS}, {r for _, r in TRANSIENT_FAULTS}
+    for i in range(0, len(calls), MAX_CONSECUTIVE_FAULTS + 1):
+        group = calls[i:i + MAX_CONSECUTIVE_FAULTS + 1]
+        assert len({dump(m["tool_calls"][0]["function"]) for m in group}) == 1  # the same call each time
+        assert all(results[j]["content"] in fault_texts for j in range(i, i + MAX_CONSECUTIVE_FAULTS))
+        assert results[i + MAX_CONSECUTIVE_FAULTS]["content"] not in fault_texts
+        assert all(m["reasoning"] in retry_texts for m in group[1:])
+    assert [o.kind for o in ep.observations].count("transient") == n_real * MAX_CONSECUTIVE_FAULTS
+    assert run_teacher(CalcWorkflow(fault_rate=0.0), task).messages == plain.messages
+    some = CalcWorkflow(fault_rate=0.4)
+    assert run_teacher(some, task).messages == run_teacher(some, task).messages
+    with pytest.raises(ValueError, match="fault_rate"):
+        CalcWorkflow(fault_rate=-0.1)
+
+
+def dump(function: dict) -> str:
+    return function["name"] + function["arguments"]
+
+
 def test_load_workflow():
     assert isinstance(load_workflow("tests.fake_workflow"), CalcWorkflow)
     with pytest.raises(ValueError, match="no workflow named 'nope'"):

@@ -53,6 +53,17 @@ def test_deterministic_whatever_the_workers(tmp_path):
     assert one == two and one != other
 
 
+def test_fault_rate_reaches_the_teacher(tmp_path):
+    """--fault-rate: transient errors appear in the tool messages, and as many tasks are kept as
+    without them (the fake workflow rejects a few on purpose either way)."""
+    from workflows.base import TRANSIENT_FAULTS
+    _, _, lines = run(tmp_path, "f.jsonl", "--n", 40, "--workers", 2, "--fault-rate", 0.3)
+    _, _, plain = run(tmp_path, "p.jsonl", "--n", 40, "--workers", 2)
+    texts = {t for t, _ in TRANSIENT_FAULTS}
+    faults = sum(m.get("content") in texts for line in lines for m in json.loads(line)["messages"])
+    assert len(lines) == len(plain) and faults > 5
+
+
 def test_shards_partition_the_set(tmp_path):
     _, _, full = run(tmp_path, "full.jsonl", "--n", 50, "--workers", 1)
     _, _, a = run(tmp_path, "a.jsonl", "--n", 50, "--workers", 1, "--shard", "0/2")

@@ -61,6 +61,19 @@ def test_teacher_solves_every_task(episodes):
     assert len(FAMILIES) >= 12 and all(3 <= len(fam.templates) <= 4 for fam in FAMILIES.values())
 
 
+def test_teacher_solves_every_task_with_faults_and_mistakes():
+    """Transient tool errors and deliberate mistakes at 10% each: the teacher still solves every
+    task, modifying ones included (a faulted call never ran, a retried one ran once)."""
+    wf = load_workflow("sql", fault_rate=0.1, mistake_rate=0.1)
+    n_faults = 0
+    for split, n in (("train", 120), ("test", 60)):
+        for i in range(n):
+            ep = run_teacher(wf, wf.sample_task(split, i, seed_of(split, i)))
+            assert ep.verdict.ok, (ep.task.id, ep.verdict.reason, ep.error)
+            n_faults += sum(o.kind == "transient" for o in ep.observations)
+    assert n_faults > 50
+
+
 def test_deliberate_mistakes_are_untrained_rejected_and_fixed():
     """With mistake_rate, the teacher sometimes first sends a name from another schema: the tool
     rejects it (no row changes: modifying tasks still end in the gold state), the message carries

@@ -180,7 +180,7 @@ class Observation:
     """What a tool call gave back. `text` is what the model sees; `value` is the Python return
     value (for the teacher's convenience; everything it uses must also be in `text`)."""
     text: str
-    kind: Literal["ok", "tool_error", "bad_arguments", "unknown_tool", "crash"] = "ok"
+    kind: Literal["ok", "tool_error", "bad_arguments", "unknown_tool", "crash", "transient"] = "ok"
     value: Any = None
 
     @property
@@ -336,6 +336,18 @@ class Mistake:
 
 Teacher = Generator[Union[Call, Answer], Observation, None]
 
+# Transient faults (Workflow.fault_rate): what the tool says instead of running, and the reasoning
+# of the teacher's retry. A faulted call did nothing, so the retry is the same call.
+TRANSIENT_FAULTS = (
+    ("Error: the call timed out before the tool answered; nothing was changed.",
+     "That call timed out without doing anything; sending it again unchanged."),
+    ("Error: rate limit exceeded (too many requests); try again shortly.",
+     "Rate limited; retrying the same call."),
+    ("Error: the database is locked by another operation; try again.",
+     "The database was locked for a moment; retrying the same call."),
+)
+MAX_CONSECUTIVE_FAULTS = 2  # per call; the teacher retries up to 3 times, so it always gets through
+
 
 class Workflow:
     """Subclass and fill in the four methods. `test_share` is the share of entity values and
@@ -345,15 +357,22 @@ class Workflow:
     name: str = "base"
     instructions: str = ""  # the system prompt's prose; the tool manifest is appended
 
-    def __init__(self, test_share: float = 0.3, heldout_template_share: float = 0.25, mistake_rate: float = 0.0):
+    def __init__(self, test_share: float = 0.3, heldout_template_share: float = 0.25, mistake_rate: float = 0.0,
+                 fault_rate: float = 0.0):
         """mistake_rate: the chance, per teacher call, that a deliberate mistake comes first (if
-        the workflow knows one for that call; see `mistake`)."""
+        the workflow knows one for that call; see `mistake`). fault_rate: the chance, per attempt
+        of a call, that the tool fails transiently instead of running (TRANSIENT_FAULTS: a timeout,
+        a rate limit, a locked database); the teacher retries the same call, trained, at most
+        MAX_CONSECUTIVE_FAULTS times in a row. Every workflow gets both from this class."""
         if not 0 < test_share < 1:
             raise ValueError("test_share must be in (0, 1)")
         if not 0 <= heldout_template_share < 1:
             raise ValueError("heldout_template_share must be in [0, 1)")
         if not 0 <= mistake_rate <= 1:
             raise ValueError("mistake_rate must be in [0, 1]")
+        if not 0 <= fault_rate <= 1:
+            raise ValueError("fault_rate must be in [0, 1]")
+        self.fault_rate = fault_rate
         self.test_share = test_share
         self.heldout_template_share = heldout_template_share
         self.mistake_rate = mistake_rate
@@ -434,8 +453,10 @@ def run_teacher(workflow: Workflow, task: Task, max_steps: int = 64) -> Episode:
         env.close()
 
 
-def _send(messages: list[dict], env: Environment, call: Call, call_id: str, weight: float = 1.0) -> Observation:
-    """Append the assistant message of `call`, run it, append its tool message."""
+def _send(messages: list[dict], env: Environment, call: Call, call_id: str, weight: float = 1.0,
+          fault: Observation | None = None) -> Observation:
+    """Append the assistant message of `call`, run it (or, given a transient `fault`, answer with
+    that instead), append its tool message."""
     msg = {"role": "assistant"}
     if call.reasoning:
         msg["reasoning"] = call.reasoning
@@ -445,7 +466,7 @@ def _send(messages: list[dict], env: Environment, call: Call, call_id: str, weig
     if weight != 1:
         msg["weight"] = weight
     messages.append(msg)
-    obs = env.call(call.tool, call.args)
+    obs = fault or env.call(call.tool, call.args)
     messages.append({"role": "tool", "tool_call_id": call_id, "name": call.tool, "content": obs.text})
     return obs
 
@@ -457,6 +478,7 @@ def _drive(workflow: Workflow, task: Task, env: Environment, max_steps: int) -> 
     observations: list[Observation] = []
     answer = None
     rng = random.Random(stable_hash("mistakes", task.seed))
+    fault_rng = random.Random(stable_hash("faults", task.seed))
     gen = workflow.teacher(task, env)
     try:
         step = next(gen)
@@ -475,6 +497,12 @@ def _drive(workflow: Workflow, task: Task, env: Environment, max_steps: int) -> 
                     raise RuntimeError(f"a deliberate mistake ran without an error: {wrong.call}")
                 observations.append(obs)
                 step = Call(step.tool, step.args, wrong.recovery)
+            for k in range(MAX_CONSECUTIVE_FAULTS):  # transient faults: the same call, retried
+                if fault_rng.random() >= workflow.fault_rate:
+                    break
+                text, retry = TRANSIENT_FAULTS[fault_rng.randrange(len(TRANSIENT_FAULTS))]
+                observations.append(_send(messages, env, step, f"call_{n}_fault{k}", fault=Observation(text, "transient")))
+                step = Call(step.tool, step.args, retry)
             obs = _send(messages, env, step, f"call_{n}")
             observations.append(obs)
             step = gen.send(obs)

@@ -677,11 +677,11 @@ several items are asked for. When asked to change data, run the INSERT, UPDATE o
 (changes are saved immediately) and reply with a short confirmation."""
 
     def __init__(self, test_share: float = 0.3, heldout_template_share: float = 0.25, mistake_rate: float = 0.0,
-                 invented: float = 0.5):
+                 fault_rate: float = 0.0, invented: float = 0.5):
         """invented: share of made-up names, cities, categories and products mixed into the pools of
         train shops (sql_shop.shop_pools), so the policy learns to copy names instead of memorising
         them. Test shops never have any."""
-        super().__init__(test_share, heldout_template_share, mistake_rate)
+        super().__init__(test_share, heldout_template_share, mistake_rate, fault_rate)
         if not 0 <= invented < 1:
             raise ValueError(f"invented must be in [0, 1), got {invented}")
         self.invented = invented
