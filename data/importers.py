@@ -102,6 +102,17 @@ def _json_objects(text: str) -> list:
         i = end
 
 
+def _json_object(text: str, what: str) -> Any:
+    """`text` parsed as JSON, or Malformed naming `what` (a list is returned as is)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise Malformed(f"{what} that is not JSON ({e.msg}): {text[:80]!r}") from None
+    if not isinstance(value, (dict, list)):
+        raise Malformed(f"{what} that is not an object")
+    return value
+
+
 class _Calls:
     """Numbers calls and pairs results with them, in order."""
 
@@ -186,10 +197,7 @@ def from_hermes(rec: dict) -> dict:
         elif role == "assistant":
             made = []
             for body in TOOL_CALL.findall(text):
-                try:
-                    call = json.loads(body)
-                except json.JSONDecodeError as e:
-                    raise Malformed(f"turn {k}: a <tool_call> that is not JSON ({e.msg}): {body[:80]!r}") from None
+                call = _json_object(body, f"turn {k}: a <tool_call>")
                 if not isinstance(call, dict):
                     raise Malformed(f"turn {k}: a <tool_call> that is not an object")
                 made.append(calls.new(call.get("name"), call.get("arguments", call.get("parameters"))))
@@ -209,10 +217,7 @@ def from_sharegpt(rec: dict) -> dict:
         out.append({"role": "system", "content": rec["system"]})
     for k, (role, text) in enumerate(_turns(rec)):
         if role == "function_call":
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise Malformed(f"turn {k}: function_call is not JSON ({e.msg}): {text[:80]!r}") from None
+            value = _json_object(text, f"turn {k}: a function_call")
             made = []
             for c in value if isinstance(value, list) else [value]:
                 if not isinstance(c, dict):
@@ -246,10 +251,7 @@ def _glaive_call(body: str, k: int) -> tuple[str, Any]:
     m = re.search(r"\"arguments\"\s*:\s*'(.*)'\s*\}\s*$", body, re.S)
     if m:
         body = body[:m.start()] + '"arguments": {}}'
-    try:
-        call = json.loads(body)
-    except json.JSONDecodeError as e:
-        raise Malformed(f"turn {k}: a <functioncall> that is not JSON ({e.msg}): {body[:80]!r}") from None
+    call = _json_object(body, f"turn {k}: a <functioncall>")
     if not isinstance(call, dict):
         raise Malformed(f"turn {k}: a <functioncall> that is not an object")
     return call.get("name"), (m.group(1) if m else call.get("arguments"))

@@ -83,8 +83,9 @@ def methods(q, k, v, off, smoke: bool) -> dict:
     B, N, H, D = q.shape
     out = {"ours": lambda q, k, v: flash_attention(q, k, v, off)}
     if off is None and not smoke:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
         def sdpa_flash(q, k, v):
-            from torch.nn.attention import SDPBackend, sdpa_kernel
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                 return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                       is_causal=True).transpose(1, 2)

@@ -71,6 +71,15 @@ def _mm(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     return tl.dot(a, b, input_precision=PRECISION)
 
 
+@triton.jit
+def _load_rows(base, rows, stride, n_rows, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The (len(rows), BLOCK_D) tile of rows `rows` of a (n_rows, D) slice whose rows are `stride`
+    apart; zeros past n_rows and past D."""
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < n_rows) & (offs_d[None, :] < D)
+    return tl.load(base + rows[:, None] * stride + offs_d[None, :], mask=mask, other=0.0)
+
+
 
 @triton.jit
 def _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, qstart, lo, hi,
@@ -79,11 +88,9 @@ def _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, q
     """Online softmax over key tiles [lo, hi) for one query tile; MASKED tiles apply the causal
     and document mask element by element."""
     offs_n = tl.arange(0, BN)
-    offs_d = tl.arange(0, BLOCK_D)
     for n0 in range(lo, hi, BN):
         kj = n0 + offs_n
-        kv_mask = (kj[:, None] < S) & (offs_d[None, :] < D)
-        k = tl.load(k_base + kj[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = _load_rows(k_base, kj, stride_ks, S, D, BLOCK_D)
         s = _mm(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
         if MASKED:
             ok = (kj[None, :] >= qstart[:, None]) & (kj[None, :] <= offs_m[:, None] + OFFSET) & (kj[None, :] < S)
@@ -92,7 +99,7 @@ def _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, q
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + kj[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = _load_rows(v_base, kj, stride_vs, S, D, BLOCK_D)
         acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION, UPCAST)
         m_i = m_new
     return acc, m_i, l_i
@@ -134,8 +141,7 @@ def _fwd_kernel(Q, K, V, O, LSE, STARTS,
     offs_m = m0 + tl.arange(0, BM)
     offs_d = tl.arange(0, BLOCK_D)
     m_valid = offs_m < T
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
-                mask=m_valid[:, None] & (offs_d[None, :] < D), other=0.0)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qt, T, D, BLOCK_D)
     if HAS_DOCS:
         qstart = tl.load(STARTS + b * T + offs_m, mask=m_valid, other=0)
     else:
@@ -174,10 +180,8 @@ def _delta_kernel(O, DO, DELTA, stride_ob, stride_ot, stride_oh, stride_db, stri
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
     offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < T) & (offs_d[None, :] < D)
-    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dt + offs_d[None, :], mask=mask, other=0.0)
+    o = _load_rows(O + b * stride_ob + h * stride_oh, offs_m, stride_ot, T, D, BLOCK_D)
+    do = _load_rows(DO + b * stride_db + h * stride_dh, offs_m, stride_dt, T, D, BLOCK_D)
     tl.store(DELTA + bh * T + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_m < T)
 
 
@@ -186,12 +190,10 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, offs_
               qk_scale, D: tl.constexpr, BLOCK_D: tl.constexpr, BN: tl.constexpr, MASKED: tl.constexpr,
               PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     offs_n = tl.arange(0, BN)
-    offs_d = tl.arange(0, BLOCK_D)
     for n0 in range(lo, hi, BN):
         kj = n0 + offs_n
-        kv_mask = (kj[:, None] < T) & (offs_d[None, :] < D)
-        k = tl.load(k_base + kj[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + kj[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = _load_rows(k_base, kj, stride_ks, T, D, BLOCK_D)
+        v = _load_rows(v_base, kj, stride_vs, T, D, BLOCK_D)
         p = tl.exp2(_mm(q, tl.trans(k), PRECISION, UPCAST) * qk_scale - lse[:, None])
         if MASKED:
             ok = (kj[None, :] >= qstart[:, None]) & (kj[None, :] <= offs_m[:, None]) & (offs_m[:, None] < T)
@@ -219,8 +221,8 @@ def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, STARTS,
     offs_d = tl.arange(0, BLOCK_D)
     m_valid = offs_m < T
     tile_mask = m_valid[:, None] & (offs_d[None, :] < D)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :], mask=tile_mask, other=0.0)
-    do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dt + offs_d[None, :], mask=tile_mask, other=0.0)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qt, T, D, BLOCK_D)
+    do = _load_rows(DO + b * stride_db + h * stride_dh, offs_m, stride_dt, T, D, BLOCK_D)
     lse = tl.load(LSE + bh * T + offs_m, mask=m_valid, other=0.0)
     delta = tl.load(DELTA + bh * T + offs_m, mask=m_valid, other=0.0)
     if HAS_DOCS:
@@ -248,13 +250,11 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, STARTS, b, 
                 HAS_DOCS: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """Accumulate one key tile's dK, dV over query tiles [lo, hi) of one head, in the transposed
     form (scores as keys x queries), so no tile is ever transposed in memory."""
-    offs_d = tl.arange(0, BLOCK_D)
     for m0 in range(lo, hi, BM):
         qi = m0 + tl.arange(0, BM)
         q_valid = qi < T
-        tile_mask = q_valid[:, None] & (offs_d[None, :] < D)
-        q = tl.load(q_base + qi[:, None] * stride_qt + offs_d[None, :], mask=tile_mask, other=0.0)
-        do = tl.load(do_base + qi[:, None] * stride_dt + offs_d[None, :], mask=tile_mask, other=0.0)
+        q = _load_rows(q_base, qi, stride_qt, T, D, BLOCK_D)
+        do = _load_rows(do_base, qi, stride_dt, T, D, BLOCK_D)
         lse = tl.load(lse_base + qi, mask=q_valid, other=0.0)
         delta = tl.load(delta_base + qi, mask=q_valid, other=0.0)
         pT = tl.exp2(_mm(k, tl.trans(q), PRECISION, UPCAST) * qk_scale - lse[None, :])  # (BN, BM)
@@ -287,8 +287,8 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, STARTS, ENDS,
     offs_d = tl.arange(0, BLOCK_D)
     n_valid = offs_n < T
     tile_mask = n_valid[:, None] & (offs_d[None, :] < D)
-    k = tl.load(K + b * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :], mask=tile_mask, other=0.0)
-    v = tl.load(V + b * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :], mask=tile_mask, other=0.0)
+    k = _load_rows(K + b * stride_kb + kvh * stride_kh, offs_n, stride_ks, T, D, BLOCK_D)
+    v = _load_rows(V + b * stride_vb + kvh * stride_vh, offs_n, stride_vs, T, D, BLOCK_D)
 
     # Queries that see these keys: from n0 (causal) to the end of the last key's document. Those
     # inside the first key's document and past the diagonal tiles see every key of the tile.
@@ -400,13 +400,12 @@ def attention_backward(do, q, k, v, out, lse, starts=None, ends=None):
                                                D=D, BLOCK_D=meta["BLOCK_D"], BM=BM)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     has_docs = starts is not None
-    dummy = lse
     _dq_tuned[lambda m: (triton.cdiv(T, m["BM"]), B * H)](
-        q, k, v, do, dq, lse, delta, starts if has_docs else dummy,
+        q, k, v, do, dq, lse, delta, starts if has_docs else lse,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
         T, H, H // KV, sm_scale * LOG2E, sm_scale, **meta, HAS_DOCS=has_docs)
     _dkdv_tuned[lambda m: (triton.cdiv(T, m["BN"]), B * KV)](
-        q, k, v, do, dk, dv, lse, delta, starts if has_docs else dummy, ends if has_docs else dummy,
+        q, k, v, do, dk, dv, lse, delta, starts if has_docs else lse, ends if has_docs else lse,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
         T, H, KV, H // KV, sm_scale * LOG2E, sm_scale, **meta, HAS_DOCS=has_docs)
     return dq, dk, dv
