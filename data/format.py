@@ -33,6 +33,11 @@ answer; null on a tool-call message, whose text before the call may be given in 
 or "content"), optional "tool_calls" and an optional numeric "weight" (0, or a normal float16 as
 shards store it). Tool results are {"role": "tool", "tool_call_id", "name", "content"}. Content may
 also be a list of OpenAI text parts, and the first message may use the role "developer".
+
+A record whose meta says "ends_with_calls": true (single-step function-calling data such as
+xLAM's, which holds the calls a request needs but neither their results nor an answer) ends with
+an assistant message whose calls have no results: the calls are rendered back to back, trained,
+and nothing follows. Every other record must pair each call with its result and end in an answer.
 """
 from __future__ import annotations
 
@@ -217,8 +222,10 @@ def render(record: dict, tok: TokenizerLike, name: str | None = None) -> Rendere
     for k, m in enumerate(msgs):
         if not isinstance(m, dict):
             raise FormatError(f"{rec}: message {k} is not an object")
+    meta = record.get("meta")
+    ends_with_calls = isinstance(meta, dict) and meta.get("ends_with_calls") is True
     t = Transcript(tok)
-    k = 0
+    k, ended_with_calls = 0, False
     if msgs[0].get("role") in ("system", "developer"):  # "developer" is OpenAI's newer name for it
         t.begin(_text_field(msgs[0], "content", f"{rec}: message 0 (system)"))
         k = 1
@@ -270,6 +277,11 @@ def render(record: dict, tok: TokenizerLike, name: str | None = None) -> Rendere
                     raise FormatError(f"{rec}: message {j} (tool): a second result for call id {rid!r}")
                 results[rid] = (j, msgs[j])
                 j += 1
+            if ends_with_calls and not results and j == len(msgs):  # the record stops at its calls
+                for i, (call_id, fname, args) in enumerate(parsed):
+                    t.call((reasoning or content) if i == 0 else "", fname, args, weight)
+                ended_with_calls, k = True, j
+                continue
             for i, (call_id, fname, args) in enumerate(parsed):
                 if call_id not in results:
                     raise FormatError(f"{where}: call to '{fname}' (id {call_id!r}) has no tool result after it")
@@ -287,7 +299,10 @@ def render(record: dict, tok: TokenizerLike, name: str | None = None) -> Rendere
             raise FormatError(f"{where}: a system message is only allowed first")
         else:
             raise FormatError(f"{where}: unknown role {role!r} (expected system, user, assistant or tool)")
-    if expect != "user" or not answers:
+    if ends_with_calls and not ended_with_calls:
+        raise FormatError(f"{rec}: meta.ends_with_calls is set, but the last message is not an assistant "
+                          "message with tool calls and no results")
+    if not ended_with_calls and (expect != "user" or not answers):
         raise FormatError(f"{rec}: the trajectory does not end with a final answer "
                           "(an assistant message without tool_calls)")
     return t.rendered()

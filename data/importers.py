@@ -13,14 +13,15 @@ Formats:
               function_call (a JSON call, or a list of them), observation; "system"; "tools" (JSON)
     glaive    Glaive function-calling v2: "system" ("SYSTEM: ... -" then function JSON objects) and
               "chat" (USER: / ASSISTANT: / <functioncall> {...} / FUNCTION RESPONSE: turns)
+    xlam      xLAM / APIGen function calling: "query", "tools" (parameters as {name: {type,
+              description, default}}), "answers" (the calls). No results or answer exist, so each
+              record becomes a call-only record (meta.ends_with_calls; data/format.py): its calls
+              are trained and nothing is invented after them
 
 Every converted record is checked against the token layout (data/format.py render, without a
 tokenizer); a record that is malformed or does not convert is reported with its line number and
 reason, counted, listed in OUT.skipped.jsonl, and skipped: nothing is dropped silently. Text an
-assistant writes before its calls becomes the call's `reasoning`. Not supported: xLAM/APIGen, whose
-records hold the calls but neither their results nor a final answer, which this layout (every
-call followed by its result, every trajectory ending in an answer) cannot hold without invented
-observations.
+assistant writes before its calls becomes the call's `reasoning`.
 """
 from __future__ import annotations
 
@@ -284,8 +285,81 @@ def from_glaive(rec: dict) -> dict:
     return {"messages": out, "tools": tools}
 
 
+XLAM_TYPES = {"str": "string", "string": "string", "int": "integer", "integer": "integer", "float": "number",
+              "number": "number", "bool": "boolean", "boolean": "boolean", "list": "array", "tuple": "array",
+              "set": "array", "array": "array", "dict": "object", "object": "object"}
+
+
+def _xlam_parameters(params: Any, where: str) -> dict:
+    """xLAM describes parameters as {name: {"type": "List[int], optional", "description", "default"}};
+    this makes the JSON Schema object the other formats carry. A type it cannot map keeps its
+    text in the description and gets no "type"; "optional" or a default makes it not required."""
+    if params in (None, {}):
+        return {"type": "object", "properties": {}}
+    if not isinstance(params, dict):
+        raise Malformed(f"{where}: parameters must be an object")
+    if params.get("type") == "object" and isinstance(params.get("properties"), dict):
+        return params  # already JSON Schema
+    props, required = {}, []
+    for name, spec in params.items():
+        if not isinstance(spec, dict):
+            raise Malformed(f"{where}: parameter {name!r} is not an object")
+        text = str(spec.get("type", "")).strip()
+        optional = bool(re.search(r"optional\s*$", text, re.I))
+        base = re.sub(r",?\s*optional\s*$", "", text, flags=re.I)
+        kind = XLAM_TYPES.get(re.split(r"[\[\s]", base.lower(), maxsplit=1)[0]) if base else None
+        prop = {"type": kind} if kind else {}
+        desc = str(spec.get("description", "")).strip()
+        if base and not kind:
+            desc = f"{desc} (type: {base})".strip()
+        if desc:
+            prop["description"] = desc
+        if "default" in spec:
+            prop["default"] = spec["default"]
+        props[name] = prop
+        if not optional and "default" not in spec:
+            required.append(name)
+    return {"type": "object", "properties": props, "required": required}
+
+
+def from_xlam(rec: dict) -> dict:
+    """xLAM / APIGen: {"query", "tools", "answers"} (tools and answers may be JSON strings). The
+    record holds the calls a request needs, not their results or a final answer, so it becomes a
+    call-only record (meta.ends_with_calls, see data/format.py): the calls are trained, nothing
+    follows them."""
+    query = rec.get("query")
+    if not isinstance(query, str) or not query.strip():
+        raise Malformed("no 'query' text")
+    answers = rec.get("answers")
+    if isinstance(answers, str):
+        answers = _json_object(answers, "'answers'")
+    if isinstance(answers, dict):
+        answers = [answers]
+    if not isinstance(answers, list) or not answers:
+        raise Malformed("no calls in 'answers' (a request that needs no call has nothing to train)")
+    calls = _Calls()
+    made = []
+    for i, a in enumerate(answers):
+        if not isinstance(a, dict):
+            raise Malformed(f"answer {i} is not an object")
+        made.append(calls.new(a.get("name"), a.get("arguments")))
+    raw = rec.get("tools")
+    if isinstance(raw, str):
+        raw = _json_object(raw, "'tools'")
+    tools = []
+    for i, f in enumerate(raw or []):
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str):
+            raise Malformed(f"tool {i} is not an object with a name")
+        tools.append({"type": "function", "function": {
+            "name": f["name"], "description": str(f.get("description", "")),
+            "parameters": _xlam_parameters(f.get("parameters"), f"tool {f['name']!r}")}})
+    return {"messages": [{"role": "user", "content": query.strip()}, _assistant("", made)], "tools": tools,
+            "meta": {"ends_with_calls": True}}
+
+
 FORMATS: dict[str, Callable[[dict], dict]] = {"openai": from_openai, "hermes": from_hermes,
-                                              "sharegpt": from_sharegpt, "glaive": from_glaive}
+                                              "sharegpt": from_sharegpt, "glaive": from_glaive,
+                                              "xlam": from_xlam}
 
 
 # ----------------------------------------------------------------------------- the command
@@ -332,7 +406,7 @@ def convert(records: Iterator[tuple[int, Any]], fmt: str, source: str) -> Iterat
             if not isinstance(rec, dict):
                 raise Malformed(f"a record must be a JSON object, got {type(rec).__name__}")
             out = fn(rec)
-            out["meta"] = {"source": source, "source_format": fmt, "source_line": n}
+            out["meta"] = out.get("meta", {}) | {"source": source, "source_format": fmt, "source_line": n}
             render(out, tok, name=f"line {n}")
             yield n, out, None
         except (Malformed, FormatError) as e:

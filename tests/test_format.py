@@ -139,6 +139,31 @@ def test_parallel_calls_render_each_result_after_its_call(calc_corpus):
     assert msgs[1]["reasoning"] == "Both at once."
 
 
+def test_call_only_records_end_at_their_calls(calc_corpus):
+    """meta.ends_with_calls (xLAM-style data): the calls are trained, back to back, nothing follows;
+    without the flag, or with it on a record that does not end in calls, render refuses."""
+    tok = calc_corpus["tok"]
+    msgs = [{"role": "user", "content": "two things"},
+            {"role": "assistant", "content": "Both.", "tool_calls": [call("a", "f", {"x": 1}), call("b", "g", {"y": 2})]}]
+    r = render({"messages": msgs, "meta": {"ends_with_calls": True}}, tok)
+    ids = r.ids.tolist()
+    assert ids.count(tok.special_ids[CALL]) == ids.count(tok.special_ids[CALL_END]) == 2
+    assert tok.special_ids[RESULT] not in ids and tok.special_ids[ANSWER] not in ids
+    assert ids[-1] == tok.special_ids[CALL_END] and r.weights[-1] == 1
+    first_call = ids.index(tok.special_ids[CALL])
+    assert (r.weights[ids.index(tok.special_ids[ASSISTANT]) + 1:] == 1).all()  # reasoning and both calls
+    assert tok.decode(ids[first_call + 1:ids.index(tok.special_ids[CALL_END])]).startswith('{"name": "f"')
+    with pytest.raises(FormatError, match="has no tool result"):
+        render({"messages": msgs}, tok)
+    answered = msgs + [{"role": "tool", "tool_call_id": "a", "content": "1"},
+                       {"role": "tool", "tool_call_id": "b", "content": "2"}, {"role": "assistant", "content": "ok"}]
+    with pytest.raises(FormatError, match="ends_with_calls is set, but"):
+        render({"messages": answered, "meta": {"ends_with_calls": True}}, tok)
+    with pytest.raises(FormatError, match="has no tool result"):  # only the last message may lack results
+        render({"messages": msgs + [{"role": "user", "content": "and?"}] + msgs[1:], "meta": {"ends_with_calls": True}},
+               tok)
+
+
 def test_parse_model_output(calc_corpus):
     tok = calc_corpus["tok"]
     sid = tok.special_ids

@@ -19,6 +19,8 @@ CASES = {
     "hermes": ("hermes.json", 2, {3: "<tool_call> that is not JSON", 4: "unknown speaker 'narrator'"}),
     "sharegpt": ("sharegpt.json", 2, {3: "2 calls but not a list of 2 results", 4: "no call before it"}),
     "glaive": ("glaive.jsonl", 2, {3: "before any user message", 4: "arguments of call to 'f' are not JSON"}),
+    "xlam": ("xlam.json", 2, {3: "no calls in 'answers'", 4: "'answers' that is not JSON", 5: "no 'query'",
+                              6: "without a function name"}),
 }
 
 
@@ -72,6 +74,21 @@ def test_conversions_keep_calls_results_and_reasoning(tmp_path, capsys):
     assert call["name"] == "calculate_bmi" and json.loads(call["arguments"]) == {"weight": 70, "height": 1.75}
     assert gl[0]["tools"][0]["function"]["name"] == "calculate_bmi"
     assert gl[1]["messages"][-1]["content"].startswith("Why did the scarecrow")
+
+
+def test_xlam_records_are_call_only_with_json_schema_tools(tmp_path, capsys):
+    _, xl, _, _ = run("xlam", tmp_path, capsys)
+    msgs = xl[0]["messages"]
+    assert [m["role"] for m in msgs] == ["user", "assistant"] and xl[0]["meta"]["ends_with_calls"] is True
+    assert [json.loads(c["function"]["arguments"])["target"] for c in msgs[1]["tool_calls"]] == ["EUR", "JPY"]
+    convert, rates = (t["function"]["parameters"] for t in xl[0]["tools"])
+    assert convert["properties"]["amount"] == {"type": "number", "description": "The amount to convert.",
+                                               "default": 1.0}
+    assert convert["required"] == ["source", "target"]  # a default makes a parameter optional
+    assert rates["properties"]["base"]["type"] == "string" and rates["properties"]["symbols"]["type"] == "array"
+    assert rates["required"] == ["symbols", "when"]  # "str, optional" is not required
+    assert "type" not in rates["properties"]["when"] and "(type: datetime.date)" in rates["properties"]["when"]["description"]
+    assert xl[1]["tools"][0]["function"]["parameters"]["required"] == ["text"]  # tools given as a list, not a string
 
 
 def test_module_entry_point_and_wrong_format(tmp_path):
