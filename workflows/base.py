@@ -310,6 +310,41 @@ class Verdict:
     reason: str = ""
 
 
+def _clean(text: str) -> str:
+    return " ".join(text.split()).strip().rstrip(".").strip().strip("\"'`").strip()
+
+
+def _number(text: str) -> float | None:
+    """The one number in an answer ("42.5", "$1,234.50", "17 customers"); None if none or several."""
+    text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text)
+    found = re.findall(r"[-+]?\d+(?:\.\d+)?", text)
+    return float(found[0]) if len(found) == 1 else None
+
+
+def check_value(gold: dict, answer: str) -> Verdict:
+    """Score a final answer against a value gold, the kinds every workflow shares:
+    {"kind": "number", "value", "tol"?}: the answer holds exactly one number, within tol;
+    {"kind": "text", "value"}: equal ignoring case, spacing, quotes and a final period;
+    {"kind": "list", "value": [...], "ordered"}: the comma-, semicolon- or line-separated items,
+    compared like text, in order or as a multiset."""
+    if gold["kind"] == "number":
+        value = _number(answer)
+        if value is None:
+            return Verdict(False, f"expected one number, got {answer!r}")
+        ok = abs(value - gold["value"]) <= gold.get("tol", 0) + 1e-9
+        return Verdict(ok, "" if ok else f"expected {gold['value']}, got {value}")
+    if gold["kind"] == "text":
+        ok = _clean(answer).casefold() == gold["value"].casefold()
+        return Verdict(ok, "" if ok else f"expected {gold['value']!r}, got {answer!r}")
+    if gold["kind"] == "list":
+        got = [_clean(part).casefold() for part in re.split(r"[,;\n]", answer) if _clean(part)]
+        want = [v.casefold() for v in gold["value"]]
+        ok = got == want if gold["ordered"] else sorted(got) == sorted(want)
+        return Verdict(ok, "" if ok else f"expected {'the ordered list ' if gold['ordered'] else ''}"
+                                         f"{gold['value']}, got {answer!r}")
+    raise ValueError(f"unknown gold kind {gold.get('kind')!r}")
+
+
 # ----------------------------------------------------------------------------- teacher steps
 
 @dataclass

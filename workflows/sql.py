@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 from workflows.base import (Answer, Call, Environment, Mistake, Task, ToolError, Verdict, Workflow,
-                            heldout_templates, stable_hash, tool)
+                            check_value, heldout_templates, stable_hash, tool)
 from workflows.sql_shop import (COLUMN_NAMES, LAST_DAY, MONTH_NAMES, STATUSES, TABLE_NAMES, Customer, Shop,
                                 build_shop, entity_pool, iso, long_date, state_hash)
 
@@ -656,17 +656,6 @@ def plural(n: str, word: str) -> str:
     return f"{n} {word}" + ("" if n == "1" else "s")
 
 
-def _clean(text: str) -> str:
-    return " ".join(text.split()).strip().rstrip(".").strip().strip("\"'`").strip()
-
-
-def _number(text: str) -> float | None:
-    """The one number in an answer ("42.5", "$1,234.50", "17 customers"); None if none or several."""
-    text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text)
-    found = re.findall(r"[-+]?\d+(?:\.\d+)?", text)
-    return float(found[0]) if len(found) == 1 else None
-
-
 class SqlWorkflow(Workflow):
     name = "sql"
     instructions = """You are a database assistant for an online shop. Each shop keeps its data in a SQLite
@@ -777,20 +766,7 @@ several items are asked for. When asked to change data, run the INSERT, UPDATE o
         if gold["kind"] == "state":
             ok = env.state_hash() == gold["hash"]
             return Verdict(ok, "" if ok else "the database does not end in the expected state")
-        if gold["kind"] == "number":
-            value = _number(answer)
-            if value is None:
-                return Verdict(False, f"expected one number, got {answer!r}")
-            ok = abs(value - gold["value"]) <= gold.get("tol", 0) + 1e-9
-            return Verdict(ok, "" if ok else f"expected {gold['value']}, got {value}")
-        if gold["kind"] == "text":
-            ok = _clean(answer).casefold() == gold["value"].casefold()
-            return Verdict(ok, "" if ok else f"expected {gold['value']!r}, got {answer!r}")
-        got = [_clean(part).casefold() for part in re.split(r"[,;\n]", answer) if _clean(part)]
-        want = [v.casefold() for v in gold["value"]]
-        ok = got == want if gold["ordered"] else sorted(got) == sorted(want)
-        return Verdict(ok, "" if ok else f"expected {'the ordered list ' if gold['ordered'] else ''}{gold['value']}, "
-                                         f"got {answer!r}")
+        return check_value(gold, answer)
 
 
 WORKFLOW = SqlWorkflow
