@@ -105,3 +105,25 @@ def test_presplit_keeps_identifiers_the_same_tokens_in_every_context(sql_corpus,
         ids = tok.encode(context)
         assert any(ids[i:i + len(name)] == name for i in range(len(ids))), (context, [tok.piece(i) for i in ids])
         assert tok.decode(ids) == context
+
+
+def test_spell_writes_rare_words_letter_by_letter(sql_corpus, tmp_path):
+    """--spell: a word that is one vocabulary piece stays one token; any other word is spelled, one
+    letter per token, the same in every context; decode(encode(x)) == x still holds."""
+    with pytest.raises(SystemExit):
+        tokenizer.main(["train", sql_corpus["jsonl"], "--out", str(tmp_path / "s"), "--spell"])  # needs --presplit
+    tokenizer.main(["train", sql_corpus["jsonl"], "--out", str(tmp_path / "s"), "--vocab-size", "1500",
+                    "--presplit", "--spell"])
+    tok = Tokenizer(str(tmp_path / "s.model"))
+    assert tok.presplit and tok.spell
+    assert [tok.piece(i) for i in tok.encode("SELECT")] == ["SELECT"]
+    word = "Saltriembok"  # not a word of the corpus
+    assert [tok.piece(i) for i in tok.encode(word)] == list(word)
+    assert tok.encode("Zq") == [i for ch in "Zq" for i in tok.sp.encode(ch)]  # a letter never seen: its bytes
+    for context in (f"city = '{word}'", f"How many live in {word}?", f'{{"q": "{word}_x"}}'):
+        ids = tok.encode(context)
+        assert tok.decode(ids) == context
+    ids = tok.encode(f"x {word}_9 y")
+    assert [tok.piece(i) for i in ids if tok.piece(i) in set(word + "_9")][:len(word) + 2] == list(word + "_9")
+    for text in ("héllo ▁ wörld\n\ttabs", "ünïcödé 🙂 x", "", "a1b2 __init__"):
+        assert tok.decode(tok.encode(text)) == text
