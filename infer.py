@@ -590,7 +590,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--agent", required=True, help="compiled agent directory (or a train.py --out directory)")
-    ap.add_argument("--workflow", default=None, help="which of the agent's workflows (default: its first)")
+    ap.add_argument("--workflow", default=None, help="which of the agent's workflows (default: its first); "
+                    "with --eval, 'all' evaluates each of them and reports success per workflow")
     ap.add_argument("--task", default=None, help="run one episode with this question, streamed")
     ap.add_argument("--eval", action="store_true", help="evaluate on fresh tasks")
     ap.add_argument("--split", default="test", choices=["train", "test"])
@@ -617,13 +618,20 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if not args.eval and args.task is None:
         ap.error("give --task \"...\" for one episode, or --eval")
+    if args.workflow == "all" and not args.eval:
+        ap.error("--workflow all is for --eval; name one workflow for --task")
     try:
         transformer.set_attention(args.attn, args.device)
-        agent = load_agent(args.agent, args.device, args.workflow)
+        names = [args.workflow]
+        if args.workflow == "all":
+            names = agent_workflows(args.agent)
+        agent = load_agent(args.agent, args.device, names[0])
     except (OSError, ValueError) as e:
         raise SystemExit(f"infer.py: {e}") from None
     kw = dict(max_steps=args.max_steps, max_new_tokens=args.max_new_tokens,
               observation_tokens=args.observation_tokens, tool_timeout=args.tool_timeout)
+    if len(names) > 1:
+        return evaluate_each(args, names, kw)
     if args.task is not None:
         engine = Engine(agent.model, agent.tok, args.max_len, args.mode, temperature=args.temperature,
                         top_p=args.top_p, seed=args.seed)
@@ -638,6 +646,39 @@ def main(argv=None):
                    torch=torch.__version__, threads=torch.get_num_threads())
     print_summary(summary)
     out = args.out or base + ".json"
+    with open(out, "w") as f:
+        json.dump(summary, f, indent=2)
+    print(f"wrote {out}")
+    return summary
+
+
+def agent_workflows(path: str) -> list[str]:
+    with open(os.path.join(resolve_agent_dir(path), "agent.json")) as f:
+        return [w["name"] for w in json.load(f).get("workflows") or []] or [None]
+
+
+def evaluate_each(args, names: list[str], kw: dict) -> dict:
+    """--workflow all: every workflow of a mixture agent on its own fresh test tasks, one summary
+    and one trace file each, then success per workflow side by side."""
+    per = {}
+    for name in names:
+        agent = load_agent(args.agent, args.device, name)
+        base = os.path.join(agent.path, f"eval_{args.split}_{args.mode}_{name}")
+        print(f"\n== {name}")
+        s = evaluate(agent, args.episodes, args.split, args.seed, args.mode, args.max_len,
+                     traces=base.replace("eval_", "traces_") + ".jsonl", temperature=args.temperature,
+                     top_p=args.top_p, workers=args.workers, **kw)
+        print_summary(s)
+        per[name] = s
+    rates = {name: s["success_rate"] for name, s in per.items()}
+    summary = {"workflows": per, "success_rate_by_workflow": rates,
+               "mean_success_rate": sum(rates.values()) / len(rates), "agent": agent.path, "device": args.device,
+               "attention": transformer.attention_backend(args.device), "torch": torch.__version__}
+    print(f"\n{'workflow':<12} {'success':>8}  episodes")
+    for name, s in per.items():
+        print(f"{name:<12} {100 * s['success_rate']:>7.1f}%  {s['episodes']}")
+    print(f"{'mean':<12} {100 * summary['mean_success_rate']:>7.1f}%")
+    out = args.out or os.path.join(agent.path, f"eval_{args.split}_{args.mode}_all.json")
     with open(out, "w") as f:
         json.dump(summary, f, indent=2)
     print(f"wrote {out}")

@@ -499,26 +499,35 @@ def evaluate() -> float:
     return (both[0] / both[1].clamp(min=1e-9)).item()
 
 
-eval_agent = None
+eval_agents = []  # one per workflow of the data (a mixture evaluates each)
 if args.eval_episodes and master:
     flows = data_meta.get("workflows") or []
     try:
         if not flows or not data_tokenizer:
             raise ValueError("the data's summary names no workflow, or its tokenizer is missing")
-        eval_agent = infer.Agent(raw_model, Tokenizer(data_tokenizer), infer.workflow_of(flows[0]),
-                                 [t["function"]["name"] for t in flows[0]["tools"]],
-                                 {"system": data_meta.get("system", "keep")})
+        eval_tok = Tokenizer(data_tokenizer)
+        eval_agents = [infer.Agent(raw_model, eval_tok, infer.workflow_of(f), [t["function"]["name"] for t in f["tools"]],
+                                   {"system": data_meta.get("system", "keep")}) for f in flows]
     except (ValueError, ImportError) as e:
         log(f"note: no agent evaluation (--eval-episodes): {e}")
 
 
 @torch.no_grad()
 def agent_eval() -> dict:
-    """Episodes on fresh test tasks through the runtime (rank 0; the others wait at the next step)."""
+    """Episodes on fresh test tasks through the runtime, for each workflow (rank 0; the others
+    wait at the next step). Returns the first workflow's summary with the mean success rate over
+    all of them, and each one's rate under success_by_workflow."""
     raw_model.eval()
-    s = infer.evaluate(eval_agent, args.eval_episodes, "test", seed=1, progress=False,
-                       max_len=max(seq_len, 2048))
+    per = {a.workflow.name: infer.evaluate(a, args.eval_episodes, "test", seed=1, progress=False,
+                                           max_len=max(seq_len, 2048)) for a in eval_agents}
     raw_model.train()
+    s = dict(next(iter(per.values())))
+    s["success_by_workflow"] = {name: r["success_rate"] for name, r in per.items()}
+    s["success_rate"] = sum(s["success_by_workflow"].values()) / len(per)
+    if len(per) > 1:
+        s["failures"] = {k: sum(r["failures"][k] for r in per.values()) for k in s["failures"]}
+        s["episodes"] = sum(r["episodes"] for r in per.values())
+        s["mean_steps"] = sum(r["mean_steps"] * r["episodes"] for r in per.values()) / s["episodes"]
     return s
 
 
@@ -545,10 +554,12 @@ while True:
         val_loss = evaluate()
         record({"step": step, "val/loss": val_loss})
         log(f"step {step}: val loss {val_loss:.4f}")
-    if eval_agent and ((args.eval_every and step % args.eval_every == 0 and step > start_step) or last):
+    if eval_agents and ((args.eval_every and step % args.eval_every == 0 and step > start_step) or last):
         s = agent_eval()
         record({"step": step, "eval/success_rate": s["success_rate"], "eval/mean_steps": s["mean_steps"],
-                **{f"eval/failures/{k}": v for k, v in s["failures"].items()}})
+                **{f"eval/failures/{k}": v for k, v in s["failures"].items()},
+                **({f"eval/success_rate/{k}": v for k, v in s["success_by_workflow"].items()}
+                   if len(s["success_by_workflow"]) > 1 else {})})
         log(f"step {step}: agent success {100 * s['success_rate']:.1f}% on {s['episodes']} test tasks "
             f"(failures: {', '.join(f'{k} {v}' for k, v in s['failures'].items() if v) or 'none'})")
     # stop together: every rank must agree, or the collectives deadlock

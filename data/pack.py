@@ -236,10 +236,22 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--system", default="keep", choices=["keep", "drop"],
                     help="drop: leave every trajectory's system message out, so the instructions and tool "
                          "list are compiled into the weights; the agent records it and its runtime sends none")
+    ap.add_argument("--weight", action="append", default=[], metavar="WORKFLOW=W",
+                    help="mixture weight of a workflow's trajectories (repeatable): each is packed W times "
+                         "on average (2: twice; 0.5: a seeded half; 0: none); others keep weight 1")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     if args.seq_len < 2:
         ap.error("--seq-len must be at least 2")
+    mix = {}
+    for item in args.weight:
+        name, sep, w = item.partition("=")
+        try:
+            mix[name] = float(w)
+        except ValueError:
+            mix[name] = -1.0
+        if not sep or not name or not mix[name] >= 0:
+            ap.error(f"--weight {item!r}: expected WORKFLOW=W with W >= 0")
     row_len = args.seq_len + 1
     tok = Tokenizer(args.tokenizer)
     t0 = time.time()
@@ -260,6 +272,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     docs: list[_Doc | None] = []
     names: list[str] = []
+    flows: list[str] = []  # the workflow of each record ("" if its meta names none)
+    agent_of: list[str | None] = []  # its "workflow\ttools" key
     agents = Counter()  # (workflow, tool schemas) -> trajectories: what a compiled agent will need
     bad: list[str] = []
     bar = tqdm(total=len(jobs), desc="render", unit="traj", disable=args.quiet)
@@ -281,8 +295,8 @@ def main(argv: list[str] | None = None) -> dict:
                 bad.append(err)
             docs.append(doc)
             names.append(name or "")
-            if agent is not None:
-                agents[agent] += 1
+            flows.append(json.loads(agent.split("\t")[0])["name"] if agent is not None else "")
+            agent_of.append(agent)
     finally:
         if pool is not None:
             pool.terminate()
@@ -298,6 +312,19 @@ def main(argv: list[str] | None = None) -> dict:
                          f"({len(overlong)} overlong, {len(untrained)} untrained, {len(bad)} malformed)")
     lengths = [len(d.ids) if d is not None else 0 for d in docs]
     rng = np.random.default_rng(args.seed)
+    unknown = set(mix) - set(flows)
+    if unknown:
+        raise SystemExit(f"error: --weight names workflows the inputs do not hold: {sorted(unknown)} "
+                         f"(they hold {sorted(set(flows) - {''})})")
+    if mix:  # a record of weight W is packed floor(W) times, and once more with chance frac(W)
+        w = np.array([mix.get(flows[i], 1.0) for i in keep])
+        times = np.floor(w).astype(int) + (rng.random(len(keep)) < w - np.floor(w))
+        keep = [i for i, t in zip(keep, times) for _ in range(t)]
+        if not keep:
+            raise SystemExit("error: the --weight values leave no record to pack")
+    for i, n in Counter(keep).items():  # the compiled agent lists the workflows it was trained on
+        if agent_of[i] is not None:
+            agents[agent_of[i]] += n
     rows = best_fit_decreasing(lengths, row_len, rng.permutation(np.array(keep)))
     rows = [rows[i] for i in rng.permutation(len(rows))]  # shards mix short and long documents
 
@@ -361,7 +388,7 @@ def main(argv: list[str] | None = None) -> dict:
         "malformed": {"count": len(bad), "errors": bad},
         "tokenizer": {"path": os.path.abspath(args.tokenizer), "fingerprint": tok.fingerprint,
                       "vocab_size": tok.vocab_size},
-        "inputs": inputs, "seed": args.seed, "seconds": round(time.time() - t0, 2),
+        "inputs": inputs, "seed": args.seed, "seconds": round(time.time() - t0, 2), "weights": mix,
         "system": args.system,  # "drop": trained without system messages (the runtime then sends none)
         # the workflows the trajectories came from and their tools, for the compiled agent
         "workflows": [{**json.loads(a.split("\t")[0]), "tools": json.loads(a.split("\t", 1)[1]), "documents": n}
