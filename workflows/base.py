@@ -412,6 +412,15 @@ class Workflow:
         self.heldout_template_share = heldout_template_share
         self.mistake_rate = mistake_rate
 
+    def make_task(self, rng: random.Random, split: str, index: int, seed: int, family: str,
+                  templates: tuple[str, ...] | list[str], params: dict, gold: dict, salt: str) -> Task:
+        """A Task asking `family`'s question in one of its templates, drawn with `rng`: the train
+        split never draws one of the held-out templates (heldout_templates with `salt`)."""
+        held = heldout_templates(list(templates), self.heldout_template_share, salt=salt)
+        choice = rng.choice([i for i in range(len(templates)) if split == "test" or i not in held])
+        return Task(self.name, split, index, seed, family, templates[choice].format(**params), gold,
+                    params | {"template": choice}, heldout_template=choice in held)
+
     def system_prompt(self, env: Environment) -> str:
         return f"{self.instructions.strip()}\n\nTools:\n{tool_manifest(env.tools())}"
 

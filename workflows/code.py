@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from workflows.base import (Answer, Call, Environment, Mistake, Task, ToolError, Verdict, Workflow,
-                            heldout_templates, split_pool, tool)
+                            split_pool, tool)
 from workflows.sandbox import run_tests
 
 VERBS = "pick keep take find get make count total scan select grab collect gather build fold".split()
@@ -303,11 +303,8 @@ confirmation. Hidden tests with edge cases decide whether the function is right.
         else:
             raise RuntimeError(f"no task could be drawn for seed {seed}")
         fam = FAMILIES[family]
-        held = heldout_templates(list(fam.templates), self.heldout_template_share, salt=f"code-{family}")
-        choice = rng.choice([i for i in range(len(fam.templates)) if split == "test" or i not in held])
         gold = {"kind": "tests", "function": spec.params["name"], "cases": spec.hidden}
-        task = Task(self.name, split, index, seed, family, fam.templates[choice].format(**spec.params), gold,
-                    spec.params | {"template": choice}, heldout_template=choice in held)
+        task = self.make_task(rng, split, index, seed, family, fam.templates, spec.params, gold, f"code-{family}")
         return task, spec
 
     @staticmethod

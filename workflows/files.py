@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 from workflows.base import (Answer, Call, Environment, Mistake, Task, ToolError, Verdict, Workflow, check_value,
-                            heldout_templates, split_pool, tool)
+                            split_pool, tool)
 
 # ----------------------------------------------------------------------------- pools
 
@@ -502,10 +502,7 @@ To change a file, write its complete new content, then reply with a short confir
         else:
             raise RuntimeError(f"no question could be drawn for seed {seed}")
         templates = FAMILIES[family].templates
-        held = heldout_templates(list(templates), self.heldout_template_share, salt=f"files-{family}")
-        choice = rng.choice([i for i in range(len(templates)) if split == "test" or i not in held])
-        task = Task(self.name, split, index, seed, family, templates[choice].format(**spec.params), spec.gold,
-                    spec.params | {"template": choice}, heldout_template=choice in held)
+        task = self.make_task(rng, split, index, seed, family, templates, spec.params, spec.gold, f"files-{family}")
         return task, spec
 
     def sample_task(self, split: str, index: int, seed: int) -> Task:

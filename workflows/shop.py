@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, field
 
 from workflows.base import (Answer, Call, Environment, Mistake, Task, ToolError, Verdict, Workflow,
-                            heldout_templates, split_pool, tool)
+                            split_pool, tool)
 
 NOUNS = """backpack blanket boots cardigan desk_lamp duffel_bag gloves hoodie jacket jeans kettle
 mug notebook pillow raincoat sandals scarf sneakers socks sweater teapot tent thermos towel
@@ -216,12 +216,9 @@ does, buy nothing and say that no product matches. After buying, reply with a sh
         what = f"{req.material} {req.noun}" if req.material else req.noun
         params = {"adjective": req.adjective, "what": what.replace("_", " "), "color": req.color,
                   "size": req.size, "budget": _money(req.budget)}
-        held = heldout_templates(list(TEMPLATES["buy"]), self.heldout_template_share, salt="shop-buy")
-        choice = rng.choice([i for i in range(len(TEMPLATES["buy"])) if split == "test" or i not in held])
         gold = {"kind": "purchase", "matching": matching, "color": req.color, "size": req.size}
-        task = Task(self.name, split, index, seed, "none" if want_none else "buy",
-                    TEMPLATES["buy"][choice].format(**params), gold, params | {"template": choice},
-                    heldout_template=choice in held)
+        task = self.make_task(rng, split, index, seed, "none" if want_none else "buy", TEMPLATES["buy"], params,
+                              gold, "shop-buy")
         query = " ".join([req.adjective] + ([req.material] if req.material else []) + [req.noun.replace("_", " ")])
         return task, Plan(req, query)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 from workflows.base import (Answer, Call, Environment, Mistake, Task, ToolError, Verdict, Workflow,
-                            check_value, heldout_templates, stable_hash, tool)
+                            check_value, stable_hash, tool)
 from workflows.sql_shop import (COLUMN_NAMES, LAST_DAY, MONTH_NAMES, STATUSES, TABLE_NAMES, Customer, Shop,
                                 build_shop, entity_pool, iso, long_date, state_hash)
 
@@ -689,10 +689,7 @@ several items are asked for. When asked to change data, run the INSERT, UPDATE o
         else:
             raise RuntimeError(f"no question could be drawn for seed {seed}")
         templates = FAMILIES[family].templates
-        held = heldout_templates(list(templates), self.heldout_template_share, salt=family)
-        choice = rng.choice([i for i in range(len(templates)) if split == "test" or i not in held])
-        task = Task(self.name, split, index, seed, family, templates[choice].format(**spec.params), spec.gold,
-                    spec.params | {"template": choice}, heldout_template=choice in held)
+        task = self.make_task(rng, split, index, seed, family, templates, spec.params, spec.gold, family)
         return task, spec
 
     def sample_task(self, split: str, index: int, seed: int) -> Task:
