@@ -345,6 +345,27 @@ def check_value(gold: dict, answer: str) -> Verdict:
     raise ValueError(f"unknown gold kind {gold.get('kind')!r}")
 
 
+class Resample(Exception):
+    """Raised by a family's sampler when the drawn parameters would make an ambiguous, empty or
+    unusable task: draw_family then draws again."""
+
+
+def resample():
+    """raise Resample, usable inside an expression (`choices or resample()`)."""
+    raise Resample
+
+
+def draw_family(rng: random.Random, families: dict, sample: Callable[[str], Any], seed: int) -> tuple[str, Any]:
+    """Draw a family name with `rng` and call sample(name), again on Resample (100 tries)."""
+    for _ in range(100):
+        family = rng.choice(list(families))
+        try:
+            return family, sample(family)
+        except Resample:
+            continue
+    raise RuntimeError(f"no task could be drawn for seed {seed}")
+
+
 # ----------------------------------------------------------------------------- teacher steps
 
 @dataclass

@@ -19,8 +19,8 @@ import random
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from workflows.base import (Answer, Call, Environment, Mistake, Task, ToolError, Verdict, Workflow,
-                            split_pool, tool)
+from workflows.base import (Answer, Call, Environment, Mistake, Resample, Task, ToolError, Verdict, Workflow,
+                            draw_family, resample, split_pool, tool)
 from workflows.sandbox import run_tests
 
 VERBS = "pick keep take find get make count total scan select grab collect gather build fold".split()
@@ -42,14 +42,6 @@ def _ints(rng: random.Random, lo: int, hi: int, n: tuple[int, int] = (0, 8)) -> 
 def _text(rng: random.Random, letters: str = "abcdefghijklmnopqrstuvwxyz", words: tuple[int, int] = (1, 5)) -> str:
     return " ".join("".join(rng.choice(letters) for _ in range(rng.randint(1, 7)))
                     for _ in range(rng.randint(*words)))
-
-
-class Resample(Exception):
-    """The drawn task would not show the family's bug in its tests: draw another."""
-
-
-def _resample():
-    raise Resample
 
 
 @dataclass
@@ -203,7 +195,7 @@ FAMILIES: dict[str, Family] = {
         "xs", ("Write `{name}(xs)` that returns how many pairs of positions i < j have xs[i] + xs[j] == {k}.",
                "Implement `{name}(xs)`: count the index pairs i < j of the list xs whose values add up to {k}.",
                "I need `{name}(xs)` giving the number of pairs (i, j), i < j, with xs[i] + xs[j] equal to {k}."),
-        lambda rng, pool_of: {"k": rng.choice([k for k in pool_of("k") if k % 2 == 0] or _resample())},
+        lambda rng, pool_of: {"k": rng.choice([k for k in pool_of("k") if k % 2 == 0] or resample())},
         lambda p: lambda xs: sum(xs[i] + xs[j] == p["k"] for i in range(len(xs)) for j in range(i + 1, len(xs))),
         lambda p: f"def {p['name']}(xs):\n    n = 0\n    for i in range(len(xs)):\n        for j in range(i + 1, len(xs)):\n"
                   f"            n += xs[i] + xs[j] == {p['k']}\n    return n\n",
@@ -293,15 +285,7 @@ confirmation. Hidden tests with edge cases decide whether the function is right.
     def _build(self, split: str, index: int, seed: int) -> tuple[Task, Spec]:
         rng = random.Random(seed)
         pool_of = functools.partial(pool, split=split, test_share=self.test_share)
-        for _ in range(100):
-            family = rng.choice(list(FAMILIES))
-            try:
-                spec = self._draw(rng, FAMILIES[family], pool_of)
-                break
-            except Resample:
-                continue
-        else:
-            raise RuntimeError(f"no task could be drawn for seed {seed}")
+        family, spec = draw_family(rng, FAMILIES, lambda f: self._draw(rng, FAMILIES[f], pool_of), seed)
         fam = FAMILIES[family]
         gold = {"kind": "tests", "function": spec.params["name"], "cases": spec.hidden}
         task = self.make_task(rng, split, index, seed, family, fam.templates, spec.params, gold, f"code-{family}")

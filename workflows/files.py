@@ -21,8 +21,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
-from workflows.base import (Answer, Call, Environment, Mistake, Task, ToolError, Verdict, Workflow, check_value,
-                            split_pool, tool)
+from workflows.base import (Answer, Call, Environment, Mistake, Resample, Task, ToolError, Verdict, Workflow, check_value,
+                            draw_family, resample, split_pool, tool)
 
 # ----------------------------------------------------------------------------- pools
 
@@ -267,14 +267,6 @@ class Spec:
     answer_whys: tuple[str, ...]
 
 
-class Resample(Exception):
-    """The drawn parameters would make an ambiguous question: draw others."""
-
-
-def _resample():
-    raise Resample
-
-
 def number(v) -> dict:
     return {"kind": "number", "value": v}
 
@@ -419,7 +411,7 @@ def append_line(rng, tree, split, ts) -> Spec:
 def copy_file(rng, tree, split, ts) -> Spec:
     p = _pick(rng, tree)
     dest = rng.choice(sorted(d for d in tree.dirs - {"/", posixpath.dirname(p)}
-                             if posixpath.join(d, _base(p)) not in tree.files) or _resample())
+                             if posixpath.join(d, _base(p)) not in tree.files) or resample())
     after = tree.copy()
     after.files[posixpath.join(dest, _base(p))] = tree.files[p]
     return Spec({"file": _base(p), "dir": dest}, state(after), [
@@ -492,15 +484,8 @@ To change a file, write its complete new content, then reply with a short confir
     def _build(self, split: str, index: int, seed: int) -> tuple[Task, Spec]:
         tree = build_tree(seed, split, self.test_share)
         rng = random.Random(seed)
-        for _ in range(100):
-            family = rng.choice(list(FAMILIES))
-            try:
-                spec = FAMILIES[family].sample(rng, tree, split, self.test_share)
-                break
-            except Resample:
-                continue
-        else:
-            raise RuntimeError(f"no question could be drawn for seed {seed}")
+        family, spec = draw_family(rng, FAMILIES, lambda f: FAMILIES[f].sample(rng, tree, split, self.test_share),
+                                   seed)
         templates = FAMILIES[family].templates
         task = self.make_task(rng, split, index, seed, family, templates, spec.params, spec.gold, f"files-{family}")
         return task, spec

@@ -20,8 +20,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
-from workflows.base import (Answer, Call, Environment, Mistake, Task, ToolError, Verdict, Workflow,
-                            check_value, stable_hash, tool)
+from workflows.base import (Answer, Call, Environment, Mistake, Resample, Task, ToolError, Verdict, Workflow,
+                            check_value, draw_family, stable_hash, tool)
 from workflows.sql_shop import (COLUMN_NAMES, LAST_DAY, MONTH_NAMES, STATUSES, TABLE_NAMES, Customer, Shop,
                                 build_shop, entity_pool, iso, long_date, state_hash)
 
@@ -156,10 +156,6 @@ SNIPPETS = {
     "items_products": " JOIN {products} p ON p.{products.id} = i.{order_items.product}",
     "live": "o.{orders.status} <> 'cancelled'",
 }
-
-
-class Resample(Exception):
-    """The drawn parameters would make an ambiguous or empty question: draw others."""
 
 
 @dataclass
@@ -679,15 +675,7 @@ several items are asked for. When asked to change data, run the INSERT, UPDATE o
         shop = build_shop(seed, split, self.test_share, self.invented)
         rng = random.Random(seed)
         ctx = Ctx(rng, shop, split, self.test_share)
-        for _ in range(100):
-            family = rng.choice(list(FAMILIES))
-            try:
-                spec = FAMILIES[family].sample(ctx)
-                break
-            except Resample:
-                continue
-        else:
-            raise RuntimeError(f"no question could be drawn for seed {seed}")
+        family, spec = draw_family(rng, FAMILIES, lambda f: FAMILIES[f].sample(ctx), seed)
         templates = FAMILIES[family].templates
         task = self.make_task(rng, split, index, seed, family, templates, spec.params, spec.gold, family)
         return task, spec
