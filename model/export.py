@@ -1,0 +1,74 @@
+"""Export a compiled agent (a train.py checkpoint directory) for other runtimes.
+
+    python -m model.export out/sql_smol --hf out/sql_smol_hf               # transformers, vLLM
+    python -m model.export out/sql_smol --gguf out/sql_smol.gguf --type q8_0  # llama.cpp (f32|f16|q8_0)
+
+The Hugging Face directory gets the weights and config (model/checkpoint.export_hf) and the
+tokenizer: tokenizer.json for a byte-level BPE agent, tokenizer.model for a sentencepiece one. The
+GGUF file holds both (model/gguf_io.export_gguf). Our special tokens are control tokens in either.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+
+from data.tokenizer import AGENT_TOKENIZER_FILES, load_tokenizer
+from model import checkpoint, gguf_io
+
+
+def agent_tokenizer(agent_dir: str):
+    for name in AGENT_TOKENIZER_FILES:
+        path = os.path.join(agent_dir, name)
+        if os.path.isfile(path):
+            return load_tokenizer(path)
+    raise FileNotFoundError(f"{agent_dir} holds no tokenizer ({' or '.join(AGENT_TOKENIZER_FILES)})")
+
+
+def export_hf_agent(agent_dir: str, out: str, arch: str = "llama") -> None:
+    model = checkpoint.load(agent_dir)
+    tok = agent_tokenizer(agent_dir)
+    checkpoint.export_hf(model, out, arch=arch)
+    if tok.path.endswith(".bpe.json"):
+        checkpoint._write_json(os.path.join(out, "tokenizer.json"), tok.data["tokenizer"])
+    else:
+        shutil.copy(tok.path, os.path.join(out, "tokenizer.model"))
+
+
+def export_gguf_agent(agent_dir: str, out: str, out_type: str = "f16") -> None:
+    model = checkpoint.load(agent_dir)
+    name = os.path.basename(os.path.normpath(agent_dir))
+    meta = os.path.join(agent_dir, "agent.json")
+    if os.path.isfile(meta):
+        with open(meta) as f:
+            flows = [w["name"] for w in json.load(f).get("workflows") or []]
+        name = f"agentc-{'-'.join(flows) or name}"
+    gguf_io.export_gguf(model, out, agent_tokenizer(agent_dir), out_type, name=name)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m model.export", description=__doc__.split("\n")[0])
+    ap.add_argument("agent", help="compiled agent directory (or a train.py --out directory: its newest checkpoint)")
+    ap.add_argument("--hf", default=None, help="write a Hugging Face directory here")
+    ap.add_argument("--arch", default="llama", choices=list(checkpoint.HF_ARCHITECTURES), help="HF model_type")
+    ap.add_argument("--gguf", default=None, help="write a GGUF file here")
+    ap.add_argument("--type", default="f16", choices=gguf_io.EXPORT_TYPES, help="GGUF matrix type")
+    args = ap.parse_args(argv)
+    if not args.hf and not args.gguf:
+        ap.error("give --hf DIR and/or --gguf FILE")
+    import infer
+    agent = infer.resolve_agent_dir(args.agent)
+    try:
+        if args.hf:
+            export_hf_agent(agent, args.hf, args.arch)
+            print(f"wrote {args.hf}")
+        if args.gguf:
+            export_gguf_agent(agent, args.gguf, args.type)
+            print(f"wrote {args.gguf} ({args.type}, {os.path.getsize(args.gguf) / 2**20:.1f} MiB)")
+    except (OSError, ValueError, ImportError) as e:
+        raise SystemExit(f"model.export: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
