@@ -283,6 +283,8 @@ class EpisodeResult:
     ids: list[int]               # the episode's token stream
     stats: dict
     canonical: bool = True       # render(messages) == ids
+    family: str = ""             # the task's question family (workflows draw tasks from families)
+    heldout_template: bool = False  # its question was phrased by a template the train split never uses
 
 
 class ToolThread:
@@ -431,7 +433,8 @@ def run_episode(agent: Agent, task, engine: Engine, max_steps: int = 16, max_new
     if success:
         failure = None
     return EpisodeResult(task.id, task.prompt, success, failure, ended, answer, reason, steps, messages,
-                         list(t.ids), dict(engine.stats), canonical(messages, t.ids, tok))
+                         list(t.ids), dict(engine.stats), canonical(messages, t.ids, tok), task.family,
+                         task.heldout_template)
 
 
 def canonical(messages: list[dict], ids: list[int], tok) -> bool:
@@ -548,6 +551,13 @@ def summarize(results: list[EpisodeResult], mode: str, split: str, seed: int) ->
         "decode_tokens_per_s": tot.get("decode_tokens", 0) / max(1e-9, tot.get("decode_s", 0.0)),
         "mean_tokens_per_episode": sum(len(r.ids) for r in results) / max(1, n),
         "non_canonical_episodes": sum(not r.canonical for r in results),
+        # [successes, episodes] per question family, and for questions phrased by a template the
+        # train split never saw against the others: where an agent fails, and whether it generalises
+        "by_family": {f: [sum(r.success for r in results if r.family == f), sum(r.family == f for r in results)]
+                      for f in sorted({r.family for r in results})},
+        "by_template": {k: [sum(r.success for r in results if r.heldout_template == held),
+                            sum(r.heldout_template == held for r in results)]
+                        for k, held in (("seen", False), ("heldout", True))},
     }
 
 
@@ -560,6 +570,10 @@ def print_summary(s: dict) -> None:
             ("prefill tokens", f"{s['prefill_tokens']:,} (re-encoding would run {s['prefill_tokens_if_reencoded']:,}: "
                                f"{s['prefill_tokens_saved']:,} saved)"),
             ("decode", f"{s['decode_tokens']:,} tokens, {s['decode_tokens_per_s']:.0f} tokens/s")]
+    if s.get("by_template", {}).get("heldout", [0, 0])[1]:
+        rows.append(("question templates", ", ".join(f"{k} {a}/{n}" for k, (a, n) in s["by_template"].items())))
+    if len(s.get("by_family", {})) > 1:
+        rows.append(("by family", ", ".join(f"{f} {a}/{n}" for f, (a, n) in s["by_family"].items())))
     for k, v in rows:
         print(f"  {k:<22} {v}")
 

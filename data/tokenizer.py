@@ -25,6 +25,15 @@ pieces. Frequent words (`customers`, `SELECT`, a schema's names) stay single tok
 rarely or never (`Salzburg`: `S|al|z|b|ur|g` becomes `S|a|l|z|b|u|r|g`) is made of letters,
 tokens every trajectory trains, so copying it is copying letters (+6% tokens on SQL trajectories).
 
+`train --presplit --glue` adds the control piece GLUE: every identifier is encoded as one word
+that starts with the space mark (`▁Salz|burg`), in every context (after a quote, a dot or a
+space alike), and the single space between two identifiers is not written at all: decode()
+puts it back before a word-start piece that follows an identifier (two identifiers are never
+adjacent in text, so this is exact). Prose and reasoning lose their lone `▁` tokens (about 20%
+of an SQL trajectory), and a name's pieces follow each other directly: after `▁Console` comes
+`▁Stand`, not a `▁` that occurs forty times in the context, which is what a copy (induction)
+head needs to continue a multi-word name.
+
     python -m data.tokenizer train --vocab-size 8192 --out data/sql/tok data/sql/train.jsonl
     python -m data.tokenizer extend llama2/tokenizer.model data/llama2-agentc.model
     python -m data.tokenizer encode data/sql/tok.model "SELECT name FROM customers"
@@ -48,7 +57,9 @@ from data.format import SPECIAL_TOKENS, dump_json
 SPACE_MARK = "\u2581"  # sentencepiece's whitespace symbol
 PRESPLIT = "<|presplit:words-v1|>"  # marks a model trained on WORDS chunks (see the module docstring)
 SPELL = "<|spell:rare-words-v1|>"     # marks a presplit model that spells rare words letter by letter
+GLUE = "<|glue:word-spaces-v1|>"      # marks a presplit model whose identifiers carry their word start
 IDENTIFIER = re.compile(r"[A-Za-z_]")
+IDENT_CHARS = re.compile(r"[A-Za-z0-9_]+")
 WORDS = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9]|\s+|[^\sA-Za-z0-9_]+")  # covers every character
 
 
@@ -90,11 +101,18 @@ class Tokenizer:
         self._mark_ids = byte_ids if self.sp.unk_id() not in byte_ids else None
         self.presplit = self.sp.piece_to_id(PRESPLIT) != self.sp.unk_id()
         self.spell = self.presplit and self.sp.piece_to_id(SPELL) != self.sp.unk_id()
+        self.glue = self.presplit and self.sp.piece_to_id(GLUE) != self.sp.unk_id()
+        if self.glue:  # what decode() needs to know of each id: its text and whether it is part of a word
+            self._texts = [self.sp.decode([i]) if self.sp.is_byte(i) else self.sp.id_to_piece(i)
+                           for i in range(self.vocab_size)]
+            self._hidden = {i for i in range(self.vocab_size) if self.sp.is_control(i) or self.sp.is_unknown(i)}
 
     def encode(self, text: str) -> list[int]:
         if not self.presplit:
             return self._encode(text)
         chunks = words(text)
+        if self.glue:
+            return self._encode_glued(chunks)
         if SPACE_MARK in text:
             pieces = [self._encode(c) for c in chunks]
         else:
@@ -114,8 +132,66 @@ class Tokenizer:
             ids += self._mark_ids + (self._sp_cont.encode(part) if part else [])
         return ids
 
+    def _encode_glued(self, chunks: list[str]) -> list[int]:
+        """Identifiers as " " + word (sentencepiece writes the space as its mark, which here means
+        "a word starts"); a single space between two identifiers is left out."""
+        ident = [bool(IDENTIFIER.match(c)) for c in chunks]
+        keep = [k for k, c in enumerate(chunks)
+                if not (c == " " and 0 < k < len(chunks) - 1 and ident[k - 1] and ident[k + 1])]
+        texts = [" " + chunks[k] if ident[k] else chunks[k] for k in keep]
+        if any(SPACE_MARK in t for t in texts):
+            pieces = [self._encode(t) for t in texts]
+        else:
+            pieces = self.sp.encode(texts)  # one call into C++ for all chunks
+        if self.spell:  # a word that is not one piece (after its start mark) is spelled
+            for j, k in enumerate(keep):
+                ids = pieces[j]
+                if ident[k] and len(ids) > 1 + (self.sp.id_to_piece(ids[0]) == SPACE_MARK):
+                    c = chunks[k]
+                    pieces[j] = [i for part in self.sp.encode([" " + c[0], *c[1:]]) for i in part]
+        return [i for ids in pieces for i in ids]
+
     def decode(self, ids: Sequence[int]) -> str:
+        if self.glue:
+            return self._decode_glued([int(i) for i in ids])
         return self.sp.decode([int(i) for i in ids])
+
+    def _decode_glued(self, ids: list[int]) -> str:
+        """Inverse of _encode_glued for any id sequence. A piece "▁word" starts a word: it is
+        written with a space if the text so far ends in a word, without one otherwise. A lone "▁"
+        followed by a piece starting with a letter or "_" is the start mark of a word that had no
+        "▁..." piece of its own. Anything else is written as sentencepiece writes it."""
+        out: list[str] = []
+        in_word = False   # the text so far ends inside an identifier
+        k, n = 0, len(ids)
+        while k < n:
+            i = ids[k]
+            if i in self._hidden:
+                k, in_word = k + 1, False
+                continue
+            if self.sp.is_byte(i):  # a run of byte pieces is one piece of text (UTF-8 across bytes)
+                j = k
+                while j < n and self.sp.is_byte(ids[j]):
+                    j += 1
+                text = self.sp.decode(ids[k:j])
+                k = j
+            else:
+                text, k = self._texts[i], k + 1
+            if text == SPACE_MARK and k < n and ids[k] not in self._hidden:
+                nxt = self._texts[ids[k]]
+                if IDENTIFIER.match(nxt):  # the word's start mark: the word follows
+                    out.append(" " if in_word else "")
+                    in_word = True
+                    continue
+            if text[:1] == SPACE_MARK and IDENTIFIER.match(text[1:2]) and IDENT_CHARS.fullmatch(text[1:]):
+                out.append((" " if in_word else "") + text[1:])
+                in_word = True
+            elif IDENT_CHARS.fullmatch(text):
+                out.append(text)   # the rest of a word, or a digit (in_word unchanged)
+            else:
+                out.append(text.replace(SPACE_MARK, " ") if not self.sp.is_byte(ids[k - 1]) else text)
+                in_word = False
+        return "".join(out)
 
     def unsampled_ids(self) -> list[int]:
         """Ids that are not text: control pieces (our special tokens, PRESPLIT) and <unk>."""
@@ -166,7 +242,7 @@ def gguf_metadata(tok: Tokenizer, writer) -> None:
 
 # ----------------------------------------------------------------------------- training
 
-def corpus_lines(paths: Iterable[str], presplit: bool = False) -> Iterator[str]:
+def corpus_lines(paths: Iterable[str], presplit: bool = False, glue: bool = False) -> Iterator[str]:
     """Every text a trajectory renders (contents, reasoning, call JSON, observations), one line at
     a time: sentencepiece treats each input as a sentence, and newlines become byte pieces."""
     for path in paths:
@@ -185,27 +261,32 @@ def corpus_lines(paths: Iterable[str], presplit: bool = False) -> Iterator[str]:
                         if not isinstance(text, str):
                             continue
                         lines = (s for s in text.split("\n") if s)
-                        # what Tokenizer.encode will see: whole lines, or chunk by chunk
-                        yield from ((w for s in lines for w in words(s)) if presplit else lines)
+                        # what Tokenizer.encode will see: whole lines, or chunk by chunk (with glue
+                        # an identifier as " " + word)
+                        if not presplit:
+                            yield from lines
+                        for w in (w for s in lines for w in words(s)) if presplit else ():
+                            yield " " + w if glue and IDENTIFIER.match(w) else w
 
 
 def train(paths: Sequence[str], out_prefix: str, vocab_size: int = 8192,
           max_sentences: int = 20_000_000, threads: int | None = None, presplit: bool = False,
-          spell: bool = False) -> str:
+          spell: bool = False, glue: bool = False) -> str:
     """Train a BPE model on trajectory JSONL files; writes OUT.model and OUT.vocab. presplit:
     words first; spell (needs presplit): a word the vocabulary has no single piece for is spelled
     letter by letter (see the module docstring)."""
-    if spell and not presplit:
-        raise ValueError("spell needs presplit: words are what gets spelled")
+    if (spell or glue) and not presplit:
+        raise ValueError("spell and glue need presplit: they act on its words")
     os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
-    min_vocab = 256 + 1 + len(SPECIAL_TOKENS) + 3  # + PRESPLIT + SPELL + one piece
+    min_vocab = 256 + 1 + len(SPECIAL_TOKENS) + 4  # + PRESPLIT + SPELL + GLUE + one piece
     if vocab_size < min_vocab:
         raise ValueError(f"vocab_size must be at least {min_vocab} (256 byte pieces, <unk>, the specials)")
     spm.SentencePieceTrainer.train(
-        sentence_iterator=corpus_lines(paths, presplit), model_prefix=out_prefix, model_type="bpe",
+        sentence_iterator=corpus_lines(paths, presplit, glue), model_prefix=out_prefix, model_type="bpe",
         vocab_size=vocab_size, hard_vocab_limit=False,  # a tiny corpus gives a smaller vocab, not an error
         byte_fallback=True, character_coverage=0.9999, split_digits=True,
-        control_symbols=list(SPECIAL_TOKENS) + [PRESPLIT] * presplit + [SPELL] * spell, unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
+        control_symbols=list(SPECIAL_TOKENS) + [PRESPLIT] * presplit + [SPELL] * spell + [GLUE] * glue,
+        unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
         normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
         allow_whitespace_only_pieces=True, max_sentence_length=16384,
         split_by_unicode_script=False,  # lets identifiers such as "_id" and "'}}" merge
@@ -250,6 +331,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                    "tokens in every context (about 1.9x more tokens on SQL trajectories)")
     t.add_argument("--spell", action="store_true", help="with --presplit: spell a word the vocabulary has no "
                    "single piece for letter by letter, so copying a never-seen name is copying letters")
+    t.add_argument("--glue", action="store_true", help="with --presplit: every identifier starts with the space "
+                   "mark and the space between two identifiers is implied (about 20%% fewer tokens)")
     e = sub.add_parser("extend", help="add the agentc special tokens to an existing sentencepiece model")
     e.add_argument("base", help="existing tokenizer.model")
     e.add_argument("out", help="where to write the extended model")
@@ -262,10 +345,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             if not os.path.isfile(p):
                 ap.error(f"no such file: {p}")
         t0 = time.time()
-        if args.spell and not args.presplit:
-            ap.error("--spell needs --presplit")
+        if (args.spell or args.glue) and not args.presplit:
+            ap.error("--spell and --glue need --presplit")
         path = train(args.inputs, args.out, args.vocab_size, args.max_sentences, presplit=args.presplit,
-                     spell=args.spell)
+                     spell=args.spell, glue=args.glue)
         tok = Tokenizer(path)
         print(f"wrote {path}: {tok.vocab_size} pieces ({len(SPECIAL_TOKENS)} special) in {time.time() - t0:.1f}s")
     elif args.cmd == "extend":

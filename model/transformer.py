@@ -86,7 +86,8 @@ class ModelConfig:
 # importing their checkpoints (model/checkpoint.py) is.
 PRESETS: dict[str, dict] = {
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192),            # 0.1M, tests
-    "mini": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=4, ffn_dim=384),           # 0.85M, CPU quick start
+    "mini": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=4, ffn_dim=384,            # 0.85M, CPU quick start;
+                 rope_theta=1e6),  # 7 of 16 rotary pairs turn < 1 radian over 2k tokens: room for --copy-init
     "small": dict(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=704),          # 3.0M, CPU runs
     "25m": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=1408),           # 23.6M
     "125m": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_dim=3072),       # 113M

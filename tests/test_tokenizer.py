@@ -127,3 +127,39 @@ def test_spell_writes_rare_words_letter_by_letter(sql_corpus, tmp_path):
     assert [tok.piece(i) for i in ids if tok.piece(i) in set(word + "_9")][:len(word) + 2] == list(word + "_9")
     for text in ("héllo ▁ wörld\n\ttabs", "ünïcödé 🙂 x", "", "a1b2 __init__"):
         assert tok.decode(tok.encode(text)) == text
+
+
+def test_glue_writes_words_without_their_spaces(sql_corpus, tmp_path):
+    """--glue: an identifier is the same tokens after a space, a quote or a dot, and starts with a
+    word-start piece; the single space between two identifiers costs no token; decode(encode(x))
+    == x for every text, names never seen included, and any id sequence decodes."""
+    with pytest.raises(SystemExit):
+        tokenizer.main(["train", sql_corpus["jsonl"], "--out", str(tmp_path / "g"), "--glue"])  # needs --presplit
+    tokenizer.main(["train", sql_corpus["jsonl"], "--out", str(tmp_path / "g"), "--vocab-size", "1500",
+                    "--presplit", "--glue"])
+    tok = Tokenizer(str(tmp_path / "g.model"))
+    plain = tokenizer.train([sql_corpus["jsonl"]], str(tmp_path / "p"), vocab_size=1500, presplit=True)
+    plain = Tokenizer(plain)
+    assert tok.glue and tok.presplit and not plain.glue
+    for word in ("order_lines", "Saltriembok", "Velvet"):
+        name = tok.encode(word)
+        assert tok.piece(name[0]).startswith("\u2581")
+        for context in (f"buyers {word} sales", f'{{"table": "{word}"}}', f"FROM {word} o", f"o.{word}, x",
+                        f"  {word} INTEGER", f"({word})", f"'{word}'"):
+            ids = tok.encode(context)
+            assert any(ids[i:i + len(name)] == name for i in range(len(ids))), (context, [tok.piece(i) for i in ids])
+            assert tok.decode(ids) == context
+    prose = "How many customers from Salzburg have never placed an order"
+    assert len(tok.encode(prose)) < len(plain.encode(prose)) - 8  # nine spaces between ten words: implied
+    rng = random.Random(3)
+    alphabet = "abcXYZQ019_ \t\n.,;:'\"{}[]()<|>ü漢🙂\u00a0\u200b\u2581"
+    texts = TEXTS + ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60))) for _ in range(1000)]
+    for text in texts:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text, (text, [tok.piece(i) for i in ids])
+        assert tok.sp.unk_id() not in ids
+    for _ in range(200):  # whatever a model samples decodes to something, and never raises
+        tok.decode([rng.randrange(tok.vocab_size) for _ in range(rng.randint(0, 30))])
+    rec = {"messages": [{"role": "user", "content": "Count buyers in Cork"},
+                        {"role": "assistant", "content": "it is 3 buyers"}]}
+    assert unrender(render(rec, tok).ids, tok) == rec["messages"]
