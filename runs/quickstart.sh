@@ -2,7 +2,8 @@
 # CPU quick start, end to end: SQL workflow -> 12,000 teacher trajectories (train shops mix made-up
 # names into their pools; 10% of calls start with a deliberate, untrained mistake and its fix) ->
 # presplit tokenizer -> 2,048-token rows without the (constant) system prompt, which the agent
-# learns instead -> the `mini` preset (1.4M parameters) for 1,700 steps of 4k tokens -> 200 fresh
+# learns instead -> the `mini` preset (1.4M parameters) with a copy circuit written into its
+# initial weights (--copy-init, model/copy_init.py) for 1,700 steps of 4k tokens -> 200 fresh
 # held-out test episodes through the runtime, two worker processes. Measured time and success
 # rate: README ("Quick start") and experiments/LOG.md. Re-running it continues (or, when done,
 # just re-evaluates) the same run.
@@ -17,6 +18,6 @@ python -m data.tokenizer train --presplit --vocab-size 2048 --out $D/tok $D/trai
 python -m data.pack --tokenizer $D/tok.model --seq-len 2048 --system drop --out $D/train $D/train.jsonl
 python -m data.pack --tokenizer $D/tok.model --seq-len 2048 --system drop --out $D/val $D/test.jsonl
 python -m data.audit --quiet $D/train $D/val  # only the model's own tokens are trained
-python train.py --data=$D/train --val-data=$D/val --model=mini --batch-size=2 --max-steps=1700 --lr=5e-3 \
+python train.py --data=$D/train --val-data=$D/val --model=mini --copy-init --batch-size=2 --max-steps=1700 --lr=5e-3 \
     --eval-every=425 --eval-batches=8 --eval-episodes=0 --log-every=25 --out=$OUT --resume "$@"
 python infer.py --agent=$OUT --eval --split test --episodes 200 --workers 2
