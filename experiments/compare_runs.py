@@ -78,11 +78,13 @@ def main(argv=None) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, pts in result["runs"].items():
         ax.plot([p["tokens_seen"] for p in pts], [100 * p["success_rate"] for p in pts], "o-",
                 label=f"{label} ({pts[-1]['parameters'] / 1e6:.1f}M)")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on a log axis
     ax.set_xlabel("training tokens")
     ax.set_ylabel(f"held-out success (%), {args.split} split")
     ax.grid(alpha=0.3)
