@@ -35,7 +35,7 @@ The residual stream is given four slots (dims are examples for dim 128):
 
 Embeddings start at scale 1 instead of 0.02 so that Adam's first updates (lr x 1 per step) do not
 erase the codes; RMSNorm makes the forward pass indifferent to that scale. Everything else keeps
-the normal initialisation. Measured (experiments/LOG.md, 2026-12-02): the untrained model
+the normal initialisation. Measured (experiments/LOG.md): the untrained model
 predicts the second half of a repeated random span with ~85% top-1 accuracy; on the SQL quick
 start the name tokens that must be copied fall from 7 to 0.5 nats by step 250.
 """
