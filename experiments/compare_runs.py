@@ -4,9 +4,9 @@ Every checkpoint of a run (RUN/step_NNNNNN) that infer.py --eval has evaluated h
 (tokens seen, parameters) and eval_SPLIT_MODE.json (success rate, failures). This collects them
 into one JSON (with the machine and versions) and one plot:
 
-    python infer.py --agent out/sql_smol/step_000060 --eval --episodes 50   # each point you want
-    python experiments/compare_runs.py smollm2=out/sql_smol scratch=out/sql_mini_matched \\
-        --out experiments/results/smollm2_vs_scratch
+    python infer.py --agent out/sql_mini_s42/step_000850 --eval --episodes 200   # each point you want
+    python experiments/compare_runs.py smollm2-120=out/sql_smol smollm2-240=out/sql_smol240 \\
+        scratch-s1337=out/sql_mini scratch-s42=out/sql_mini_s42 --out experiments/results/smollm2_vs_scratch
 """
 from __future__ import annotations
 
