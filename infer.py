@@ -209,28 +209,31 @@ class Engine:
         self.stats["prefill_s"] += time.perf_counter() - t0
         return logits
 
-    def sample(self, logits: torch.Tensor, opened: int | None = None) -> int:
+    def sample(self, logits: torch.Tensor, opened: int | None = None, temperature: float | None = None) -> int:
         """A token from the next-token logits; `opened`: the <|call|> or <|answer|> this turn has
-        opened, if any (it decides which special tokens may come)."""
+        opened, if any (it decides which special tokens may come); `temperature` overrides the
+        engine's for this token."""
         logits = logits.clone()
         logits[self.banned[opened]] = -math.inf
-        if self.temperature <= 0:
+        temperature = self.temperature if temperature is None else temperature
+        if temperature <= 0:
             return int(logits.argmax())
-        probs = torch.softmax(logits / self.temperature, dim=-1).cpu()
+        probs = torch.softmax(logits / temperature, dim=-1).cpu()
         if self.top_p < 1:  # nucleus: the smallest set of tokens whose mass reaches top_p
             p, order = probs.sort(descending=True)
             keep = p.cumsum(0) - p < self.top_p
             probs = torch.zeros_like(probs).scatter(0, order[keep], p[keep])
         return int(torch.multinomial(probs, 1, generator=self.gen))
 
-    def decode(self, logits: torch.Tensor, max_new: int, policy=None, on_token=None) -> list[int]:
+    def decode(self, logits: torch.Tensor, max_new: int, policy=None, on_token=None,
+               temperature: float | None = None) -> list[int]:
         """Sample (or take from `policy(logits)`) up to max_new tokens, stopping after a stop
         token; every token but the last is fed back through the cache."""
         out, opened = [], None
         t0 = time.perf_counter()
         try:
             while len(out) < max_new:
-                nxt = policy(logits) if policy else self.sample(logits, opened)
+                nxt = policy(logits) if policy else self.sample(logits, opened, temperature)
                 out.append(nxt)
                 if nxt in self.openers:
                     opened = nxt
@@ -251,6 +254,16 @@ class Engine:
             self.pending = [out[-1]]
         return out
 
+    def mark(self) -> tuple:
+        """Where the sequence stands, for rewind(): taken before a turn is decoded."""
+        return self.cache.pos, len(self.ids), list(self.pending)
+
+    def rewind(self, mark: tuple) -> None:
+        """Forget every token decoded since mark(). Only the cache's offset moves back: the keys
+        and values past it are never read again and the next tokens overwrite them."""
+        pos, n, pending = mark
+        self.cache.pos, self.ids, self.pending, self.full = pos, self.ids[:n], pending, False
+
 
 # ----------------------------------------------------------------------------- episodes
 
@@ -265,6 +278,7 @@ class Step:
     observation_kind: str | None = None  # ok | tool_error | bad_arguments | unknown_tool | invalid_format | timeout
     answer: str | None = None
     tokens: list[int] = field(default_factory=list)  # what the model produced in this step
+    resampled: int = 0           # turns thrown away first: each repeated a call that had failed
     latency_s: float = 0.0       # ingesting the previous observation + decoding this step
     tool_s: float = 0.0
 
@@ -338,10 +352,27 @@ class ToolThread:
         self.jobs.put((None, None, None, None))
 
 
+def call_key(out: list[int], tok) -> tuple | None:
+    """(tool, arguments) of a turn that is a well-formed call, for comparing calls; else None."""
+    try:
+        parsed = parse_model_output(out, tok)
+    except FormatError:
+        return None
+    if parsed.call is None:
+        return None
+    return parsed.call["name"], json.dumps(parsed.call["arguments"], sort_keys=True)
+
+
 def run_episode(agent: Agent, task, engine: Engine, max_steps: int = 16, max_new_tokens: int = 512,
                 observation_tokens: int = 1024, tool_timeout: float = 10.0, policy=None,
-                on_event=None) -> EpisodeResult:
-    """One episode of `task` through the engine, with the workflow's real tools and checker."""
+                on_event=None, resample_repeats: int = 0, resample_temperature: float = 1.0) -> EpisodeResult:
+    """One episode of `task` through the engine, with the workflow's real tools and checker.
+
+    resample_repeats: when a turn repeats, word for word, a call that already returned an error,
+    the runtime rewinds the cache to the turn's start and samples the turn again at
+    `resample_temperature`, up to this many times (the last try stands, repeat or not). A greedy
+    decoder otherwise sends the same failing call until the step limit: its context after the
+    error differs by one observation, rarely enough to change its argmax."""
     wf, tok = agent.workflow, agent.tok
     tools = ToolThread(wf, task)
     env = tools.env
@@ -349,6 +380,7 @@ def run_episode(agent: Agent, task, engine: Engine, max_steps: int = 16, max_new
     steps: list[Step] = []
     failure, ended, answer, reason, success = None, "step_limit", None, f"no answer within {max_steps} steps", False
     t, messages = Transcript(tok), []
+    failed: set[tuple] = set()  # call_key of every call that returned an error
     try:
         # An agent packed with --system drop has its instructions in the weights: no system turn.
         system = None if agent.meta.get("system") == "drop" else tools.run(wf.system_prompt, env)
@@ -359,9 +391,16 @@ def run_episode(agent: Agent, task, engine: Engine, max_steps: int = 16, max_new
         t0 = time.perf_counter()
         logits = engine.feed(t.ids, first=True)
         for n in range(max_steps):
+            mark, tries = engine.mark(), 0
             out = engine.decode(logits, max_new_tokens, policy, lambda ids: emit("token", ids))
+            while policy is None and tries < resample_repeats and call_key(out, tok) in failed:
+                engine.rewind(mark)
+                tries += 1
+                emit("resample", out)
+                out = engine.decode(logits, max_new_tokens, None, lambda ids: emit("token", ids),
+                                    temperature=resample_temperature)
             t.sampled(out)
-            step = Step("invalid", tokens=out, latency_s=time.perf_counter() - t0)
+            step = Step("invalid", tokens=out, latency_s=time.perf_counter() - t0, resampled=tries)
             steps.append(step)
             if not out or out[-1] not in engine.stop:  # the turn ran out of tokens or of cache
                 ended = "token_limit"
@@ -403,6 +442,8 @@ def run_episode(agent: Agent, task, engine: Engine, max_steps: int = 16, max_new
                 obs, kind = tools.call(step.tool, step.arguments, agent.tools, tool_timeout)
                 step.tool_s = time.perf_counter() - t1
                 step.observation, step.observation_kind = obs.text, kind
+                if kind != "ok":
+                    failed.add(call_key(out, tok))
                 if kind in ("unknown_tool", "bad_arguments"):
                     failure = failure or kind
             step.observation = cut_tokens(step.observation, tok, observation_tokens)
@@ -551,6 +592,7 @@ def summarize(results: list[EpisodeResult], mode: str, split: str, seed: int) ->
         "decode_tokens_per_s": tot.get("decode_tokens", 0) / max(1e-9, tot.get("decode_s", 0.0)),
         "mean_tokens_per_episode": sum(len(r.ids) for r in results) / max(1, n),
         "non_canonical_episodes": sum(not r.canonical for r in results),
+        "resampled_turns": sum(s.resampled for r in results for s in r.steps),
         # [successes, episodes] per question family, and for questions phrased by a template the
         # train split never saw against the others: where an agent fails, and whether it generalises
         "by_family": {f: [sum(r.success for r in results if r.family == f), sum(r.family == f for r in results)]
@@ -570,6 +612,8 @@ def print_summary(s: dict) -> None:
             ("prefill tokens", f"{s['prefill_tokens']:,} (re-encoding would run {s['prefill_tokens_if_reencoded']:,}: "
                                f"{s['prefill_tokens_saved']:,} saved)"),
             ("decode", f"{s['decode_tokens']:,} tokens, {s['decode_tokens_per_s']:.0f} tokens/s")]
+    if s.get("resampled_turns"):
+        rows.append(("resampled turns", f"{s['resampled_turns']} (each repeated a call that had failed)"))
     if s.get("by_template", {}).get("heldout", [0, 0])[1]:
         rows.append(("question templates", ", ".join(f"{k} {a}/{n}" for k, (a, n) in s["by_template"].items())))
     if len(s.get("by_family", {})) > 1:
@@ -597,6 +641,9 @@ def stream_episode(agent: Agent, prompt: str, seed: int, split: str, engine: Eng
         elif kind == "observation":
             print(f"\n\033[2m<|result|> {payload.observation} <|/result|>\033[0m")
             shown[0] = 0
+        elif kind == "resample":  # the turn just shown repeated a failed call: it is sampled again
+            print("\n\033[2m[repeats a failed call: sampled again]\033[0m")
+            shown[0] = 0
         elif kind == "answer":
             print()
     print(f"\033[1m{prompt}\033[0m")
@@ -622,6 +669,9 @@ def main(argv=None):
     ap.add_argument("--tool-timeout", type=float, default=10.0, help="seconds per tool call")
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--resample-repeats", type=int, default=0, help="a turn that repeats a call which returned "
+                    "an error is sampled again (cache rewound) up to this many times")
+    ap.add_argument("--resample-temperature", type=float, default=1.0, help="temperature of those samples")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--attn", default="auto", choices=transformer.BACKENDS,
                     help="attention backend (auto: triton on CUDA, sdpa on CPU)")
@@ -646,7 +696,8 @@ def main(argv=None):
     except (OSError, ValueError) as e:
         raise SystemExit(f"infer.py: {e}") from None
     kw = dict(max_steps=args.max_steps, max_new_tokens=args.max_new_tokens,
-              observation_tokens=args.observation_tokens, tool_timeout=args.tool_timeout)
+              observation_tokens=args.observation_tokens, tool_timeout=args.tool_timeout,
+              resample_repeats=args.resample_repeats, resample_temperature=args.resample_temperature)
     if len(names) > 1:
         return evaluate_each(args, names, kw)
     if args.task is not None:

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ import torch
 import infer
 from data import pack
 from data.format import ANSWER, CALL, CALL_END, END, SRC_MODEL, render
+from experiments import trace_report
 from model.transformer import ModelConfig, Transformer
 from workflows.base import Environment, Task, Verdict, Workflow, load_workflow, run_teacher, task_seed, tool
 
@@ -230,3 +232,58 @@ def test_a_tool_past_its_timeout_ends_the_episode(agent):
     r = infer.run_episode(slow, task, infer.Engine(agent.model, tok), tool_timeout=0.2, policy=forced(call(3)))
     assert r.failure == r.ended == "tool_timeout" and "did not finish within 0.2 s" in r.steps[0].observation
     assert r.messages[-1]["content"] == r.steps[0].observation
+
+
+class Scripted(infer.Engine):
+    """An engine whose greedy tokens and whose resampled (temperature-given) tokens come from
+    two scripts, so a test decides what each turn and each retry says."""
+
+    def __init__(self, *args, greedy, hot, **kw):
+        super().__init__(*args, **kw)
+        self.scripts = {False: iter(greedy), True: iter(hot)}
+
+    def sample(self, logits, opened=None, temperature=None):
+        return next(self.scripts[temperature is not None])
+
+
+def test_a_repeated_failing_call_is_sampled_again(agent, tmp_path):
+    """--resample-repeats: a turn that repeats a call which returned an error is thrown away (the
+    cache rewound) and sampled again; what stands is one clean episode whose logits are one
+    forward's and whose tokens render back. Without the option the repeat goes through."""
+    tok, sid = agent.tok, agent.tok.special_ids
+    task, _ = teacher_episode(agent.workflow, 5)
+    bad = [sid[CALL]] + tok.encode('{"name": "run_sql", "arguments": {"query": "SELECT nope FROM nowhere"}}') + \
+        [sid[CALL_END]]
+    answer = [sid[ANSWER]] + tok.encode("42") + [sid[END]]
+
+    def run(greedy, hot, repeats):
+        engine = Scripted(agent.model, tok, max_len=1024, greedy=greedy, hot=hot, record=True)
+        return engine, infer.run_episode(agent, task, engine, resample_repeats=repeats)
+
+    engine, r = run(bad + bad, answer, repeats=1)
+    assert [s.kind for s in r.steps] == ["call", "answer"] and [s.resampled for s in r.steps] == [0, 1]
+    assert r.steps[0].observation_kind == "tool_error" and r.answer == "42"
+    assert r.canonical and render({"messages": r.messages}, tok).ids.tolist() == r.ids
+    assert engine.cache.pos == len(r.ids) - 1  # the thrown-away turn left nothing in the cache
+    with torch.no_grad():
+        full = agent.model(torch.tensor([r.ids[:-1]]))[0]
+    last = {}  # position -> the logits computed there last (the rejected turn's were overwritten)
+    for pos, logits in engine.logits:
+        for i in range(len(logits)):
+            last[pos + i] = logits[i]
+    torch.testing.assert_close(torch.stack([last[p] for p in range(len(full))]), full, rtol=1e-5, atol=1e-5)
+    # off (the default): the repeat is sent, fails again, and the episode goes on from there
+    _, r = run(bad + bad + answer, [], repeats=0)
+    assert [s.observation_kind for s in r.steps] == ["tool_error", "tool_error", None]
+    trace = tmp_path / "traces.jsonl"  # experiments/trace_report.py reads such a loop off the trace
+    trace.write_text(json.dumps(asdict(r)) + "\n")
+    rep = trace_report.report(str(trace))
+    assert rep["after_first_error"] == {"repeated the call": 1} and rep["tool_errors"] == 2
+    assert rep["top_errors"] == {"no such table: nowhere": 2} and rep["by_family"] == {task.family: [0, 1]}
+    # every retry repeats too: after `repeats` tries the last one stands
+    _, r = run(bad + bad + answer, bad + bad, repeats=2)
+    assert [s.resampled for s in r.steps] == [0, 2, 0] and r.steps[1].observation_kind == "tool_error"
+    # a call that succeeded may be sent again as it is
+    ok = [sid[CALL]] + tok.encode('{"name": "list_tables", "arguments": {}}') + [sid[CALL_END]]
+    _, r = run(ok + ok + answer, answer, repeats=1)
+    assert [s.resampled for s in r.steps] == [0, 0, 0] and [s.tool for s in r.steps[:2]] == ["list_tables"] * 2
