@@ -101,6 +101,26 @@ def test_deliberate_mistakes_are_untrained_rejected_and_fixed():
     assert all(run_teacher(plain, plain.sample_task("train", i, seed_of("train", i))).verdict.ok for i in range(20))
 
 
+def test_concat_lists_answers_list_questions_with_one_cell(episodes):
+    """concat_lists=true: the same tasks, but the list questions' last query joins the names with
+    group_concat and the answer is that one cell, word for word; with mistakes at every call the
+    teacher still solves them (an alias named like a table would let a swapped name run)."""
+    wf = load_workflow("sql", concat_lists=True, mistake_rate=1.0)
+    lists = [ep for split in SPLITS for ep in episodes[split] if ep.task.family in ("top3_products", "low_stock")]
+    assert len(lists) >= 20
+    for plain in lists:
+        task = wf.sample_task(plain.task.split, plain.task.index, plain.task.seed)
+        assert (task.prompt, task.gold) == (plain.task.prompt, plain.task.gold)
+        ep = run_teacher(wf, task)
+        assert ep.verdict.ok, (task.id, ep.verdict.reason, ep.error)
+        last_query = calls(ep)[-1][1]["query"]
+        assert last_query.startswith("SELECT group_concat(") and "group_concat" not in calls(plain)[-1][1]["query"]
+        header, cell = ep.observations[-1].text.split("\n")
+        assert cell == ep.answer and (", " in cell) == (len(task.gold["value"]) > 1)
+    with pytest.raises(ValueError, match="concat_lists"):
+        load_workflow("sql", concat_lists="yes")
+
+
 @pytest.mark.parametrize("test_share", [0.1, 0.6])
 def test_other_test_shares_still_work(test_share):
     """--test-share shrinks one side's pools; databases and questions must still come out solvable."""

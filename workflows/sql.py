@@ -171,7 +171,8 @@ class Spec:
     gold: dict
     tables: list[str]       # logical tables the teacher describes
     steps: list[Step]
-    answer: str = "cell"    # "cell", "column", "top3", or a "Done: ..." format over the bound values
+    answer: str = "cell"    # "cell", "column", "top3", "list" (one cell that group_concat filled), or a
+                            # "Done: ..." format over the bound values
 
 
 def number(v) -> dict:
@@ -190,9 +191,9 @@ def state(x: Ctx, **changed: list) -> dict:
 class Ctx:
     """What a family function works with: the task rng, the shop, this split's pools, helpers."""
 
-    def __init__(self, rng: random.Random, shop: Shop, split: str, test_share: float):
+    def __init__(self, rng: random.Random, shop: Shop, split: str, test_share: float, concat_lists: bool = False):
         self.rng, self.shop, self.s = rng, shop, shop.schema
-        self.split, self.test_share = split, test_share
+        self.split, self.test_share, self.concat_lists = split, test_share, concat_lists
 
     def pool(self, name: str) -> tuple:
         """Entity values come from the shop's pools (which may hold invented names), numbers and
@@ -380,12 +381,20 @@ def top3_products(x: Ctx) -> Spec:
                 {"kind": "list", "value": [x.shop.product[p].name for p, _ in sold.most_common(3)], "ordered": True},
                 ["orders", "order_items", "products"], [
         *([x.peek_dates()] if year else []),
+        x.step("SELECT group_concat(product, ', ') AS top3 FROM (SELECT p.{products.name} AS product, "
+               "SUM(i.{order_items.qty}) AS units FROM {@orders_items}{@items_products} WHERE {@live}{cond} "
+               "GROUP BY p.{products.id} ORDER BY units DESC LIMIT 3)",
+               "I'll sum {order_items.qty} per product over non-cancelled orders, sort, keep three and join "
+               "their names into one list.",
+               "Units sold come from {order_items}.{order_items.qty}; joining {orders} filters status and date, "
+               "{products} gives the names, and group_concat returns the top three as one line.",
+               cond=cond) if x.concat_lists else
         x.step("SELECT p.{products.name} AS product, SUM(i.{order_items.qty}) AS units FROM {@orders_items}"
                "{@items_products} WHERE {@live}{cond} GROUP BY p.{products.id} ORDER BY units DESC LIMIT 5",
                "I'll sum {order_items.qty} per product over non-cancelled orders and sort; a few extra rows show "
                "whether third place is tied.",
                "Units sold come from {order_items}.{order_items.qty}; joining {orders} filters status and date, and "
-               "{products} gives the names.", cond=cond)], answer="top3")
+               "{products} gives the names.", cond=cond)], answer="list" if x.concat_lists else "top3")
 
 
 def more_than_k(x: Ctx) -> Spec:
@@ -411,11 +420,18 @@ def low_stock(x: Ctx) -> Spec:
         raise Resample
     return Spec({"category": category, "n": limit}, {"kind": "list", "value": names, "ordered": False},
                 x.cats("products"), [
+        x.step("SELECT group_concat(product, ', ') AS names FROM (SELECT p.{products.name} AS product "
+               "FROM {products} p{cat_join} WHERE {cat} = '{category}' AND p.{products.stock} < {limit} "
+               "ORDER BY p.{products.name})",
+               "I'll filter {products} on the category and {products.stock} < {limit} and join the names into "
+               "one list.",
+               "The stock level is in {products}.{products.stock}; group_concat lists the {category} products "
+               "below {limit} in one cell.", category=category, limit=limit) if x.concat_lists else
         x.step("SELECT p.{products.name} AS product, p.{products.stock} AS stock FROM {products} p{cat_join} "
                "WHERE {cat} = '{category}' AND p.{products.stock} < {limit} ORDER BY p.{products.name}",
                "I'll filter {products} on the category and {products.stock} < {limit}.",
                "The stock level is in {products}.{products.stock}; I'll list the {category} products below {limit}.",
-               category=category, limit=limit)], answer="column")
+               category=category, limit=limit)], answer="list" if x.concat_lists else "column")
 
 
 def revenue_between(x: Ctx) -> Spec:
@@ -623,6 +639,8 @@ ANSWER_WHYS = {"cell": ("The query returned {v}.", "That gives {v}.", "So the an
                "top3": ("The first three rows are the answer, in order.",
                         "The top three are clear, with no tie for third.",
                         "Reading off the first three products in order."),
+               "list": ("The query returned the list in one cell.", "That cell is the whole list.",
+                        "group_concat gave the names in one line; that is the answer."),
                "done": ("The change went through.", "The database confirms the change.", "That's applied.")}
 
 
@@ -662,19 +680,25 @@ several items are asked for. When asked to change data, run the INSERT, UPDATE o
 (changes are saved immediately) and reply with a short confirmation."""
 
     def __init__(self, test_share: float = 0.3, heldout_template_share: float = 0.25, mistake_rate: float = 0.0,
-                 fault_rate: float = 0.0, invented: float = 0.5):
+                 fault_rate: float = 0.0, invented: float = 0.5, concat_lists: bool = False):
         """invented: share of made-up names, cities, categories and products mixed into the pools of
         train shops (sql_shop.shop_pools), so the policy learns to copy names instead of memorising
-        them. Test shops never have any."""
+        them. Test shops never have any.
+        concat_lists: the teacher answers the list questions (top3_products, low_stock) with a query
+        whose group_concat joins the names into one cell, so the answer is one copy of one cell
+        instead of names gathered from several rows. Tasks, gold answers and the checker are the
+        same either way; only the trajectories differ (experiments/LOG.md, 2026-12-03)."""
         super().__init__(test_share, heldout_template_share, mistake_rate, fault_rate)
         if not 0 <= invented < 1:
             raise ValueError(f"invented must be in [0, 1), got {invented}")
-        self.invented = invented
+        if not isinstance(concat_lists, bool):
+            raise ValueError(f"concat_lists must be true or false, got {concat_lists!r}")
+        self.invented, self.concat_lists = invented, concat_lists
 
     def _build(self, split: str, index: int, seed: int) -> tuple[Task, Spec]:
         shop = build_shop(seed, split, self.test_share, self.invented)
         rng = random.Random(seed)
-        ctx = Ctx(rng, shop, split, self.test_share)
+        ctx = Ctx(rng, shop, split, self.test_share, self.concat_lists)
         family, spec = draw_family(rng, FAMILIES, lambda f: FAMILIES[f].sample(ctx), seed)
         templates = FAMILIES[family].templates
         task = self.make_task(rng, split, index, seed, family, templates, spec.params, spec.gold, family)
@@ -709,8 +733,8 @@ several items are asked for. When asked to change data, run the INSERT, UPDATE o
             if step.bind:
                 binds[step.bind] = first_value(obs.text)
         rows = result_rows(obs.text)
-        if spec.answer in ("cell", "column", "top3"):
-            values = [r[0] for r in rows[:{"cell": 1, "top3": 3}.get(spec.answer)]]  # "column": all rows
+        if spec.answer in ("cell", "list", "column", "top3"):  # "column": every row's first cell
+            values = [r[0] for r in rows[:{"cell": 1, "list": 1, "top3": 3}.get(spec.answer)]]
             why = rng.choice(ANSWER_WHYS[spec.answer]).format(v=values[0], n=len(values))
             yield Answer(", ".join(values), why)
         else:
