@@ -695,6 +695,8 @@ def main(argv=None):
         agent = load_agent(args.agent, args.device, names[0])
     except (OSError, ValueError) as e:
         raise SystemExit(f"infer.py: {e}") from None
+    if args.resample_repeats > 0 and args.resample_temperature <= 0:
+        ap.error("--resample-temperature must be > 0: a greedy retry repeats the same call")
     kw = dict(max_steps=args.max_steps, max_new_tokens=args.max_new_tokens,
               observation_tokens=args.observation_tokens, tool_timeout=args.tool_timeout,
               resample_repeats=args.resample_repeats, resample_temperature=args.resample_temperature)

@@ -27,7 +27,7 @@ def error_label(text: str) -> str:
 
 
 def report(path: str) -> dict:
-    episodes = [json.loads(line) for line in open(path)]
+    episodes = [json.loads(line) for line in open(path) if line.strip()]
     if not episodes:
         raise SystemExit(f"{path}: no episodes")
     family, errors, after = {}, Counter(), Counter()

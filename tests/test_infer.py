@@ -265,6 +265,7 @@ def test_a_repeated_failing_call_is_sampled_again(agent, tmp_path):
     assert r.steps[0].observation_kind == "tool_error" and r.answer == "42"
     assert r.canonical and render({"messages": r.messages}, tok).ids.tolist() == r.ids
     assert engine.cache.pos == len(r.ids) - 1  # the thrown-away turn left nothing in the cache
+    assert engine.ids == r.ids[:-1] and not engine.full  # nor in the sequence the engine keeps
     with torch.no_grad():
         full = agent.model(torch.tensor([r.ids[:-1]]))[0]
     last = {}  # position -> the logits computed there last (the rejected turn's were overwritten)
@@ -272,6 +273,11 @@ def test_a_repeated_failing_call_is_sampled_again(agent, tmp_path):
         for i in range(len(logits)):
             last[pos + i] = logits[i]
     torch.testing.assert_close(torch.stack([last[p] for p in range(len(full))]), full, rtol=1e-5, atol=1e-5)
+    # the override really samples: the real Engine.sample, greedy engine, at temperature 5 and 0
+    real = infer.Engine(agent.model, tok, max_len=64, seed=0)
+    logits = torch.randn(tok.vocab_size, generator=torch.Generator().manual_seed(0))
+    assert {real.sample(logits, temperature=0.0) for _ in range(5)} == {real.sample(logits)}  # the argmax
+    assert len({real.sample(logits, temperature=5.0) for _ in range(20)}) > 1
     # off (the default): the repeat is sent, fails again, and the episode goes on from there
     _, r = run(bad + bad + answer, [], repeats=0)
     assert [s.observation_kind for s in r.steps] == ["tool_error", "tool_error", None]
