@@ -377,24 +377,26 @@ def top3_products(x: Ctx) -> Spec:
     else:
         raise Resample
     cond = f" AND {x.year_cond(year)}" if year else ""
+    if x.concat_lists:  # group_concat joins the three names: the answer is one copy of one cell
+        rank = x.step("SELECT group_concat(product, ', ') AS top3 FROM (SELECT p.{products.name} AS product, "
+                      "SUM(i.{order_items.qty}) AS units FROM {@orders_items}{@items_products} WHERE {@live}{cond} "
+                      "GROUP BY p.{products.id} ORDER BY units DESC LIMIT 3)",
+                      "I'll sum {order_items.qty} per product over non-cancelled orders, sort, keep three and join "
+                      "their names into one list.",
+                      "Units sold come from {order_items}.{order_items.qty}; joining {orders} filters status and "
+                      "date, {products} gives the names, and group_concat returns the top three as one line.",
+                      cond=cond)
+    else:
+        rank = x.step("SELECT p.{products.name} AS product, SUM(i.{order_items.qty}) AS units FROM {@orders_items}"
+                      "{@items_products} WHERE {@live}{cond} GROUP BY p.{products.id} ORDER BY units DESC LIMIT 5",
+                      "I'll sum {order_items.qty} per product over non-cancelled orders and sort; a few extra rows "
+                      "show whether third place is tied.",
+                      "Units sold come from {order_items}.{order_items.qty}; joining {orders} filters status and "
+                      "date, and {products} gives the names.", cond=cond)
     return Spec({"period": f"in {year}" if year else "of all time", "year": year},
                 {"kind": "list", "value": [x.shop.product[p].name for p, _ in sold.most_common(3)], "ordered": True},
-                ["orders", "order_items", "products"], [
-        *([x.peek_dates()] if year else []),
-        x.step("SELECT group_concat(product, ', ') AS top3 FROM (SELECT p.{products.name} AS product, "
-               "SUM(i.{order_items.qty}) AS units FROM {@orders_items}{@items_products} WHERE {@live}{cond} "
-               "GROUP BY p.{products.id} ORDER BY units DESC LIMIT 3)",
-               "I'll sum {order_items.qty} per product over non-cancelled orders, sort, keep three and join "
-               "their names into one list.",
-               "Units sold come from {order_items}.{order_items.qty}; joining {orders} filters status and date, "
-               "{products} gives the names, and group_concat returns the top three as one line.",
-               cond=cond) if x.concat_lists else
-        x.step("SELECT p.{products.name} AS product, SUM(i.{order_items.qty}) AS units FROM {@orders_items}"
-               "{@items_products} WHERE {@live}{cond} GROUP BY p.{products.id} ORDER BY units DESC LIMIT 5",
-               "I'll sum {order_items.qty} per product over non-cancelled orders and sort; a few extra rows show "
-               "whether third place is tied.",
-               "Units sold come from {order_items}.{order_items.qty}; joining {orders} filters status and date, and "
-               "{products} gives the names.", cond=cond)], answer="list" if x.concat_lists else "top3")
+                ["orders", "order_items", "products"], [*([x.peek_dates()] if year else []), rank],
+                answer="list" if x.concat_lists else "top3")
 
 
 def more_than_k(x: Ctx) -> Spec:
@@ -418,20 +420,22 @@ def low_stock(x: Ctx) -> Spec:
             break
     else:
         raise Resample
+    if x.concat_lists:  # one cell, as in top3_products
+        pick = x.step("SELECT group_concat(product, ', ') AS names FROM (SELECT p.{products.name} AS product "
+                      "FROM {products} p{cat_join} WHERE {cat} = '{category}' AND p.{products.stock} < {limit} "
+                      "ORDER BY p.{products.name})",
+                      "I'll filter {products} on the category and {products.stock} < {limit} and join the names "
+                      "into one list.",
+                      "The stock level is in {products}.{products.stock}; group_concat lists the {category} "
+                      "products below {limit} in one cell.", category=category, limit=limit)
+    else:
+        pick = x.step("SELECT p.{products.name} AS product, p.{products.stock} AS stock FROM {products} p{cat_join} "
+                      "WHERE {cat} = '{category}' AND p.{products.stock} < {limit} ORDER BY p.{products.name}",
+                      "I'll filter {products} on the category and {products.stock} < {limit}.",
+                      "The stock level is in {products}.{products.stock}; I'll list the {category} products below "
+                      "{limit}.", category=category, limit=limit)
     return Spec({"category": category, "n": limit}, {"kind": "list", "value": names, "ordered": False},
-                x.cats("products"), [
-        x.step("SELECT group_concat(product, ', ') AS names FROM (SELECT p.{products.name} AS product "
-               "FROM {products} p{cat_join} WHERE {cat} = '{category}' AND p.{products.stock} < {limit} "
-               "ORDER BY p.{products.name})",
-               "I'll filter {products} on the category and {products.stock} < {limit} and join the names into "
-               "one list.",
-               "The stock level is in {products}.{products.stock}; group_concat lists the {category} products "
-               "below {limit} in one cell.", category=category, limit=limit) if x.concat_lists else
-        x.step("SELECT p.{products.name} AS product, p.{products.stock} AS stock FROM {products} p{cat_join} "
-               "WHERE {cat} = '{category}' AND p.{products.stock} < {limit} ORDER BY p.{products.name}",
-               "I'll filter {products} on the category and {products.stock} < {limit}.",
-               "The stock level is in {products}.{products.stock}; I'll list the {category} products below {limit}.",
-               category=category, limit=limit)], answer="list" if x.concat_lists else "column")
+                x.cats("products"), [pick], answer="list" if x.concat_lists else "column")
 
 
 def revenue_between(x: Ctx) -> Spec:
