@@ -40,8 +40,9 @@ from data.bpe import vocab_hash
 from data.tokenizer import agent_tokenizer_name, load_tokenizer
 from model import checkpoint, gguf_io
 from model.copy_init import install_copy_circuit
-from model.transformer import (BACKENDS, LOSSES, PRESETS, ModelConfig, Transformer, flops_per_token, peak_flops,
-                               set_attention, set_loss)
+from model.muon import Combined, Muon
+from model.transformer import (BACKENDS, LOSSES, PRESETS, ModelConfig, Transformer, flops_per_token, native_bf16,
+                               peak_flops, set_attention, set_loss)
 
 # ----------------------------------------------------------------------------- flags
 
@@ -102,6 +103,11 @@ flag("warmup-frac", 0.05, "share of the steps spent warming up linearly")
 flag("weight-decay", 0.1, "AdamW decoupled weight decay, on matrices only (not norms or biases)")
 flag("beta1", 0.9, "AdamW beta1")
 flag("beta2", 0.95, "AdamW beta2")
+flag("optimizer", "adamw", "adamw, or muon: Muon (model/muon.py) for the blocks' matrices, AdamW for "
+     "embeddings, LM head and norms", choices=["adamw", "muon"])
+flag("muon-lr", 0.02, "Muon's peak learning rate (--optimizer=muon); it follows the same schedule as --lr")
+flag("muon-momentum", 0.95, "Muon's Nesterov momentum")
+flag("muon-weight-decay", 0.0, "Muon's decoupled weight decay")
 flag("grad-clip", 1.0, "clip the global gradient norm to this (0: off)")
 flag("epochs", 1.0, "passes over the training rows, when --max-steps is not given")
 flag("max-steps", 0, "optimizer steps (0: from --epochs); the learning-rate schedule spans them")
@@ -117,7 +123,8 @@ flag("max-time", 0.0, "wall-clock budget (3600, 90m, 2h): save and stop when it 
      type=duration)
 # system
 flag("device", "auto", "auto, cpu or cuda")
-flag("dtype", "auto", "matmul precision: auto (bfloat16 autocast on GPU, float32 on CPU), float32, bfloat16",
+flag("dtype", "auto", "matmul precision: auto (bfloat16 autocast where the device multiplies it natively: "
+     "a GPU, a CPU with AVX512-BF16 or AMX; float32 elsewhere), float32, bfloat16",
      choices=["auto", "float32", "bfloat16"])
 flag("compile", False, "torch.compile the model")
 flag("loss", "auto", "LM-head loss: auto (fused on CUDA, reference on CPU), fused (kernels/masked_ce.py) or reference",
@@ -182,10 +189,12 @@ if not args.resume and latest_checkpoint(out):
     ap.error(f"{out} already holds a run ({latest_checkpoint(out)}): add --resume to continue it, "
              "or choose another --out")
 for k, before in (("model", ""), ("model_config", ""), ("init_from", ""), ("copy_init", False),
-                  ("copy_bigram", False)):
+                  ("copy_bigram", False), ("optimizer", "adamw")):
     if resume_dir and saved["args"].get(k, before) != getattr(args, k):  # `before`: runs older than the flag
         ap.error(f"--{k.replace('_', '-')} cannot change when resuming (the run in {out} used "
                  f"{saved['args'].get(k, before)!r})")
+if args.lr <= 0 or (args.optimizer == "muon" and args.muon_lr <= 0):
+    ap.error("--lr and --muon-lr must be positive")
 if args.copy_bigram and not args.copy_init:
     ap.error("--copy-bigram adds a head to the circuit of --copy-init; give both")
 if args.copy_init and args.init_from != "scratch":
@@ -213,7 +222,7 @@ try:
     loss_impl = set_loss(args.loss, device)
 except ValueError as e:
     raise SystemExit(f"error: {e}")
-use_bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device_type == "cuda")
+use_bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and native_bf16(device))
 autocast = torch.autocast(device_type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 torch.manual_seed(args.seed)  # every rank builds the same initial model (DDP also broadcasts rank 0's)
 
@@ -341,11 +350,18 @@ if args.compile:  # around DDP, so the compiler can overlap gradient all-reduce 
 
 # ----------------------------------------------------------------------------- optimizer
 
-matrices = [p for p in raw_model.parameters() if p.dim() >= 2]
+# Muon takes the 2-D weights inside the blocks; embeddings, the LM head and the norm gains stay
+# with AdamW, as Muon's authors and most users keep them
+hidden = [p for p in raw_model.layers.parameters() if p.dim() == 2] if args.optimizer == "muon" else []
+hidden_ids = {id(p) for p in hidden}
+matrices = [p for p in raw_model.parameters() if p.dim() >= 2 and id(p) not in hidden_ids]
 vectors = [p for p in raw_model.parameters() if p.dim() < 2]
 optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": args.weight_decay},
                                {"params": vectors, "weight_decay": 0.0}],
                               lr=args.lr, betas=(args.beta1, args.beta2), fused=device_type == "cuda")
+if hidden:
+    optimizer = Combined(optimizer, Muon([{"params": hidden, "lr_scale": args.muon_lr / args.lr}], lr=args.muon_lr,
+                                         momentum=args.muon_momentum, weight_decay=args.muon_weight_decay))
 
 
 def lr_at(step: int) -> float:
@@ -436,6 +452,10 @@ if resume_dir:
     if not os.path.exists(optim_file):  # a different world size: DDP ranks hold identical optimizer states
         optim_file = os.path.join(resume_dir, "optim_rank0.pt")
     optimizer.load_state_dict(torch.load(optim_file, map_location=device, weights_only=True))
+    if hidden:  # load_state_dict restores the saved groups; Muon's flags may have changed since
+        muon_group = optimizer.optimizers[1].param_groups[0]
+        muon_group.update(lr_scale=args.muon_lr / args.lr, momentum=args.muon_momentum,
+                          weight_decay=args.muon_weight_decay)
     try:
         train_loader.load_state_dict(meta["data"])
     except ValueError as e:
@@ -611,7 +631,7 @@ while True:
     t0 = time.time()
     lr = lr_at(step)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     micro = [b.to(device, non_blocking=True) for b in train_loader.next_micro_batches(accum)]
     # normalise by the trained weight of the whole global batch, so every token counts the same
     # whichever rank and micro-batch it lands in; DDP averages gradients over ranks, hence x world

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model.transformer import (BACKENDS, LOSSES, PRESETS, ModelConfig, Transformer, flops_per_token,  # noqa: E402
-                               peak_flops, set_attention, set_loss)
+                               native_bf16, peak_flops, set_attention, set_loss)
 
 
 def packed_batch(B, T, vocab, doc_len, gen, device):
@@ -48,6 +48,9 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="matmul precision: auto = bfloat16 autocast where the device multiplies it natively "
+                         "(a GPU, a CPU with AVX512-BF16 or AMX), else float32")
     ap.add_argument("--attn", default="auto", choices=BACKENDS, help="attention backend (model/transformer.py)")
     ap.add_argument("--loss", default="auto", choices=LOSSES, help="LM-head loss (model/transformer.py)")
     ap.add_argument("--out", default=None, help="JSON path (default: experiments/results/train_...json)")
@@ -65,7 +68,8 @@ def main():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
     gen = torch.Generator().manual_seed(0)
     batch = packed_batch(args.batch_size, args.seq_len, args.vocab_size, args.doc_len, gen, args.device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and native_bf16(args.device))
+    autocast = torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=bf16)
 
     def step():
         with autocast:
@@ -95,7 +99,7 @@ def main():
         "params": model.num_params(), "params_no_embeddings": model.num_params(False),
         "seq_len": args.seq_len, "batch_size": args.batch_size, "doc_len": args.doc_len,
         "vocab_size": args.vocab_size, "compile": args.compile, "attention": attention, "loss": loss_impl,
-        "precision": "bf16 autocast" if cuda else "fp32",
+        "precision": "bf16 autocast" if bf16 else "fp32",
         "step_ms_median": 1e3 * median, "step_ms_min": 1e3 * times[0], "tokens_per_s": tokens / median,
         "mfu": flops_per_token(cfg, args.seq_len) * tokens / median / peak if peak else None,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
@@ -103,7 +107,8 @@ def main():
         "python": platform.python_version(), "steps": args.steps,
     }
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"train_{args.model}_{'cuda' if cuda else 'cpu'}_T{args.seq_len}.json")
+                                   f"train_{args.model}_{'cuda' if cuda else 'cpu'}_T{args.seq_len}"
+                                   f"{'' if bf16 == cuda else '_bf16' if bf16 else '_fp32'}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=2)

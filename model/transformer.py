@@ -270,6 +270,22 @@ def set_attention(name: str, device) -> str:
     return resolved
 
 
+def native_bf16(device) -> bool:
+    """Whether --dtype=auto trains `device` under bfloat16 autocast: on CUDA always (as before: the
+    GPUs we target, Ampere and later, multiply bfloat16 natively), on a CPU when it has AVX512-BF16
+    or AMX (where oneDNN runs the mini model's products about 3x faster than float32; without them
+    bfloat16 is emulated and slower)."""
+    if str(device).startswith("cuda"):
+        return True
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):  # private torch probes
+        try:
+            if getattr(torch.cpu, name)():
+                return True
+        except Exception:  # missing in this torch version, or failing: assume no native bf16
+            pass
+    return False
+
+
 def _warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
@@ -311,15 +327,21 @@ def _attend_sdpa(q, k, v, docs: Documents) -> torch.Tensor:
         # split, not slicing: the backward of a split is one concatenation, while every slice's
         # backward writes its gradient into a fresh zero tensor of the whole row (mini on 2 cores: 1.89 ->
         # 1.64 s per step, experiments/bench_train.py)
+        # float32 even under bfloat16 autocast: no slower than the CPU kernel's bfloat16 path (whose
+        # backward is the slow part), and the attention scores keep float32 precision
+        dtype = q.dtype
+        if dtype in (torch.bfloat16, torch.float16):
+            q, k, v = (t.float() for t in (q, k, v))
         lengths = [[] for _ in range(q.shape[0])]
         for b, s, e in docs.spans():
             lengths[b].append(e - s)
         rows = []
         for b, n in enumerate(lengths):
             parts = zip(*(t[b:b + 1].split(n, dim=2) for t in (q, k, v)))
-            rows.append(torch.cat([F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True)
-                                   for qd, kd, vd in parts], dim=2))
-        return torch.cat(rows).transpose(1, 2)
+            with torch.autocast("cpu", enabled=False):
+                rows.append(torch.cat([F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True)
+                                       for qd, kd, vd in parts], dim=2))
+        return torch.cat(rows).transpose(1, 2).to(dtype)
     if not docs.needs_mask():  # causal from position 0, or one new token that sees every key
         out = F.scaled_dot_product_attention(q, k, v, is_causal=docs.q_offset == 0, enable_gqa=True)
     else:

@@ -3,7 +3,8 @@
 # names into their pools; 10% of calls start with a deliberate, untrained mistake and its fix) ->
 # presplit tokenizer -> 2,048-token rows without the (constant) system prompt, which the agent
 # learns instead -> the `mini` preset (1.4M parameters) with a copy circuit written into its
-# initial weights (--copy-init, model/copy_init.py) for 1,700 steps of 4k tokens -> 200 fresh
+# initial weights (--copy-init, model/copy_init.py) for 1,700 steps of 4k tokens (bf16 autocast
+# where the CPU multiplies bf16 natively, float32 elsewhere: train.py --dtype=auto) -> 200 fresh
 # held-out test episodes through the runtime, two worker processes. Measured time and success
 # rate: README ("Quick start") and experiments/LOG.md. Re-running it continues (or, when done,
 # just re-evaluates) the same run.

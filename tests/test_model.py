@@ -86,6 +86,40 @@ def test_attention_matches_explicit_softmax_in_float64(doc_loop, monkeypatch):
         torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
 
 
+def test_cpu_document_loop_under_bfloat16_autocast(monkeypatch):
+    """Under CPU bfloat16 autocast the per-document loop computes in float32 on the bfloat16
+    projections and hands bfloat16 back: equal to the float64 softmax of those same inputs to
+    bfloat16's precision, gradients included."""
+    monkeypatch.setattr(transformer, "ATTENTION", "auto")
+    monkeypatch.setattr(transformer, "DOC_LOOP_ON_CPU", True)
+    seen = []
+    sdpa = transformer.F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        out = sdpa(q, k, v, **kw)
+        seen.append((q.dtype, k.dtype, v.dtype, out.dtype))
+        return out
+    monkeypatch.setattr(transformer.F, "scaled_dot_product_attention", spy)
+    torch.manual_seed(1)
+    B, T, H, D = 2, 19, 4, 16
+    off = torch.tensor([0, 7, 19, 30, 38], dtype=torch.int32)
+    q, k, v = (torch.randn(B, T, H, D).bfloat16().requires_grad_() for _ in range(3))
+    docs = Documents.from_offsets(off, B, T, None, "cpu")
+    from model.transformer import _attend_reference, attend
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attend(q, k, v, docs)
+    assert out.dtype == torch.bfloat16
+    assert len(seen) == 4 and set(seen) == {(torch.float32,) * 4}  # one call per document, in float32
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = _attend_reference(q64, k64, v64, docs)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-2, atol=1e-2)
+    g = torch.randn_like(ref)
+    out.backward(g.bfloat16())
+    ref.backward(g)
+    for a, b in ((q, q64), (k, k64), (v, v64)):
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=3e-2, atol=3e-2)
+
+
 def test_rope_rotates_by_relative_position():
     """q.k after RoPE depends only on the distance between positions, and llama3/linear scaling
     slow the low frequencies down."""
