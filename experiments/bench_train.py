@@ -106,9 +106,10 @@ def main():
         "device": dev_name, "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
         "python": platform.python_version(), "steps": args.steps,
     }
+    # the device's usual precision (bf16 on a GPU, fp32 on a CPU) carries no suffix in the file name
+    precision = "" if bf16 == cuda else "_bf16" if bf16 else "_fp32"
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"train_{args.model}_{'cuda' if cuda else 'cpu'}_T{args.seq_len}"
-                                   f"{'' if bf16 == cuda else '_bf16' if bf16 else '_fp32'}.json")
+                                   f"train_{args.model}_{'cuda' if cuda else 'cpu'}_T{args.seq_len}{precision}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=2)

@@ -10,7 +10,7 @@ Muon (K. Jordan et al., 2024), chosen to make the polynomial grow small singular
 as possible while staying bounded.
 
 Muon is for the hidden matrices of the blocks (attention and MLP projections). Embeddings, the LM
-head and the norm gains are not rotations of a hidden space and stay with AdamW (train.py
+head and the norm gains stay with AdamW, as Muon's authors and most users keep them (train.py
 --optimizer=muon builds both). State: one momentum buffer per matrix, like SGD, so checkpoints
 and resumption work through the usual optimizer.state_dict().
 """
