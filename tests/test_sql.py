@@ -12,7 +12,7 @@ import pytest
 
 from workflows import sql_shop
 from workflows.base import SPLITS, heldout_templates, load_workflow, run_teacher, task_seed
-from workflows.sql import FAMILIES
+from workflows.sql import FAMILIES, MORE_TEMPLATES, ROLES
 from workflows.sql_shop import CATEGORIES, POOLS, entity_pool
 
 N_TASKS = 300  # per split
@@ -117,8 +117,76 @@ def test_concat_lists_answers_list_questions_with_one_cell(episodes):
         assert last_query.startswith("SELECT group_concat(") and "group_concat" not in calls(plain)[-1][1]["query"]
         header, cell = ep.observations[-1].text.split("\n")
         assert cell == ep.answer and (", " in cell) == (len(task.gold["value"]) > 1)
+        assert cell in ep.messages[-1]["reasoning"]  # the answer's reasoning quotes the list first
     with pytest.raises(ValueError, match="concat_lists"):
         load_workflow("sql", concat_lists="yes")
+
+
+def test_schema_notes_name_every_column_by_role(episodes):
+    """schema_notes=true: the reasoning right after each describe_table names the role of each of
+    the table's columns that varies between shops, in the names the observation shows; everything
+    else (tasks, calls, answers) is as without notes, and mistakes still get fixed."""
+    wf = load_workflow("sql", schema_notes=True, mistake_rate=0.3)
+    plain_wf = load_workflow("sql", mistake_rate=0.3)
+    n_notes = 0
+    for i in range(60):
+        task = wf.sample_task("train", i, seed_of("train", i))
+        ep, plain = run_teacher(wf, task), run_teacher(plain_wf, task)
+        assert ep.verdict.ok, (task.id, ep.verdict.reason, ep.error)
+        assert calls(ep) == calls(plain) and ep.answer == plain.answer
+        msgs = ep.messages
+        for k, m in enumerate(msgs):
+            if m["role"] != "tool" or not m["content"].startswith("Table "):
+                continue
+            table = m["content"].split()[1]
+            columns = re.findall(r"^  (\w+) \w+(.*)$", m["content"], flags=re.M)  # (name, key or reference)
+            nxt = next(x for x in msgs[k + 1:] if x["role"] == "assistant")
+            note = re.match(rf"In {table}: (.*?)\. ", nxt["reasoning"])
+            assert note, nxt["reasoning"]
+            named = dict(pair.split(" is ") for pair in note.group(1).split(", "))
+            assert set(named.values()) <= {c for c, _ in columns}  # only names the observation shows
+            # every column that is neither a key nor a reference gets its role, keys get none
+            plain_cols = {c for c, key in columns if not key}
+            assert set(named.values()) == plain_cols, (named, columns)
+            n_notes += 1
+    assert n_notes > 100
+    # the role words are the question's words: a shop whose city column is `town` says so
+    note = next(m["reasoning"] for ep in [run_teacher(wf, wf.sample_task("train", i, seed_of("train", i)))
+                                          for i in range(60)]
+                for m in ep.messages if m["role"] == "assistant" and "city is town" in (m["reasoning"] or ""))
+    assert note.startswith("In ")
+    with pytest.raises(ValueError, match="schema_notes"):
+        load_workflow("sql", schema_notes="on")
+
+
+def test_query_notes_name_the_columns_of_each_query_in_its_order():
+    """query_notes=true: every correct run_sql reasoning ends with 'Columns: ROLE is NAME, ...' for
+    the columns (not keys) the query names, in the query's order, each a column of this database;
+    the calls and answers are those of the plain teacher."""
+    wf, plain_wf = load_workflow("sql", query_notes=True, mistake_rate=0.2), load_workflow("sql", mistake_rate=0.2)
+    n_notes = 0
+    for i in range(60):
+        task = wf.sample_task("train", i, seed_of("train", i))
+        ep, plain = run_teacher(wf, task), run_teacher(plain_wf, task)
+        assert ep.verdict.ok and calls(ep) == calls(plain) and ep.answer == plain.answer
+        env = wf.make_env(task)
+        columns = {c for t, cs in env.shop.schema.cols.items() for f, c, _ in cs if (t, f) in ROLES}
+        env.close()
+        for m in ep.messages:
+            if not m.get("tool_calls") or m["tool_calls"][0]["function"]["name"] != "run_sql" or "weight" in m:
+                continue
+            query = json.loads(m["tool_calls"][0]["function"]["arguments"])["query"]
+            note = re.search(r" Columns: (.*)\.$", m["reasoning"])
+            if not note:  # a fix after a mistake opens with its own reasoning; a query of keys only has none
+                continue
+            names = [pair.split(" is ")[1] for pair in note.group(1).split(", ")]
+            assert set(names) <= columns and names == sorted(names, key=lambda c: re.search(rf"\b{c}\b", query).start())
+            outside_quotes = set(re.findall(r"\w+", re.sub(r"'[^']*'", "", query)))
+            assert set(names) == outside_quotes & columns, (names, query)
+            n_notes += 1
+    assert n_notes > 80
+    with pytest.raises(ValueError, match="query_notes"):
+        load_workflow("sql", query_notes=1)
 
 
 @pytest.mark.parametrize("test_share", [0.1, 0.6])
@@ -268,6 +336,46 @@ def test_train_shops_mix_in_invented_names_and_test_shops_never_do(wf):
         load_workflow("sql", invented=1.0)
 
 
+def test_invented_numbers_keep_test_values_out_of_train_questions():
+    """invented_numbers=true: about `invented` of the train shops move all their dates by a multiple
+    of 4 years (8 or more), and train questions also draw percentages, stock limits and order counts
+    from outside both splits' pools. No train question names a test value, a moved shop's data holds
+    no date of 2020-2024, the teacher still solves every task, and the test split is unchanged."""
+    wf = load_workflow("sql", invented=0.9, invented_numbers=True, mistake_rate=0.1)
+    plain = load_workflow("sql", invented=0.9)
+    test_values = {name: pool(name, "test") for name in ("month", "year", "percent", "stock", "more_than")}
+    moved, outside = 0, Counter()
+    for i in range(150):
+        task = wf.sample_task("train", i, seed_of("train", i))
+        env = wf.make_env(task)
+        s = env.shop.schema
+        dates = [r[0] for r in env.conn.execute(f"SELECT {s.col['orders', 'date']} FROM {s.t['orders']}")]
+        years = {int(d[:4]) for d in dates}
+        if years & set(range(2020, 2025)):  # not moved: the real years, as without the setting
+            assert years <= set(range(2020, 2025)), years
+        else:  # moved: every year at least 8 away, and so no test month or year anywhere in the data
+            assert min(abs(y - 2022) for y in years) >= 8 - 2, years
+            moved += 1
+        p = task.params
+        for name, value in (("year", p.get("year")), ("percent", p.get("pct")), ("stock", p.get("n")),
+                            ("more_than", p.get("k"))) + tuple(("month", p[k][:7]) for k in ("date", "start", "end")
+                                                               if k in p):
+            if value is not None:
+                assert value not in test_values[name], (task.id, name, value)
+                outside[name] += value not in pool(name, "train")
+        ep = run_teacher(wf, task)
+        assert ep.verdict.ok, (task.id, ep.verdict.reason, ep.error)
+        env.close()
+    assert 0.75 < moved / 150 < 1, moved  # about 0.9 of the train shops live in other years
+    assert all(outside[name] for name in ("year", "percent", "stock", "more_than", "month")), outside
+    for i in range(20):  # the test split does not depend on the setting
+        a, b = (w.sample_task("test", i, seed_of("test", i)) for w in (wf, plain))
+        assert (a.prompt, a.gold) == (b.prompt, b.gold)
+        assert wf.make_env(a).state_hash() == plain.make_env(b).state_hash()
+    with pytest.raises(ValueError, match="invented_numbers"):
+        load_workflow("sql", invented_numbers=1)
+
+
 def test_heldout_templates_only_in_test(episodes, wf):
     held = {f: heldout_templates(list(fam.templates), wf.heldout_template_share, salt=f)
             for f, fam in FAMILIES.items()}
@@ -277,6 +385,33 @@ def test_heldout_templates_only_in_test(episodes, wf):
     test_tasks = [ep.task for ep in episodes["test"]]
     assert all(t.heldout_template == (t.params["template"] in held[t.family]) for t in test_tasks)
     assert sum(t.heldout_template for t in test_tasks) >= 20
+
+
+def test_more_phrasings_same_tasks_more_templates_a_quarter_held_out():
+    """more_phrasings=true: 11-12 templates per family, none repeated, each with the placeholders its
+    family fills; the same tasks (parameters, gold) as without; the train split never asks in a
+    held-out one, and about a quarter of test questions do."""
+    wf, plain = load_workflow("sql", more_phrasings=True), load_workflow("sql")
+    for f, fam in FAMILIES.items():
+        all_templates = fam.templates + MORE_TEMPLATES[f]
+        assert 11 <= len(set(all_templates)) == len(all_templates) <= 12
+        fields = {k for t in fam.templates for k in re.findall(r"\{(\w+)\}", t)}
+        assert all(set(re.findall(r"\{(\w+)\}", t)) <= fields for t in MORE_TEMPLATES[f]), f
+        assert len(heldout_templates(list(all_templates), wf.heldout_template_share, salt=f)) == 3
+    held = Counter()
+    for split in SPLITS:
+        for i in range(200):
+            a, b = (w.sample_task(split, i, seed_of(split, i)) for w in (wf, plain))
+            assert (a.family, a.gold) == (b.family, b.gold)
+            assert {k: v for k, v in a.params.items() if k != "template"} == \
+                   {k: v for k, v in b.params.items() if k != "template"}
+            templates = FAMILIES[a.family].templates + MORE_TEMPLATES[a.family]
+            assert a.prompt == templates[a.params["template"]].format(**a.params)
+            held[split] += a.heldout_template
+    assert held["train"] == 0 and 30 <= held["test"] <= 70, held
+    assert run_teacher(wf, wf.sample_task("test", 0, seed_of("test", 0))).verdict.ok
+    with pytest.raises(ValueError, match="more_phrasings"):
+        load_workflow("sql", more_phrasings="yes")
 
 
 # ----------------------------------------------------------------------------- databases

@@ -22,7 +22,8 @@ from typing import Callable, NamedTuple
 
 from workflows.base import (Answer, Call, Environment, Mistake, Resample, Task, ToolError, Verdict, Workflow,
                             check_value, draw_family, stable_hash, tool)
-from workflows.sql_shop import (COLUMN_NAMES, LAST_DAY, MONTH_NAMES, STATUSES, TABLE_NAMES, Customer, Shop,
+from workflows.sql_phrasings import MORE_TEMPLATES
+from workflows.sql_shop import (COLUMN_NAMES, MONTH_NAMES, STATUSES, TABLE_NAMES, Customer, Shop,
                                 build_shop, entity_pool, iso, long_date, state_hash)
 
 # ----------------------------------------------------------------------------- environment
@@ -442,7 +443,7 @@ def revenue_between(x: Ctx) -> Spec:
     month = x.rng.choice(x.pool("month"))
     first = dt.date.fromisoformat(f"{month}-{x.rng.randint(1, 28):02d}").toordinal()
     # Both ends are dates of this split's months, so no test question names a train month.
-    ends = [d for d in range(first + 10, min(LAST_DAY, first + 60) + 1) if iso(d)[:7] in x.pool("month")]
+    ends = [d for d in range(first + 10, min(x.shop.last_day, first + 60) + 1) if iso(d)[:7] in x.pool("month")]
     if not ends:
         raise Resample
     start, end = iso(first), iso(x.rng.choice(ends))
@@ -643,17 +644,45 @@ ANSWER_WHYS = {"cell": ("The query returned {v}.", "That gives {v}.", "So the an
                "top3": ("The first three rows are the answer, in order.",
                         "The top three are clear, with no tie for third.",
                         "Reading off the first three products in order."),
-               "list": ("The query returned the list in one cell.", "That cell is the whole list.",
-                        "group_concat gave the names in one line; that is the answer."),
+               # The list is quoted, as "cell" answers quote their value: the answer then copies
+               # the reasoning it has just written (experiments/LOG.md, 2026-12-03 latest).
+               "list": ("The query returned {v}.", "That cell is the whole list: {v}.",
+                        "group_concat gave the names in one line: {v}."),
                "done": ("The change went through.", "The database confirms the change.", "That's applied.")}
 
 
 TABLE_RECOVERY = ("There is no table {wrong} here; this database calls it {right}.",
                   "{wrong} does not exist. The table list shows {right}, so I'll use that.",
                   "Wrong name: the table is {right}, not {wrong}.")
+# What each column a note names is for, in the words of the questions (schema_notes).
+ROLES = {("customers", "first"): "first name", ("customers", "last"): "last name", ("customers", "full"): "name",
+         ("customers", "city"): "city", ("customers", "signup"): "signup date", ("customers", "email"): "email",
+         ("categories", "name"): "name", ("products", "name"): "name", ("products", "category"): "category",
+         ("products", "price"): "price", ("products", "stock"): "stock", ("orders", "date"): "date",
+         ("orders", "status"): "status", ("order_items", "qty"): "quantity", ("order_items", "price"): "price"}
 COLUMN_RECOVERY = ("{wrong} is not a column here; the schema calls it {right}.",
                    "No column {wrong} in this database. describe_table showed {right}, so I'll use that.",
                    "Wrong column name: it is {right}, not {wrong}.")
+
+
+def schema_note(schema, table: str) -> str:
+    """The columns of a table the agent has just described, each named with its role, in one fixed
+    form: 'In buyers: name is full_name, city is town, signup date is joined_on.'"""
+    logical = next(t for t, name in schema.t.items() if name == table)
+    pairs = [f"{ROLES[logical, f]} is {c}" for f, c, _ in schema.cols[logical] if (logical, f) in ROLES]
+    return f"In {table}: {', '.join(pairs)}." if pairs else ""
+
+
+def query_note(schema, tables: list[str], query: str) -> str:
+    """The role of every column a query names, in the order the query names them:
+    'Columns: status is state, date is placed_on.' (query_notes)"""
+    role = {}
+    for t in tables:
+        for f, c, _ in schema.cols[t]:
+            if (t, f) in ROLES:
+                role.setdefault(c, ROLES[t, f])
+    used = dict.fromkeys(w for w in re.findall(r"(?<!')\b\w+\b", query) if w in role)
+    return f"Columns: {', '.join(f'{role[c]} is {c}' for c in used)}." if used else ""
 
 
 def spell(names: list[str]) -> str:
@@ -684,27 +713,48 @@ several items are asked for. When asked to change data, run the INSERT, UPDATE o
 (changes are saved immediately) and reply with a short confirmation."""
 
     def __init__(self, test_share: float = 0.3, heldout_template_share: float = 0.25, mistake_rate: float = 0.0,
-                 fault_rate: float = 0.0, invented: float = 0.5, concat_lists: bool = False):
+                 fault_rate: float = 0.0, invented: float = 0.5, concat_lists: bool = False,
+                 schema_notes: bool = False, invented_numbers: bool = False, more_phrasings: bool = False,
+                 query_notes: bool = False):
         """invented: share of made-up names, cities, categories and products mixed into the pools of
         train shops (sql_shop.shop_pools), so the policy learns to copy names instead of memorising
         them. Test shops never have any.
         concat_lists: the teacher answers the list questions (top3_products, low_stock) with a query
         whose group_concat joins the names into one cell, so the answer is one copy of one cell
         instead of names gathered from several rows. Tasks, gold answers and the checker are the
-        same either way; only the trajectories differ (experiments/LOG.md, 2026-12-03)."""
+        same either way; only the trajectories differ (experiments/LOG.md, 2026-12-03).
+        schema_notes: after each describe_table, the teacher's next reasoning starts by naming what
+        every column of that table is for ('In buyers: city is town, last name is surname.'), so the
+        name a query needs is written right after the observation that shows it, next to the words
+        the question uses.
+        query_notes: the reasoning of every run_sql call ends by naming the role of each column the
+        query uses, in the query's order ('Columns: status is state, date is placed_on.'), so each
+        name the query needs stands a few tokens before it, behind its role word.
+        invented_numbers: about `invented` of the train shops move their dates some years away from
+        2020-2024, and train questions also draw percentages, stock limits and order counts outside
+        both splits' pools (sql_shop.number_pools), so numbers and dates are copied, not recalled.
+        Test tasks are the same either way.
+        more_phrasings: each question family has 11-12 templates (MORE_TEMPLATES) instead of 3-4; the
+        test split still holds a quarter of them out of the train split. Test tasks have the same
+        databases, parameters and gold answers, but their questions may be worded differently."""
         super().__init__(test_share, heldout_template_share, mistake_rate, fault_rate)
         if not 0 <= invented < 1:
             raise ValueError(f"invented must be in [0, 1), got {invented}")
-        if not isinstance(concat_lists, bool):
-            raise ValueError(f"concat_lists must be true or false, got {concat_lists!r}")
-        self.invented, self.concat_lists = invented, concat_lists
+        for flag, value in (("concat_lists", concat_lists), ("schema_notes", schema_notes),
+                            ("invented_numbers", invented_numbers), ("more_phrasings", more_phrasings),
+                            ("query_notes", query_notes)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{flag} must be true or false, got {value!r}")
+        self.invented, self.concat_lists, self.schema_notes = invented, concat_lists, schema_notes
+        self.invented_numbers, self.more_phrasings = invented_numbers, more_phrasings
+        self.query_notes = query_notes
 
     def _build(self, split: str, index: int, seed: int) -> tuple[Task, Spec]:
-        shop = build_shop(seed, split, self.test_share, self.invented)
+        shop = build_shop(seed, split, self.test_share, self.invented, self.invented_numbers)
         rng = random.Random(seed)
         ctx = Ctx(rng, shop, split, self.test_share, self.concat_lists)
         family, spec = draw_family(rng, FAMILIES, lambda f: FAMILIES[f].sample(ctx), seed)
-        templates = FAMILIES[family].templates
+        templates = FAMILIES[family].templates + (MORE_TEMPLATES[family] if self.more_phrasings else ())
         task = self.make_task(rng, split, index, seed, family, templates, spec.params, spec.gold, family)
         return task, spec
 
@@ -712,11 +762,20 @@ several items are asked for. When asked to change data, run the INSERT, UPDATE o
         return self._build(split, index, seed)[0]
 
     def make_env(self, task: Task) -> SqlEnv:
-        return SqlEnv(build_shop(task.seed, task.split, self.test_share, self.invented))
+        return SqlEnv(build_shop(task.seed, task.split, self.test_share, self.invented, self.invented_numbers))
 
     def teacher(self, task: Task, env: SqlEnv):
         spec = self._build(task.split, task.index, task.seed)[1]
         schema, rng = env.shop.schema, random.Random(stable_hash("sql-teacher", task.seed))
+        last_described = None
+
+        def note(why: str) -> str:
+            """Prefix the reasoning of the call after a describe_table with that table's note."""
+            nonlocal last_described
+            if self.schema_notes and last_described:
+                why, last_described = f"{schema_note(schema, last_described)} {why}", None
+            return why
+
         obs = yield Call("list_tables", {}, rng.choice(LIST_WHYS))
         tables = [schema.t[t] for t in spec.tables]
         if not set(tables) <= set(obs.text.split()):
@@ -727,11 +786,15 @@ several items are asked for. When asked to change data, run the INSERT, UPDATE o
             distractors = [schema.t[t] for t in ("suppliers", "reviews") if t in schema.cols]
             if not n and distractors and rng.random() < 0.5:
                 why += f" {spell(distractors)} {'is' if len(distractors) == 1 else 'are'} not needed here."
-            yield Call("describe_table", {"table": table}, why)
+            yield Call("describe_table", {"table": table}, note(why))
+            last_described = table
         binds = {}
         for step in spec.steps:
             fill = functools.partial(re.sub, r"\{(\w+)\}", lambda m: binds[m.group(1)])
-            obs = yield Call("run_sql", {"query": fill(step.sql)}, fill(rng.choice(step.whys)))
+            query, why = fill(step.sql), note(fill(rng.choice(step.whys)))
+            if self.query_notes and (cols := query_note(schema, spec.tables, query)):
+                why = f"{why} {cols}"
+            obs = yield Call("run_sql", {"query": query}, why)
             if not obs.ok:
                 raise RuntimeError(f"teacher query failed: {obs.text}")
             if step.bind:

@@ -115,6 +115,32 @@ def invent_words(rng: random.Random, n: int, taken: set[str], syllables: tuple[i
     return out
 
 
+# Invented numbers and dates (train split only, `numbers`). The test split's percentages, thresholds,
+# months and years are held out of the train pools, but the train pools are small (20 percentages, 3
+# years, 42 months), and a small model learns them by heart: asked for June 2024 (a test month) it
+# writes a train month of 2024, asked for 6% it multiplies by 1.08 (experiments/LOG.md, 2026-12-03
+# latest). Values that are in neither split's pool make copying the only way: a train shop may live
+# some years away from 2020-2024 (a multiple of 4, so 29 February stays a date; 8 or more, so no
+# year of it is one the test split asks about), and its questions draw from wider number ranges.
+YEAR_SHIFTS = (-16, -12, -8, 8, 12, 16)
+NUMBER_EXTRAS = {"percent": [1, 2] + list(range(31, 61)), "stock": list(range(1, 5)) + list(range(51, 71)),
+                 "more_than": [1] + list(range(10, 21))}
+
+
+def number_pools(seed: int, split: str, test_share: float, invented: float) -> tuple[dict, int]:
+    """The pools of numbers and dates one train shop draws its questions from, and the number of
+    years its dates are moved by (0: the real 2020-2024). About `invented` of the train shops move."""
+    if split != "train" or invented <= 0:
+        return {}, 0
+    rng = random.Random(stable_hash("sql-numbers", seed))
+    pools = {name: entity_pool(name, split, test_share) + tuple(extra) for name, extra in NUMBER_EXTRAS.items()}
+    if rng.random() >= invented:
+        return pools, 0
+    years = rng.choice(YEAR_SHIFTS)
+    return pools | {"year": tuple(y + years for y in YEARS), "month": tuple(f"{int(m[:4]) + years}{m[4:]}"
+                                                                          for m in MONTHS)}, years
+
+
 def shop_pools(rng: random.Random, split: str, test_share: float, invented: float) -> tuple[dict, Callable]:
     """The entity pools one shop draws from: the split's real values, plus (train split,
     0 < invented < 1) made-up ones, about `invented` of each pool; and nouns(category), the product
@@ -274,8 +300,9 @@ def long_date(date: str) -> str:
 class Shop:
     """One shop's rows (logical table -> list of row tuples) and the indexes the gold answers use."""
 
-    def __init__(self, schema: Schema, tables: dict[str, list], pools: dict[str, tuple]):
-        self.schema, self.tables, self.pools = schema, tables, pools  # pools: the entity values it drew from
+    def __init__(self, schema: Schema, tables: dict[str, list], pools: dict[str, tuple], last_day: int = LAST_DAY):
+        self.schema, self.tables, self.pools = schema, tables, pools  # pools: the values its questions draw from
+        self.last_day = last_day  # ordinal of the shop's last day (its dates may be moved: number_pools)
         self.customers, self.products, self.orders = tables["customers"], tables["products"], tables["orders"]
         self.categories = [c.name for c in tables["categories"]]
         self.product = {p.id: p for p in self.products}
@@ -302,23 +329,30 @@ def _sampler(rng: random.Random, values: list, weights) -> Callable[[], object]:
 
 
 @functools.lru_cache(maxsize=16)  # sample_task and make_env both need the shop of a task
-def build_shop(seed: int, split: str, test_share: float, invented: float = 0.0) -> Shop:
+def build_shop(seed: int, split: str, test_share: float, invented: float = 0.0, numbers: bool = False) -> Shop:
     rng = random.Random(stable_hash("sql-shop", seed))
     schema = Schema(rng)
     pools, nouns_of = shop_pools(random.Random(stable_hash("sql-invented", seed)), split, test_share, invented)
     pool = pools.__getitem__
+    extra_pools, years = number_pools(seed, split, test_share, invented) if numbers else ({}, 0)
+
+    def iso(ordinal: int) -> str:  # drawn as if in 2020-2024, then moved by `years`
+        d = dt.date.fromordinal(ordinal)
+        return d.replace(year=d.year + years).isoformat()
 
     # Sizes are capped by the pools, which shrink on one side when --test-share is far from 0.3.
     sample = lambda values, lo, hi: rng.sample(values, min(len(values), rng.randint(lo, hi)))  # noqa: E731
     cities, names, customers = sample(pool("city"), 8, 12), set(), []
     n_customers = min(rng.randint(70, 110), len(pool("first")) * len(pool("last")) // 2)
+    signed_up = {}  # customer id -> ordinal of the signup day, before any move
     while len(customers) < n_customers:
         first, last = rng.choice(pool("first")), rng.choice(pool("last"))
         if (first, last) not in names:
             names.add((first, last))
-            signup = iso(rng.randint(dt.date(2018, 1, 1).toordinal(), dt.date(2024, 6, 30).toordinal()))
-            customers.append(Customer(len(customers) + 1, first, last, f"{first} {last}", rng.choice(cities),
-                                      signup, f"{first}.{last}@example.com".lower()))
+            cid = len(customers) + 1
+            signed_up[cid] = rng.randint(dt.date(2018, 1, 1).toordinal(), dt.date(2024, 6, 30).toordinal())
+            customers.append(Customer(cid, first, last, f"{first} {last}", rng.choice(cities), iso(signed_up[cid]),
+                                      f"{first}.{last}@example.com".lower()))
 
     categories = [Category(i + 1, c) for i, c in enumerate(sample(pool("category"), 5, 7))]
     suppliers = [Supplier(i + 1, f"{name} {rng.choice(SUPPLIER_SUFFIXES)}", rng.choice(cities))
@@ -345,7 +379,7 @@ def build_shop(seed: int, split: str, test_share: float, invented: float = 0.0) 
     drafts = []
     for _ in range(rng.randint(220, 320)):
         c = pick_customer()
-        day = rng.randint(max(FIRST_DAY, dt.date.fromisoformat(c.signup).toordinal()), LAST_DAY)
+        day = rng.randint(max(FIRST_DAY, signed_up[c.id]), LAST_DAY)
         r = rng.random()
         if day > LAST_DAY - 20:  # recent orders are not delivered yet
             status = "pending" if r < 0.6 else "shipped"
@@ -363,7 +397,7 @@ def build_shop(seed: int, split: str, test_share: float, invented: float = 0.0) 
                       iso(rng.randint(FIRST_DAY, LAST_DAY))) for i in range(rng.randint(80, 160))]
     return Shop(schema, {"customers": customers, "categories": categories, "suppliers": suppliers,
                          "products": products, "orders": orders, "order_items": items, "reviews": reviews},
-                pools)
+                pools | extra_pools, dt.date.fromisoformat(iso(LAST_DAY)).toordinal())
 
 
 def state_hash(tables: dict[str, list[tuple]]) -> str:
