@@ -13,7 +13,7 @@ import pytest
 from workflows import sql_shop
 from workflows.base import SPLITS, heldout_templates, load_workflow, run_teacher, task_seed
 from workflows.sql import FAMILIES, MORE_TEMPLATES, ROLES
-from workflows.sql_shop import CATEGORIES, POOLS, entity_pool
+from workflows.sql_shop import CATEGORIES, MONTH_NAMES, POOLS, entity_pool
 
 N_TASKS = 300  # per split
 
@@ -122,47 +122,49 @@ def test_concat_lists_answers_list_questions_with_one_cell(episodes):
         load_workflow("sql", concat_lists="yes")
 
 
-def test_schema_notes_name_every_column_by_role(episodes):
-    """schema_notes=true: the reasoning right after each describe_table names the role of each of
-    the table's columns that varies between shops, in the names the observation shows; everything
-    else (tasks, calls, answers) is as without notes, and mistakes still get fixed."""
+def test_schema_notes_name_every_column_by_role():
+    """schema_notes=true: the reasoning of the next trained call after each describe_table (the fix,
+    when a deliberate mistake came first) names the role of each of the table's columns that is not
+    a key or a reference, with the names the observation shows and the roles the schema gives them;
+    everything else (tasks, calls, answers) is as without notes."""
     wf = load_workflow("sql", schema_notes=True, mistake_rate=0.3)
     plain_wf = load_workflow("sql", mistake_rate=0.3)
-    n_notes = 0
+    n_notes, n_after_mistake, roles_seen = 0, 0, set()
     for i in range(60):
         task = wf.sample_task("train", i, seed_of("train", i))
         ep, plain = run_teacher(wf, task), run_teacher(plain_wf, task)
         assert ep.verdict.ok, (task.id, ep.verdict.reason, ep.error)
         assert calls(ep) == calls(plain) and ep.answer == plain.answer
+        schema = wf.make_env(task).shop.schema
         msgs = ep.messages
         for k, m in enumerate(msgs):
             if m["role"] != "tool" or not m["content"].startswith("Table "):
                 continue
             table = m["content"].split()[1]
+            logical = next(t for t, name in schema.t.items() if name == table)
             columns = re.findall(r"^  (\w+) \w+(.*)$", m["content"], flags=re.M)  # (name, key or reference)
-            nxt = next(x for x in msgs[k + 1:] if x["role"] == "assistant")
+            after = [x for x in msgs[k + 1:] if x["role"] == "assistant"]
+            nxt = next(x for x in after if x.get("weight") != 0)
+            n_after_mistake += nxt is not after[0]
             note = re.match(rf"In {table}: (.*?)\. ", nxt["reasoning"])
             assert note, nxt["reasoning"]
-            named = dict(pair.split(" is ") for pair in note.group(1).split(", "))
-            assert set(named.values()) <= {c for c, _ in columns}  # only names the observation shows
-            # every column that is neither a key nor a reference gets its role, keys get none
-            plain_cols = {c for c, key in columns if not key}
-            assert set(named.values()) == plain_cols, (named, columns)
+            named = {col: role for role, col in (pair.split(" is ") for pair in note.group(1).split(", "))}
+            assert set(named) == {c for c, key in columns if not key}, (named, columns)
+            for field, col, _ in schema.cols[logical]:
+                if col in named:
+                    assert named[col] == ROLES[logical, field], (table, col, named[col])
+                    roles_seen.add((named[col], col))
             n_notes += 1
-    assert n_notes > 100
-    # the role words are the question's words: a shop whose city column is `town` says so
-    note = next(m["reasoning"] for ep in [run_teacher(wf, wf.sample_task("train", i, seed_of("train", i)))
-                                          for i in range(60)]
-                for m in ep.messages if m["role"] == "assistant" and "city is town" in (m["reasoning"] or ""))
-    assert note.startswith("In ")
+    assert n_notes > 100 and n_after_mistake > 5
+    assert {("city", "town"), ("last name", "surname"), ("status", "state")} <= roles_seen
     with pytest.raises(ValueError, match="schema_notes"):
         load_workflow("sql", schema_notes="on")
 
 
 def test_query_notes_name_the_columns_of_each_query_in_its_order():
-    """query_notes=true: every correct run_sql reasoning ends with 'Columns: ROLE is NAME, ...' for
-    the columns (not keys) the query names, in the query's order, each a column of this database;
-    the calls and answers are those of the plain teacher."""
+    """query_notes=true: every trained run_sql reasoning (the fix after a mistake included) ends with
+    'Columns: ROLE is NAME, ...' for the columns, not keys, that the query names, in the query's
+    order; a query of keys only has none. The calls and answers are those of the plain teacher."""
     wf, plain_wf = load_workflow("sql", query_notes=True, mistake_rate=0.2), load_workflow("sql", mistake_rate=0.2)
     n_notes = 0
     for i in range(60):
@@ -170,19 +172,21 @@ def test_query_notes_name_the_columns_of_each_query_in_its_order():
         ep, plain = run_teacher(wf, task), run_teacher(plain_wf, task)
         assert ep.verdict.ok and calls(ep) == calls(plain) and ep.answer == plain.answer
         env = wf.make_env(task)
-        columns = {c for t, cs in env.shop.schema.cols.items() for f, c, _ in cs if (t, f) in ROLES}
+        role_of = {c: ROLES[t, f] for t, cs in env.shop.schema.cols.items() for f, c, _ in cs if (t, f) in ROLES}
         env.close()
         for m in ep.messages:
             if not m.get("tool_calls") or m["tool_calls"][0]["function"]["name"] != "run_sql" or "weight" in m:
                 continue
             query = json.loads(m["tool_calls"][0]["function"]["arguments"])["query"]
+            outside_quotes = re.findall(r"\w+", re.sub(r"'[^']*'", "", query))
+            want = list(dict.fromkeys(w for w in outside_quotes if w in role_of))
             note = re.search(r" Columns: (.*)\.$", m["reasoning"])
-            if not note:  # a fix after a mistake opens with its own reasoning; a query of keys only has none
+            if not want:
+                assert not note, m["reasoning"]
                 continue
-            names = [pair.split(" is ")[1] for pair in note.group(1).split(", ")]
-            assert set(names) <= columns and names == sorted(names, key=lambda c: re.search(rf"\b{c}\b", query).start())
-            outside_quotes = set(re.findall(r"\w+", re.sub(r"'[^']*'", "", query)))
-            assert set(names) == outside_quotes & columns, (names, query)
+            assert note, (m["reasoning"], query)
+            pairs = [pair.split(" is ") for pair in note.group(1).split(", ")]
+            assert [col for _, col in pairs] == want and all(role_of[col] == role for role, col in pairs)
             n_notes += 1
     assert n_notes > 80
     with pytest.raises(ValueError, match="query_notes"):
@@ -357,9 +361,12 @@ def test_invented_numbers_keep_test_values_out_of_train_questions():
             assert min(abs(y - 2022) for y in years) >= 8 - 2, years
             moved += 1
         p = task.params
+        months = [p[k][:7] for k in ("date", "start", "end") if k in p]
+        if task.family == "month_orders":  # "June 2032" -> "2032-06"
+            name, year = p["month"].split()
+            months.append(f"{year}-{MONTH_NAMES.index(name) + 1:02d}")
         for name, value in (("year", p.get("year")), ("percent", p.get("pct")), ("stock", p.get("n")),
-                            ("more_than", p.get("k"))) + tuple(("month", p[k][:7]) for k in ("date", "start", "end")
-                                                               if k in p):
+                            ("more_than", p.get("k"))) + tuple(("month", m) for m in months):
             if value is not None:
                 assert value not in test_values[name], (task.id, name, value)
                 outside[name] += value not in pool(name, "train")
@@ -374,6 +381,8 @@ def test_invented_numbers_keep_test_values_out_of_train_questions():
         assert wf.make_env(a).state_hash() == plain.make_env(b).state_hash()
     with pytest.raises(ValueError, match="invented_numbers"):
         load_workflow("sql", invented_numbers=1)
+    with pytest.raises(ValueError, match="invented_numbers"):
+        load_workflow("sql", invented=0.0, invented_numbers=True)
 
 
 def test_heldout_templates_only_in_test(episodes, wf):
@@ -398,7 +407,7 @@ def test_more_phrasings_same_tasks_more_templates_a_quarter_held_out():
         fields = {k for t in fam.templates for k in re.findall(r"\{(\w+)\}", t)}
         assert all(set(re.findall(r"\{(\w+)\}", t)) <= fields for t in MORE_TEMPLATES[f]), f
         assert len(heldout_templates(list(all_templates), wf.heldout_template_share, salt=f)) == 3
-    held = Counter()
+    held, new_wording = Counter(), 0
     for split in SPLITS:
         for i in range(200):
             a, b = (w.sample_task(split, i, seed_of(split, i)) for w in (wf, plain))
@@ -408,7 +417,9 @@ def test_more_phrasings_same_tasks_more_templates_a_quarter_held_out():
             templates = FAMILIES[a.family].templates + MORE_TEMPLATES[a.family]
             assert a.prompt == templates[a.params["template"]].format(**a.params)
             held[split] += a.heldout_template
+            new_wording += a.params["template"] >= len(FAMILIES[a.family].templates)
     assert held["train"] == 0 and 30 <= held["test"] <= 70, held
+    assert new_wording > 200  # about 8 in 11.5 questions use one of the new templates
     assert run_teacher(wf, wf.sample_task("test", 0, seed_of("test", 0))).verdict.ok
     with pytest.raises(ValueError, match="more_phrasings"):
         load_workflow("sql", more_phrasings="yes")

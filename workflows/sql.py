@@ -670,7 +670,7 @@ def schema_note(schema, table: str) -> str:
     form: 'In buyers: name is full_name, city is town, signup date is joined_on.'"""
     logical = next(t for t, name in schema.t.items() if name == table)
     pairs = [f"{ROLES[logical, f]} is {c}" for f, c, _ in schema.cols[logical] if (logical, f) in ROLES]
-    return f"In {table}: {', '.join(pairs)}." if pairs else ""
+    return f"In {table}: {', '.join(pairs)}."
 
 
 def query_note(schema, tables: list[str], query: str) -> str:
@@ -681,7 +681,7 @@ def query_note(schema, tables: list[str], query: str) -> str:
         for f, c, _ in schema.cols[t]:
             if (t, f) in ROLES:
                 role.setdefault(c, ROLES[t, f])
-    used = dict.fromkeys(w for w in re.findall(r"(?<!')\b\w+\b", query) if w in role)
+    used = dict.fromkeys(w for w in re.findall(r"\w+", re.sub(r"'[^']*'", "", query)) if w in role)
     return f"Columns: {', '.join(f'{role[c]} is {c}' for c in used)}." if used else ""
 
 
@@ -724,14 +724,14 @@ several items are asked for. When asked to change data, run the INSERT, UPDATE o
         instead of names gathered from several rows. Tasks, gold answers and the checker are the
         same either way; only the trajectories differ (experiments/LOG.md, 2026-12-03).
         schema_notes: after each describe_table, the teacher's next reasoning starts by naming what
-        every column of that table is for ('In buyers: city is town, last name is surname.'), so the
-        name a query needs is written right after the observation that shows it, next to the words
-        the question uses.
+        each column of that table (keys and references aside) is for ('In buyers: last name is
+        surname, city is town.'), so the name a query needs is written right after the observation
+        that shows it, next to the words the question uses.
         query_notes: the reasoning of every run_sql call ends by naming the role of each column the
         query uses, in the query's order ('Columns: status is state, date is placed_on.'), so each
         name the query needs stands a few tokens before it, behind its role word.
-        invented_numbers: about `invented` of the train shops move their dates some years away from
-        2020-2024, and train questions also draw percentages, stock limits and order counts outside
+        invented_numbers: about `invented` of the train shops move their dates by 8, 12 or 16 years
+        (either way), and train questions also draw percentages, stock limits and order counts outside
         both splits' pools (sql_shop.number_pools), so numbers and dates are copied, not recalled.
         Test tasks are the same either way.
         more_phrasings: each question family has 11-12 templates (MORE_TEMPLATES) instead of 3-4; the
@@ -745,6 +745,8 @@ several items are asked for. When asked to change data, run the INSERT, UPDATE o
                             ("query_notes", query_notes)):
             if not isinstance(value, bool):
                 raise ValueError(f"{flag} must be true or false, got {value!r}")
+        if invented_numbers and invented <= 0:
+            raise ValueError("invented_numbers moves a share `invented` of the train shops: give invented > 0")
         self.invented, self.concat_lists, self.schema_notes = invented, concat_lists, schema_notes
         self.invented_numbers, self.more_phrasings = invented_numbers, more_phrasings
         self.query_notes = query_notes
@@ -820,8 +822,8 @@ several items are asked for. When asked to change data, run the INSERT, UPDATE o
             if not wrong:
                 return None
             w = rng.choice(wrong)
-            return Mistake(Call("describe_table", {"table": w}, call.reasoning),
-                           rng.choice(TABLE_RECOVERY).format(wrong=w, right=call.args["table"]))
+            fix = rng.choice(TABLE_RECOVERY).format(wrong=w, right=call.args["table"])
+            return Mistake(Call("describe_table", {"table": w}, call.reasoning), self._keep_notes(call.reasoning, fix))
         if call.tool != "run_sql":
             return None
         query, swaps = call.args["query"], []
@@ -835,7 +837,15 @@ several items are asked for. When asked to change data, run the INSERT, UPDATE o
             return None
         right, w, recovery = rng.choice(swaps)
         return Mistake(Call("run_sql", {"query": re.sub(rf"\b{right}\b", w, query, count=1)}, call.reasoning),
-                       rng.choice(recovery).format(wrong=w, right=right))
+                       self._keep_notes(call.reasoning, rng.choice(recovery).format(wrong=w, right=right)))
+
+    def _keep_notes(self, reasoning: str, recovery: str) -> str:
+        """The fix after a mistake replaces the call's reasoning with its recovery text; the notes
+        that reasoning opened (schema_notes) or closed (query_notes) stay around it, so the trained
+        call still has them."""
+        head = re.match(r"In \w+: [^.]*\. ", reasoning) if self.schema_notes else None
+        tail = re.search(r" Columns: [^.]*\.$", reasoning) if self.query_notes else None
+        return (head.group(0) if head else "") + recovery + (tail.group(0) if tail else "")
 
     def check(self, task: Task, env: SqlEnv, answer: str) -> Verdict:
         gold = task.gold

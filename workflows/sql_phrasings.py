@@ -78,10 +78,12 @@ MORE_TEMPLATES = {
         "I need the number of customers with more than {k} orders.",
         "Count how many customers have over {k} orders."),
     "low_stock": (
-        "Which {category} products have a stock below {n}?", "Tell me the {category} products with fewer than {n} in stock.",
+        "Which {category} products have a stock below {n}?",
+        "Tell me the {category} products with fewer than {n} in stock.",
         "List every product in {category} whose stock is under {n}.",
         "What {category} products have less than {n} units in stock?",
-        "Give the {category} products with stock under {n}.", "Which products of the {category} category are below {n} in stock?",
+        "Give the {category} products with stock under {n}.",
+        "Which products of the {category} category are below {n} in stock?",
         "Find the {category} products that have fewer than {n} units left.",
         "Name the products in the {category} category with stock below {n}."),
     "revenue_between": (

@@ -300,7 +300,7 @@ def long_date(date: str) -> str:
 class Shop:
     """One shop's rows (logical table -> list of row tuples) and the indexes the gold answers use."""
 
-    def __init__(self, schema: Schema, tables: dict[str, list], pools: dict[str, tuple], last_day: int = LAST_DAY):
+    def __init__(self, schema: Schema, tables: dict[str, list], pools: dict[str, tuple], last_day: int):
         self.schema, self.tables, self.pools = schema, tables, pools  # pools: the values its questions draw from
         self.last_day = last_day  # ordinal of the shop's last day (its dates may be moved: number_pools)
         self.customers, self.products, self.orders = tables["customers"], tables["products"], tables["orders"]
@@ -336,7 +336,7 @@ def build_shop(seed: int, split: str, test_share: float, invented: float = 0.0, 
     pool = pools.__getitem__
     extra_pools, years = number_pools(seed, split, test_share, invented) if numbers else ({}, 0)
 
-    def iso(ordinal: int) -> str:  # drawn as if in 2020-2024, then moved by `years`
+    def moved(ordinal: int) -> str:  # a day drawn as if in 2020-2024, as ISO text, moved by `years`
         d = dt.date.fromordinal(ordinal)
         return d.replace(year=d.year + years).isoformat()
 
@@ -351,7 +351,7 @@ def build_shop(seed: int, split: str, test_share: float, invented: float = 0.0, 
             names.add((first, last))
             cid = len(customers) + 1
             signed_up[cid] = rng.randint(dt.date(2018, 1, 1).toordinal(), dt.date(2024, 6, 30).toordinal())
-            customers.append(Customer(cid, first, last, f"{first} {last}", rng.choice(cities), iso(signed_up[cid]),
+            customers.append(Customer(cid, first, last, f"{first} {last}", rng.choice(cities), moved(signed_up[cid]),
                                       f"{first}.{last}@example.com".lower()))
 
     categories = [Category(i + 1, c) for i, c in enumerate(sample(pool("category"), 5, 7))]
@@ -387,17 +387,17 @@ def build_shop(seed: int, split: str, test_share: float, invented: float = 0.0, 
             status = "delivered" if r < 0.7 else "cancelled" if r < 0.83 else "pending" if r < 0.93 else "shipped"
         drafts.append((day, c.id, status))
     drafts.sort()
-    orders = [Order(i + 1, cid, iso(day), status) for i, (day, cid, status) in enumerate(drafts)]
+    orders = [Order(i + 1, cid, moved(day), status) for i, (day, cid, status) in enumerate(drafts)]
     items = []
     for o in orders:
         for p in dict.fromkeys(pick_product() for _ in range(n_lines())):  # distinct products per order
             items.append(Item(len(items) + 1, o.id, p.id, qty(), p.cents, p.price))
     stars = _sampler(rng, (1, 2, 3, 4, 5), (5, 7, 15, 35, 38))
     reviews = [Review(i + 1, pick_product().id, rng.choice(customers).id, stars(),
-                      iso(rng.randint(FIRST_DAY, LAST_DAY))) for i in range(rng.randint(80, 160))]
+                      moved(rng.randint(FIRST_DAY, LAST_DAY))) for i in range(rng.randint(80, 160))]
     return Shop(schema, {"customers": customers, "categories": categories, "suppliers": suppliers,
                          "products": products, "orders": orders, "order_items": items, "reviews": reviews},
-                pools | extra_pools, dt.date.fromisoformat(iso(LAST_DAY)).toordinal())
+                pools | extra_pools, dt.date.fromisoformat(moved(LAST_DAY)).toordinal())
 
 
 def state_hash(tables: dict[str, list[tuple]]) -> str:
