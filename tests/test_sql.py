@@ -135,7 +135,9 @@ def test_schema_notes_name_every_column_by_role():
         ep, plain = run_teacher(wf, task), run_teacher(plain_wf, task)
         assert ep.verdict.ok, (task.id, ep.verdict.reason, ep.error)
         assert calls(ep) == calls(plain) and ep.answer == plain.answer
-        schema = wf.make_env(task).shop.schema
+        env = wf.make_env(task)
+        schema = env.shop.schema
+        env.close()
         msgs = ep.messages
         for k, m in enumerate(msgs):
             if m["role"] != "tool" or not m["content"].startswith("Table "):
@@ -358,6 +360,7 @@ def test_invented_numbers_keep_test_values_out_of_train_questions():
         if years & set(range(2020, 2025)):  # not moved: the real years, as without the setting
             assert years <= set(range(2020, 2025)), years
         else:  # moved: every year at least 8 away, and so no test month or year anywhere in the data
+            # moved by 8+ years, 2020-2024 (signups from 2018) lands at 2028+ or 2016-: 6+ from 2022
             assert min(abs(y - 2022) for y in years) >= 8 - 2, years
             moved += 1
         p = task.params

@@ -654,15 +654,15 @@ ANSWER_WHYS = {"cell": ("The query returned {v}.", "That gives {v}.", "So the an
 TABLE_RECOVERY = ("There is no table {wrong} here; this database calls it {right}.",
                   "{wrong} does not exist. The table list shows {right}, so I'll use that.",
                   "Wrong name: the table is {right}, not {wrong}.")
+COLUMN_RECOVERY = ("{wrong} is not a column here; the schema calls it {right}.",
+                   "No column {wrong} in this database. describe_table showed {right}, so I'll use that.",
+                   "Wrong column name: it is {right}, not {wrong}.")
 # What each column a note names is for, in the words of the questions (schema_notes).
 ROLES = {("customers", "first"): "first name", ("customers", "last"): "last name", ("customers", "full"): "name",
          ("customers", "city"): "city", ("customers", "signup"): "signup date", ("customers", "email"): "email",
          ("categories", "name"): "name", ("products", "name"): "name", ("products", "category"): "category",
          ("products", "price"): "price", ("products", "stock"): "stock", ("orders", "date"): "date",
          ("orders", "status"): "status", ("order_items", "qty"): "quantity", ("order_items", "price"): "price"}
-COLUMN_RECOVERY = ("{wrong} is not a column here; the schema calls it {right}.",
-                   "No column {wrong} in this database. describe_table showed {right}, so I'll use that.",
-                   "Wrong column name: it is {right}, not {wrong}.")
 
 
 def schema_note(schema, table: str) -> str:
