@@ -7,12 +7,14 @@
 # where the CPU multiplies bf16 natively, float32 elsewhere: train.py --dtype=auto) -> 200 fresh
 # held-out test episodes through the runtime, two worker processes. Measured time and success
 # rate: README ("Quick start") and experiments/LOG.md. Re-running it continues (or, when done,
-# just re-evaluates) the same run.
+# just re-evaluates) the same run. N=48000 ... --max-steps=6800 (arguments go to train.py; the last
+# one of a flag wins) is the four-times-the-compute run of experiments/LOG.md (2026-12-03 evening).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 D=${D:-data/sql}
 OUT=${OUT:-out/sql_mini}
-python -m data.generate --workflow sql --split train --n 12000 --mistake-rate 0.1 --workflow-arg invented=0.9 \
+N=${N:-12000}
+python -m data.generate --workflow sql --split train --n $N --mistake-rate 0.1 --workflow-arg invented=0.9 \
     --out $D/train.jsonl
 python -m data.generate --workflow sql --split test --n 200 --out $D/test.jsonl
 python -m data.tokenizer train --presplit --vocab-size 2048 --out $D/tok $D/train.jsonl

@@ -645,7 +645,7 @@ ANSWER_WHYS = {"cell": ("The query returned {v}.", "That gives {v}.", "So the an
                         "The top three are clear, with no tie for third.",
                         "Reading off the first three products in order."),
                # The list is quoted, as "cell" answers quote their value: the answer then copies
-               # the reasoning it has just written (experiments/LOG.md, 2026-12-03 latest).
+               # the reasoning it has just written (experiments/LOG.md, 2026-12-03 afternoon).
                "list": ("The query returned {v}.", "That cell is the whole list: {v}.",
                         "group_concat gave the names in one line: {v}."),
                "done": ("The change went through.", "The database confirms the change.", "That's applied.")}
