@@ -119,7 +119,7 @@ def invent_words(rng: random.Random, n: int, taken: set[str], syllables: tuple[i
 # months and years are held out of the train pools, but the train pools are small (20 percentages, 3
 # years, 42 months), and a small model learns them by heart: asked for June 2024 (a test month) it
 # writes a train month of 2024, asked for 6% it multiplies by 1.08 (experiments/LOG.md, 2026-12-03
-# latest). Values that are in neither split's pool make copying the only way: a train shop may live
+# afternoon). Values that are in neither split's pool make copying the only way: a train shop may live
 # some years away from 2020-2024 (a multiple of 4, so 29 February stays a date; 8 or more, so no
 # year of it is one the test split asks about), and its questions draw from wider number ranges.
 YEAR_SHIFTS = (-16, -12, -8, 8, 12, 16)
