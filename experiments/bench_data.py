@@ -40,11 +40,11 @@ def main() -> None:
     py = sys.executable
     traj, tok = os.path.join(d, "train.jsonl"), os.path.join(d, "tok")
     times = {
-        "generate": timed([py, "-m", "data.generate", "--workflow", args.workflow, "--split", "train",
+        "generate": timed([py, "-m", "agentc.data.generate", "--workflow", args.workflow, "--split", "train",
                            "--n", str(args.n), "--out", traj, "--workers", str(args.workers), "--quiet"]),
-        "tokenizer": timed([py, "-m", "data.tokenizer", "train", "--vocab-size", str(args.vocab_size),
+        "tokenizer": timed([py, "-m", "agentc.data.tokenizer", "train", "--vocab-size", str(args.vocab_size),
                             "--out", tok, traj]),
-        "pack": timed([py, "-m", "data.pack", "--tokenizer", tok + ".model", "--seq-len", str(args.seq_len),
+        "pack": timed([py, "-m", "agentc.data.pack", "--tokenizer", tok + ".model", "--seq-len", str(args.seq_len),
                        "--out", os.path.join(d, "train"), "--quiet", traj]),
     }
     gen = json.load(open(traj + ".stats.json"))

@@ -27,20 +27,24 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from infer import Engine  # noqa: E402
-from model import checkpoint  # noqa: E402
-from model.transformer import PRESETS, ModelConfig, Transformer  # noqa: E402
+from agentc.model import checkpoint  # noqa: E402
+from agentc.model.transformer import PRESETS, ModelConfig, Transformer  # noqa: E402
 
 
 class FakeTok:
     """Just enough of a tokenizer for the engine: special ids past the bench's token range."""
 
     def __init__(self, vocab: int):
-        from data.format import SPECIAL_TOKENS
+        from agentc.data.format import SPECIAL_TOKENS
         self.special_ids = {t: vocab - 1 - i for i, t in enumerate(SPECIAL_TOKENS)}
         self.vocab_size = vocab
 
     def unsampled_ids(self):
         return list(self.special_ids.values())
+
+    def random_ids(self, n: int, gen: torch.Generator) -> list[int]:
+        """n ordinary (non-special) token ids."""
+        return torch.randint(0, min(1000, self.vocab_size - len(self.special_ids)), (n,), generator=gen).tolist()
 
 
 def sync(device):
@@ -53,7 +57,7 @@ def step_latency(model, tok, mode, context, obs, decode, device, repeats):
     gen = torch.Generator().manual_seed(context)
     for _ in range(repeats):
         e = Engine(model, tok, max_len=context + obs + decode + 8, mode=mode, prefill_chunk=4096)
-        ids = torch.randint(0, 1000, (context + obs,), generator=gen).tolist()
+        ids = tok.random_ids(context + obs, gen)
         e.feed(ids[:context], first=True)
         sync(device)
         t0 = time.perf_counter()
@@ -67,7 +71,7 @@ def step_latency(model, tok, mode, context, obs, decode, device, repeats):
 def decode_speed(model, tok, prompt, n, device, repeats):
     """(ours, hf) decode tokens/s after a prompt of `prompt` tokens, greedy, batch 1."""
     from transformers import AutoModelForCausalLM
-    ids = torch.randint(0, 1000, (prompt,), generator=torch.Generator().manual_seed(1)).tolist()
+    ids = tok.random_ids(prompt, torch.Generator().manual_seed(1))
 
     def ours(k):
         e = Engine(model, tok, max_len=prompt + k + 8)

@@ -20,8 +20,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model.transformer import (BACKENDS, LOSSES, PRESETS, ModelConfig, Transformer, flops_per_token,  # noqa: E402
-                               native_bf16, peak_flops, set_attention, set_loss)
+from agentc.model.transformer import (BACKENDS, LOSSES, PRESETS, ModelConfig, Transformer, flops_per_token,  # noqa: E402
+                                      native_bf16, peak_flops, set_attention, set_loss)
 
 
 def packed_batch(B, T, vocab, doc_len, gen, device):

@@ -26,8 +26,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-import kernels.flash_attention as fa  # noqa: E402
-import kernels.masked_ce as ce  # noqa: E402
+import agentc.kernels.flash_attention as fa  # noqa: E402
+import agentc.kernels.masked_ce as ce  # noqa: E402
 
 PTR = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "LOGITS"}
 F32_PTR = {"LSE", "DELTA", "WEIGHTS", "LOSS"}

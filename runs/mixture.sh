@@ -16,14 +16,14 @@ N=${N:-6000}
 WORKFLOWS="sql files code shop support"
 for w in $WORKFLOWS; do
     extra=(); [ $w = sql ] && extra=(--workflow-arg invented=0.9)
-    python -m data.generate --workflow $w --split train --n $N --mistake-rate 0.1 --fault-rate 0.05 "${extra[@]}" \
+    python -m agentc.data.generate --workflow $w --split train --n $N --mistake-rate 0.1 --fault-rate 0.05 "${extra[@]}" \
         --out $D/train_$w.jsonl
-    python -m data.generate --workflow $w --split test --n 100 --out $D/test_$w.jsonl
+    python -m agentc.data.generate --workflow $w --split test --n 100 --out $D/test_$w.jsonl
 done
-python -m data.tokenizer train --presplit --vocab-size 4096 --out $D/tok $D/train_*.jsonl
-python -m data.pack --tokenizer $D/tok.model --seq-len 2048 --system drop --out $D/train $D/train_*.jsonl
-python -m data.pack --tokenizer $D/tok.model --seq-len 2048 --system drop --out $D/val $D/test_*.jsonl
-python -m data.audit --quiet $D/train $D/val
+python -m agentc.data.tokenizer train --presplit --vocab-size 4096 --out $D/tok $D/train_*.jsonl
+python -m agentc.data.pack --tokenizer $D/tok.model --seq-len 2048 --system drop --out $D/train $D/train_*.jsonl
+python -m agentc.data.pack --tokenizer $D/tok.model --seq-len 2048 --system drop --out $D/val $D/test_*.jsonl
+python -m agentc.data.audit --quiet $D/train $D/val
 python train.py --data=$D/train --val-data=$D/val --model=mini --copy-init --batch-size=2 --max-steps=5000 \
     --lr=5e-3 --eval-every=1000 --eval-batches=8 --eval-episodes=0 --log-every=50 --out=$OUT --resume "$@"
 python infer.py --agent=$OUT --eval --workflow all --split test --episodes 100 --workers 2

@@ -14,13 +14,13 @@ cd "$(dirname "$0")/.."
 D=${D:-data/sql}
 OUT=${OUT:-out/sql_mini}
 N=${N:-12000}
-python -m data.generate --workflow sql --split train --n $N --mistake-rate 0.1 --workflow-arg invented=0.9 \
+python -m agentc.data.generate --workflow sql --split train --n $N --mistake-rate 0.1 --workflow-arg invented=0.9 \
     --out $D/train.jsonl
-python -m data.generate --workflow sql --split test --n 200 --out $D/test.jsonl
-python -m data.tokenizer train --presplit --vocab-size 2048 --out $D/tok $D/train.jsonl
-python -m data.pack --tokenizer $D/tok.model --seq-len 2048 --system drop --out $D/train $D/train.jsonl
-python -m data.pack --tokenizer $D/tok.model --seq-len 2048 --system drop --out $D/val $D/test.jsonl
-python -m data.audit --quiet $D/train $D/val  # only the model's own tokens are trained
+python -m agentc.data.generate --workflow sql --split test --n 200 --out $D/test.jsonl
+python -m agentc.data.tokenizer train --presplit --vocab-size 2048 --out $D/tok $D/train.jsonl
+python -m agentc.data.pack --tokenizer $D/tok.model --seq-len 2048 --system drop --out $D/train $D/train.jsonl
+python -m agentc.data.pack --tokenizer $D/tok.model --seq-len 2048 --system drop --out $D/val $D/test.jsonl
+python -m agentc.data.audit --quiet $D/train $D/val  # only the model's own tokens are trained
 python train.py --data=$D/train --val-data=$D/val --model=mini --copy-init --batch-size=2 --max-steps=1700 --lr=5e-3 \
     --eval-every=425 --eval-batches=8 --eval-episodes=0 --log-every=25 --out=$OUT --resume "$@"
 python infer.py --agent=$OUT --eval --split test --episodes 200 --workers 2

@@ -12,9 +12,9 @@ OUT=${OUT:-out/sql_smol}
 STEPS=${STEPS:-120}
 EPISODES=${EPISODES:-50}
 [ -f $D/train.jsonl ] || { echo "no $D/train.jsonl: run runs/quickstart.sh (or its data.generate lines) first"; exit 1; }
-python -m data.bpe from-gguf smollm2-135m $D/smol.bpe.json
-python -m data.pack --tokenizer $D/smol.bpe.json --seq-len 1024 --out $D/smol_train $D/train.jsonl
-python -m data.pack --tokenizer $D/smol.bpe.json --seq-len 1024 --out $D/smol_val $D/test.jsonl
+python -m agentc.data.bpe from-gguf smollm2-135m $D/smol.bpe.json
+python -m agentc.data.pack --tokenizer $D/smol.bpe.json --seq-len 1024 --out $D/smol_train $D/train.jsonl
+python -m agentc.data.pack --tokenizer $D/smol.bpe.json --seq-len 1024 --out $D/smol_val $D/test.jsonl
 python train.py --data=$D/smol_train --val-data=$D/smol_val --init-from=smollm2-135m --batch-size=1 \
     --max-steps=$STEPS --lr=2e-4 --eval-every=$((STEPS / 4)) --eval-batches=4 --eval-episodes=0 \
     --save-every=$((STEPS / 4)) --keep=4 --log-every=5 --out=$OUT --resume "$@"

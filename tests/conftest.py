@@ -12,7 +12,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from data import generate, tokenizer
+from agentc.data import generate, tokenizer
 
 
 def _corpus(d, workflow: str, n: int, vocab_size: int) -> dict:
@@ -21,6 +21,16 @@ def _corpus(d, workflow: str, n: int, vocab_size: int) -> dict:
                    "--workers", "1", "--quiet"])
     tok_path = tokenizer.train([out], str(d / "tok"), vocab_size=vocab_size)
     return {"dir": d, "jsonl": out, "tokenizer": tok_path, "tok": tokenizer.Tokenizer(tok_path)}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` skip themselves on a machine without a CUDA GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
@@ -44,7 +54,7 @@ def any_corpus(request):
 def calc_shards(calc_corpus, tmp_path_factory):
     """calc_corpus packed into 512-token rows (about 3 trajectories each): train = its
     trajectories, val = the first 30 again."""
-    from data import pack
+    from agentc.data import pack
     d = tmp_path_factory.mktemp("calc_shards")
     val_jsonl = d / "val.jsonl"
     val_jsonl.write_text("".join(open(calc_corpus["jsonl"]).readlines()[:30]))

@@ -1,7 +1,7 @@
 """A tiny workflow for tests of the data path: fast, and failing on purpose where asked."""
 import random
 
-from workflows.base import Answer, Call, Environment, Task, Verdict, Workflow, split_pool, tool
+from agentc.workflows.base import Answer, Call, Environment, Task, Verdict, Workflow, split_pool, tool
 
 
 class CalcEnv(Environment):

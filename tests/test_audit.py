@@ -1,11 +1,11 @@
-"""python -m data.audit: the trained share by source, and failure (exit 1, every violation named)
+"""python -m agentc.data.audit: the trained share by source, and failure (exit 1, every violation named)
 when a non-model token is trained or a record trains nothing."""
 import numpy as np
 import pytest
 
-from data import audit
-from data.format import SOURCES, SRC_MODEL, SRC_TOOL, SRC_USER
-from data.pack import Shard, find_shards, write_shard
+from agentc.data import audit
+from agentc.data.format import SOURCES, SRC_MODEL, SRC_TOOL, SRC_USER
+from agentc.data.pack import Shard, find_shards, write_shard
 
 
 def test_packed_corpus_passes(calc_shards, capsys):

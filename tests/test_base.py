@@ -4,8 +4,8 @@ from typing import Literal, Optional
 import pytest
 
 from tests.fake_workflow import CalcWorkflow
-from workflows.base import (Call, Environment, Mistake, ToolError, heldout_templates, load_workflow,
-                            run_teacher, split_pool, stable_hash, task_seed, tool, tool_manifest)
+from agentc.workflows.base import (Call, Environment, Mistake, ToolError, heldout_templates, load_workflow,
+                                   run_teacher, split_pool, stable_hash, task_seed, tool, tool_manifest)
 
 
 class Env(Environment):
@@ -210,7 +210,7 @@ def test_transient_faults_are_retried_trained_and_change_nothing():
     """With fault_rate 1, every call meets MAX_CONSECUTIVE_FAULTS transient errors first: the same
     call, answered by a fault text instead of the tool (so a modifying call runs once), then
     retried with the retry reasoning; all trained. Rate 0 changes nothing; faults are seeded."""
-    from workflows.base import MAX_CONSECUTIVE_FAULTS, TRANSIENT_FAULTS
+    from agentc.workflows.base import MAX_CONSECUTIVE_FAULTS, TRANSIENT_FAULTS
     task = CalcWorkflow().sample_task("train", 3, task_seed(0, "calc", "train", 3))
     plain = run_teacher(CalcWorkflow(), task)
     ep = run_teacher(CalcWorkflow(fault_rate=1.0), task)

@@ -8,8 +8,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from model import checkpoint as ck
-from model.transformer import ModelConfig, Transformer
+from agentc.model import checkpoint as ck
+from agentc.model.transformer import ModelConfig, Transformer
 
 try:  # the parity tests need `transformers`; our own format and the error paths do not
     import transformers

@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from workflows.base import SPLITS, load_workflow, run_teacher, task_seed
-from workflows.code import FAMILIES, pool
-from workflows.sandbox import run_tests
+from agentc.workflows.base import SPLITS, load_workflow, run_teacher, task_seed
+from agentc.workflows.code import FAMILIES, pool
+from agentc.workflows.sandbox import run_tests
 
 N_TASKS = 60  # per split; every task runs two sandboxed processes
 
@@ -67,6 +67,7 @@ def episodes(wf):
             for split in SPLITS}
 
 
+@pytest.mark.slow
 def test_teacher_solves_every_task(episodes):
     for split, eps in episodes.items():
         failed = [(e.task.id, e.task.family, e.verdict.reason, e.error) for e in eps if not e.verdict.ok]
@@ -78,6 +79,7 @@ def test_teacher_solves_every_task(episodes):
     assert len(FAMILIES) == 12
 
 
+@pytest.mark.slow
 def test_teacher_solves_every_task_with_faults_and_mistakes():
     wf = load_workflow("code", fault_rate=0.1, mistake_rate=0.1)
     n_faults = 0
@@ -89,6 +91,7 @@ def test_teacher_solves_every_task_with_faults_and_mistakes():
     assert n_faults > 5
 
 
+@pytest.mark.slow
 def test_bugs_fail_visible_and_hidden_tests_and_the_fix_quotes_the_failure(wf):
     """mistake_rate=1: every task first submits its family's bug (untrained, its test report an
     error naming a failing case); the reasoning of the fix quotes that case; the same bug as the
@@ -112,6 +115,7 @@ def test_bugs_fail_visible_and_hidden_tests_and_the_fix_quotes_the_failure(wf):
     assert len(families) >= 10
 
 
+@pytest.mark.slow
 def test_checker_needs_a_submission_and_rejects_wrong_code(wf, episodes):
     ep = episodes["test"][0]
     env = wf.make_env(ep.task)
@@ -122,6 +126,7 @@ def test_checker_needs_a_submission_and_rejects_wrong_code(wf, episodes):
     assert "does not define" in wf.check(ep.task, env, "done").reason
 
 
+@pytest.mark.slow
 def test_splits_share_no_function_names(episodes):
     train, test = set(pool("name", "train", 0.3)), set(pool("name", "test", 0.3))
     assert train and test and not train & test

@@ -9,10 +9,10 @@ import sys
 import pytest
 import torch
 
-import model.transformer as T
-from model import checkpoint
-from model.copy_init import install_copy_circuit
-from model.transformer import ModelConfig, Transformer
+import agentc.model.transformer as T
+from agentc.model import checkpoint
+from agentc.model.copy_init import install_copy_circuit
+from agentc.model.transformer import ModelConfig, Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -141,6 +141,7 @@ def test_configs_that_cannot_hold_it_are_refused(overrides, message):
         install_copy_circuit(model, bigram=True)
 
 
+@pytest.mark.slow
 def test_train_py_installs_it(calc_shards, tmp_path):
     """--copy-init on a scratch run: the circuit is there after a few steps of training (the
     repeated-span test), and --copy-init with --init-from is refused."""

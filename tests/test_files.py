@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from workflows.base import SPLITS, heldout_templates, load_workflow, run_teacher, task_seed
-from workflows.files import FAMILIES, FilesEnv, Tree, build_tree, pool
+from agentc.workflows.base import SPLITS, heldout_templates, load_workflow, run_teacher, task_seed
+from agentc.workflows.files import FAMILIES, FilesEnv, Tree, build_tree, pool
 
 N_TASKS = 250  # per split
 
@@ -175,7 +175,7 @@ def _digest(wf):
 
 
 def test_deterministic_across_processes(wf):
-    code = ("from workflows.base import load_workflow; from tests.test_files import _digest; "
+    code = ("from agentc.workflows.base import load_workflow; from tests.test_files import _digest; "
             "print(_digest(load_workflow('files')))")
     env = dict(os.environ, PYTHONHASHSEED="4321")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,

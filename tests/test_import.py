@@ -1,4 +1,4 @@
-"""python -m data.import: hand-written samples of each format (tests/import_samples), bad records
+"""python -m agentc.data.import: hand-written samples of each format (tests/import_samples), bad records
 included, become canonical trajectories that render; every bad record is reported with its line
 number and reason, listed in OUT.skipped.jsonl, and skipped."""
 import json
@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from data.format import render
-from data.importers import main
+from agentc.data.format import render
+from agentc.data.importers import main
 
 SAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "import_samples")
 
@@ -93,6 +93,6 @@ def test_xlam_records_are_call_only_with_json_schema_tools(tmp_path, capsys):
 
 def test_module_entry_point_and_wrong_format(tmp_path):
     root = os.path.dirname(SAMPLES)
-    p = subprocess.run([sys.executable, "-m", "data.import", "--format", "glaive", os.path.join(SAMPLES, "openai.jsonl"),
+    p = subprocess.run([sys.executable, "-m", "agentc.data.import", "--format", "glaive", os.path.join(SAMPLES, "openai.jsonl"),
                         str(tmp_path / "x.jsonl"), "--quiet"], cwd=os.path.dirname(root), capture_output=True, text=True)
     assert p.returncode != 0 and "no record converted; is --format right?" in p.stderr

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import infer
-from data import pack
-from data.format import ANSWER, CALL, CALL_END, END, SRC_MODEL, render
+from agentc.data import pack
+from agentc.data.format import ANSWER, CALL, CALL_END, END, SRC_MODEL, render
 from experiments import trace_report
-from model.transformer import ModelConfig, Transformer
-from workflows.base import Environment, Task, Verdict, Workflow, load_workflow, run_teacher, task_seed, tool
+from agentc.model.transformer import ModelConfig, Transformer
+from agentc.workflows.base import Environment, Task, Verdict, Workflow, load_workflow, run_teacher, task_seed, tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -149,6 +149,7 @@ def test_cut_tokens(agent):
     assert infer.cut_tokens("short", agent.tok, 50) == "short"
 
 
+@pytest.mark.slow
 def test_compiled_agent_runs_from_the_command_line(sql_corpus, tmp_path):
     data = tmp_path / "train"
     pack.main([sql_corpus["jsonl"], "--tokenizer", sql_corpus["tokenizer"], "--seq-len", "1024",

@@ -10,8 +10,8 @@ import json
 import pytest
 import torch
 
-from kernels import reference
-from kernels.masked_ce import default_chunk_rows, masked_cross_entropy
+from agentc.kernels import reference
+from agentc.kernels.masked_ce import default_chunk_rows, masked_cross_entropy
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -47,7 +47,7 @@ def run(fn, h, W, y, w, dtype, **kw):
 
 @pytest.mark.parametrize("N,V,d,pattern", [
     (1, 1000, 16, "one"), (37, 1000, 32, "30%"), (37, 1000, 32, "zero"), (101, 1000, 48, "weighted"),
-    (23, 32003, 16, "one"), (57, 32003, 24, "30%"),
+    pytest.param(23, 32003, 16, "one", marks=pytest.mark.slow), pytest.param(57, 32003, 24, "30%", marks=pytest.mark.slow),
 ])
 @pytest.mark.parametrize("z_loss", [0.0, 1e-3])
 def test_matches_reference_float32(N, V, d, pattern, z_loss):
@@ -61,7 +61,7 @@ def test_matches_reference_float32(N, V, d, pattern, z_loss):
         assert got[0].item() == 0 and not got[1].any() and not got[2].any()
 
 
-@pytest.mark.parametrize("N,V,pattern", [(37, 1000, "30%"), (29, 32003, "one")])
+@pytest.mark.parametrize("N,V,pattern", [(37, 1000, "30%"), pytest.param(29, 32003, "one", marks=pytest.mark.slow)])
 def test_matches_reference_bf16(N, V, pattern):
     h, W, y, w = make(N, V, 32, pattern, seed=N * 3 + V)
     ref = run(reference.masked_cross_entropy, h, W, y, w, torch.float64)
@@ -117,6 +117,7 @@ def test_bad_inputs_are_refused():
         masked_cross_entropy(h.float(), W.float(), y, w, reduction="none")
 
 
+@pytest.mark.slow
 def test_ce_benchmark_runs_end_to_end(tmp_path, run_script):
     """experiments/bench_ce.py --smoke: every method at a tiny shape, all agreeing on the loss."""
     out = tmp_path / "ce.json"

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from data import generate, pack, tokenizer
+from agentc.data import generate, pack, tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,7 @@ def test_pack_weights_set_each_workflows_share(mixture, tmp_path):
         assert e.value.code != 0
 
 
+@pytest.mark.slow
 def test_train_and_infer_report_success_per_workflow(mixture, tmp_path, run_script, capsys):
     data = tmp_path / "mix"
     pack.main(["--tokenizer", mixture["tokenizer"], "--seq-len", "1024", "--quiet", "--workers", "1",

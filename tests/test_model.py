@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from model import transformer
-from data.loader import Loader
-from model.transformer import (Documents, ModelConfig, Transformer, apply_rope, flops_per_token, lm_loss,
-                               rope_cos_sin, rope_frequencies)
+from agentc.model import transformer
+from agentc.data.loader import Loader
+from agentc.model.transformer import (Documents, ModelConfig, Transformer, apply_rope, flops_per_token, lm_loss,
+                                      rope_cos_sin, rope_frequencies)
 
 
 def tiny(vocab, **kw):
@@ -71,7 +71,7 @@ def test_attention_matches_explicit_softmax_in_float64(doc_loop, monkeypatch):
     off = torch.tensor([0, 4, 13, 20, 26], dtype=torch.int32)
     q = torch.randn(B, T, H, D, dtype=torch.float64)
     k, v = torch.randn(2, B, T, KV, D, dtype=torch.float64)
-    from model.transformer import attend
+    from agentc.model.transformer import attend
     for window in (None, 3):
         out = attend(q, k, v, Documents.from_offsets(off, B, T, window, "cpu"))
         ref = torch.zeros_like(q)
@@ -105,7 +105,7 @@ def test_cpu_document_loop_under_bfloat16_autocast(monkeypatch):
     off = torch.tensor([0, 7, 19, 30, 38], dtype=torch.int32)
     q, k, v = (torch.randn(B, T, H, D).bfloat16().requires_grad_() for _ in range(3))
     docs = Documents.from_offsets(off, B, T, None, "cpu")
-    from model.transformer import _attend_reference, attend
+    from agentc.model.transformer import _attend_reference, attend
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = attend(q, k, v, docs)
     assert out.dtype == torch.bfloat16
@@ -244,7 +244,7 @@ def test_unknown_or_unavailable_backend_is_refused(monkeypatch):
 def test_kv_cache_chunks_equal_one_forward(window, attn, monkeypatch):
     """Feeding a sequence in uneven chunks (single tokens included) through the KV cache gives
     the full forward's logits, whichever backend attends (the full forward uses sdpa)."""
-    from model.kv_cache import CacheFull, KVCache
+    from agentc.model.kv_cache import CacheFull, KVCache
     monkeypatch.setattr(transformer, "ATTENTION", "auto")
     torch.manual_seed(0)
     cfg = ModelConfig.preset("tiny", vocab_size=50, sliding_window=window)

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from model.muon import Combined, Muon, orthogonalise
+from agentc.model.muon import Combined, Muon, orthogonalise
 from test_train import metrics, saved_step, tiny_run, train
 
 
@@ -77,6 +77,7 @@ def test_one_step_by_hand():
         torch.testing.assert_close(p.detach(), want)
 
 
+@pytest.mark.slow
 def test_train_py_with_muon_learns_and_resumes(calc_shards, tmp_path):
     flags = ("--max-steps=40", "--optimizer=muon", "--muon-lr=0.03", "--save-every=0")
     train(*tiny_run(calc_shards, tmp_path / "whole", *flags))
@@ -89,7 +90,7 @@ def test_train_py_with_muon_learns_and_resumes(calc_shards, tmp_path):
     adamw, muon = state["optimizers"]
     n_adamw = sum(len(g["params"]) for g in adamw["param_groups"])
     assert [len(g["params"]) for g in muon["param_groups"]] == [14] and len(muon["state"]) == 14
-    from model import checkpoint
+    from agentc.model import checkpoint
     model = checkpoint.load(str(tmp_path / "whole" / "step_000040"))
     assert n_adamw + 14 == len(list(model.parameters()))
     assert muon["param_groups"][0]["lr"] == pytest.approx(10 * adamw["param_groups"][0]["lr"])  # 0.03 / 3e-3

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from data import pack
-from data.format import BEGIN, PAD, SRC_PAD, render, unrender
-from data.loader import Loader
-from data.pack import Shard, best_fit_decreasing, find_shards
+from agentc.data import pack
+from agentc.data.format import BEGIN, PAD, SRC_PAD, render, unrender
+from agentc.data.loader import Loader
+from agentc.data.pack import Shard, best_fit_decreasing, find_shards
 
 
 def do_pack(corpus, out, *extra, inputs=None):

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from workflows.base import SPLITS, load_workflow, run_teacher, task_seed
-from workflows.shop import Product, Request, ShopEnv, build_catalogue, pool
+from agentc.workflows.base import SPLITS, load_workflow, run_teacher, task_seed
+from agentc.workflows.shop import Product, Request, ShopEnv, build_catalogue, pool
 
 N_TASKS = 200
 

@@ -10,10 +10,10 @@ from collections import Counter
 
 import pytest
 
-from workflows import sql_shop
-from workflows.base import SPLITS, heldout_templates, load_workflow, run_teacher, task_seed
-from workflows.sql import FAMILIES, MORE_TEMPLATES, ROLES
-from workflows.sql_shop import CATEGORIES, MONTH_NAMES, POOLS, entity_pool
+from agentc.workflows import sql_shop
+from agentc.workflows.base import SPLITS, heldout_templates, load_workflow, run_teacher, task_seed
+from agentc.workflows.sql import FAMILIES, MORE_TEMPLATES, ROLES
+from agentc.workflows.sql_shop import CATEGORIES, MONTH_NAMES, POOLS, entity_pool
 
 N_TASKS = 300  # per split
 
@@ -254,7 +254,7 @@ def test_same_seed_same_task_and_messages(wf):
 
 def test_deterministic_across_processes(wf):
     """Nothing may depend on set iteration order (PYTHONHASHSEED) or on the process."""
-    code = ("from workflows.base import load_workflow; from tests.test_sql import _digest; "
+    code = ("from agentc.workflows.base import load_workflow; from tests.test_sql import _digest; "
             "print(_digest(load_workflow('sql')))")
     env = dict(os.environ, PYTHONHASHSEED="12345")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from workflows.base import SPLITS, load_workflow, run_teacher, task_seed
-from workflows.support import (FAMILIES, WINDOW, Customer, Item, Order, SupportEnv, User, build_db, digest,
-                               pool)
+from agentc.workflows.base import SPLITS, load_workflow, run_teacher, task_seed
+from agentc.workflows.support import (FAMILIES, WINDOW, Customer, Item, Order, SupportEnv, User, build_db, digest,
+                                      pool)
 
 N_TASKS = 200
 

@@ -6,9 +6,9 @@ import random
 import pytest
 import sentencepiece as spm
 
-from data import tokenizer
-from data.format import SPECIAL_TOKENS, render, unrender
-from data.tokenizer import Tokenizer
+from agentc.data import tokenizer
+from agentc.data.format import SPECIAL_TOKENS, render, unrender
+from agentc.data.tokenizer import Tokenizer
 
 TEXTS = [
     "SELECT c.name, SUM(oi.quantity * oi.unit_price) FROM customers c JOIN orders o ON o.customer_id = c.id;",

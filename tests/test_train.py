@@ -34,6 +34,7 @@ def metrics(out, key="train/loss"):
         return {e["step"]: e[key] for e in map(json.loads, f) if key in e}
 
 
+@pytest.mark.slow
 def test_loss_falls_and_checkpoints_load(calc_shards, tmp_path):
     out = tmp_path / "run"
     p = train(*tiny_run(calc_shards, out, "--max-steps=40", "--val-data=" + calc_shards["val"],
@@ -52,8 +53,8 @@ def test_loss_falls_and_checkpoints_load(calc_shards, tmp_path):
     assert meta["step"] == 40 and meta["data"]["step"] == 40 and len(meta["rng"]) == 1
     assert (ck / "optim_rank0.pt").exists() and (ck / "tokenizer.model").exists()
     import torch
-    from data.loader import Loader
-    from model import checkpoint
+    from agentc.data.loader import Loader
+    from agentc.model import checkpoint
     model = checkpoint.load(str(ck))
     b = Loader(calc_shards["val"], batch_size=4, shuffle=False).next_batch()
     with torch.no_grad():
@@ -65,6 +66,7 @@ def saved_step(out):
     return json.loads((out / open(out / "latest").read().strip() / "meta.json").read_text())["step"]
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_curve(calc_shards, tmp_path):
     """Stopped mid-run by SIGTERM or by --max-time, the run saves and exits 0; `--resume` (with no
     other flag) finishes it, and every step's loss equals an uninterrupted run's exactly."""
@@ -99,6 +101,7 @@ def test_resume_continues_the_same_curve(calc_shards, tmp_path):
     assert p.returncode != 0 and "already holds a run" in p.stderr
 
 
+@pytest.mark.slow
 def test_keep_deletes_only_older_checkpoints(calc_shards, tmp_path):
     out = tmp_path / "run"
     shape = "--model-config=dim=48,n_layers=1,n_heads=3,n_kv_heads=1,tie_embeddings=true"
@@ -115,6 +118,7 @@ def test_keep_deletes_only_older_checkpoints(calc_shards, tmp_path):
     assert sorted(d for d in os.listdir(out) if d.startswith("step_")) == ["step_000008", "step_000100"]
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_equal_one_process_with_accumulation(calc_shards, tmp_path):
     """1 process x 4 micro-batches = 2 ranks x 2 micro-batches: same rows, same loss, same steps."""
     batch = ["--max-steps=4", "--total-batch-tokens=4096", "--val-data=" + calc_shards["val"], "--eval-every=2"]
@@ -132,6 +136,7 @@ def test_two_gloo_ranks_equal_one_process_with_accumulation(calc_shards, tmp_pat
     assert (ck / "optim_rank0.pt").exists() and (ck / "optim_rank1.pt").exists()
 
 
+@pytest.mark.slow
 def test_init_from_hugging_face_resizes_the_vocabulary(calc_shards, tmp_path):
     transformers = pytest.importorskip("transformers")
     import torch
@@ -142,11 +147,12 @@ def test_init_from_hugging_face_resizes_the_vocabulary(calc_shards, tmp_path):
     hf.save_pretrained(tmp_path / "hf")
     p = train(*tiny_run(calc_shards, tmp_path / "run", "--max-steps=2", "--init-from=" + str(tmp_path / "hf")))
     assert f"from 300 to {calc_shards['vocab_size']}" in p.stdout
-    from model import checkpoint
+    from agentc.model import checkpoint
     model = checkpoint.load(str(tmp_path / "run" / "step_000002"))
     assert model.cfg.vocab_size == calc_shards["vocab_size"] and model.cfg.dim == 64
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_is_written(calc_shards, tmp_path):
     pytest.importorskip("wandb")
     out = tmp_path / "run"
@@ -159,6 +165,7 @@ def test_wandb_offline_run_is_written(calc_shards, tmp_path):
     assert len(runs) == 1 and os.listdir(out / "wandb" / runs[0])
 
 
+@pytest.mark.slow
 def test_sweep_config_drives_train_py(calc_shards, tmp_path):
     """Every parameter of the sweep is a train.py flag, passed as the agent passes it (--key=value),
     and each run of the sweep gets its own directory."""

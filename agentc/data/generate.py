@@ -1,6 +1,6 @@
 """Generate teacher trajectories for a workflow, as JSONL in the OpenAI chat format.
 
-    python -m data.generate --workflow sql --split train --n 20000 --out data/sql/train.jsonl
+    python -m agentc.data.generate --workflow sql --split train --n 20000 --out data/sql/train.jsonl
 
 Task i (0 <= i < n) is sampled from a seed derived from (--seed, workflow, split, i, attempt), so
 the output depends only on the arguments, never on --workers. --shard i/n keeps the task indices
@@ -24,7 +24,7 @@ from collections import Counter
 
 from tqdm import tqdm
 
-from workflows.base import SPLITS, Workflow, load_workflow, run_teacher, task_seed
+from agentc.workflows.base import SPLITS, Workflow, load_workflow, run_teacher, task_seed
 
 _WF: Workflow | None = None  # one workflow object per worker process
 _WF_SPEC: dict = {}  # how to build it again (the runtime must: test tasks depend on the split shares)
@@ -84,7 +84,7 @@ def _read_jsonl(path: str) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m data.generate", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m agentc.data.generate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--workflow", required=True, help="workflow name (workflows/NAME.py) or a dotted module")
     ap.add_argument("--split", required=True, choices=SPLITS)
     ap.add_argument("--n", type=int, required=True, help="number of tasks (before sharding)")

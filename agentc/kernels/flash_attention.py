@@ -22,7 +22,7 @@ boundary are masked element by element (three loop phases: boundary, full, diago
 tile runs the unmasked inner loop. A key tile's backward likewise visits only the queries of its
 documents. The grid is (query tiles of a row, B * heads): no table of documents, no .tolist().
 
-Conventions (../shared/DESIGN.md): kernels -> launcher -> autograd.Function. Scores are kept in
+Layout: kernels -> launcher -> autograd.Function, as in every file of agentc/kernels. Scores are kept in
 base 2 (exp2 with the softmax scale folded into log2(e)); accumulation in float32 for bf16/fp16/
 float32 inputs (float32 dots in IEEE precision, not tf32). Head dims up to 256 (padded to a power
 of two inside the kernel: 80 and 96 run in 128-wide tiles). Sliding windows are not supported here

@@ -34,9 +34,9 @@ of an SQL trajectory), and a name's pieces follow each other directly: after `�
 `▁Stand`, not a `▁` that occurs forty times in the context, which is what a copy (induction)
 head needs to continue a multi-word name.
 
-    python -m data.tokenizer train --vocab-size 8192 --out data/sql/tok data/sql/train.jsonl
-    python -m data.tokenizer extend llama2/tokenizer.model data/llama2-agentc.model
-    python -m data.tokenizer encode data/sql/tok.model "SELECT name FROM customers"
+    python -m agentc.data.tokenizer train --vocab-size 8192 --out data/sql/tok data/sql/train.jsonl
+    python -m agentc.data.tokenizer extend llama2/tokenizer.model data/llama2-agentc.model
+    python -m agentc.data.tokenizer encode data/sql/tok.model "SELECT name FROM customers"
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ from typing import Iterable, Iterator, Sequence
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-from data.format import SPECIAL_TOKENS, dump_json
+from agentc.data.format import SPECIAL_TOKENS, dump_json
 
 SPACE_MARK = "\u2581"  # sentencepiece's whitespace symbol
 PRESPLIT = "<|presplit:words-v1|>"  # marks a model trained on WORDS chunks (see the module docstring)
@@ -82,7 +82,7 @@ class Tokenizer:
         missing = [t for t in SPECIAL_TOKENS if self.sp.piece_to_id(t) == self.sp.unk_id()]
         if missing:
             raise ValueError(f"{path} lacks the agentc special tokens {missing}; add them with "
-                             f"`python -m data.tokenizer extend {path} OUT.model`")
+                             f"`python -m agentc.data.tokenizer extend {path} OUT.model`")
         self.special_ids = {t: self.sp.piece_to_id(t) for t in SPECIAL_TOKENS}
         not_control = [t for t, i in self.special_ids.items() if not self.sp.is_control(i)]
         if not_control:
@@ -208,7 +208,7 @@ def load_tokenizer(path: str):
     """A sentencepiece model (`.model`) or a byte-level BPE file (`.bpe.json`, data/bpe.py): both
     offer the interface above, so data/format.py, data.pack and the runtime take either."""
     if path.endswith(".bpe.json"):
-        from data.bpe import BPETokenizer
+        from agentc.data.bpe import BPETokenizer
         return BPETokenizer(path)
     return Tokenizer(path)
 
@@ -320,7 +320,7 @@ def extend(base_path: str, out_path: str) -> list[int]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m data.tokenizer", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m agentc.data.tokenizer", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train a BPE tokenizer on trajectory JSONL files")
     t.add_argument("inputs", nargs="+", help="trajectory .jsonl files")

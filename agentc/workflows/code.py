@@ -19,9 +19,9 @@ import random
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from workflows.base import (Answer, Call, Environment, Mistake, Resample, Task, ToolError, Verdict, Workflow,
-                            draw_family, resample, split_pool, tool)
-from workflows.sandbox import run_tests
+from agentc.workflows.base import (Answer, Call, Environment, Mistake, Resample, Task, ToolError, Verdict, Workflow,
+                                   draw_family, resample, split_pool, tool)
+from agentc.workflows.sandbox import run_tests
 
 VERBS = "pick keep take find get make count total scan select grab collect gather build fold".split()
 NOUNS = "items values parts chunks bits entries pieces points marks terms scores tokens cells rows".split()

@@ -15,7 +15,7 @@ tokenizers do turn such text into the special id; the two agree on all text with
 Saved as one JSON file (`*.bpe.json`: the `tokenizers` JSON plus what GGUF export needs), which a
 compiled agent carries as `tokenizer.bpe.json`:
 
-    python -m data.bpe from-gguf smollm2-135m data/smol.bpe.json
+    python -m agentc.data.bpe from-gguf smollm2-135m data/smol.bpe.json
     tok = BPETokenizer("data/smol.bpe.json"); tok.encode("SELECT 1")
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ import os
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from data.format import SPECIAL_TOKENS
+from agentc.data.format import SPECIAL_TOKENS
 
 FORMAT = "agentc-bpe-v1"
 # GPT-2's word rule: contractions, letters, numbers, punctuation runs, whitespace not before a word
@@ -99,7 +99,7 @@ def from_gguf(gguf_path: str, out_path: str) -> str:
     """Write the tokenizer of a GGUF file (or a known name, e.g. smollm2-135m) to out_path."""
     import gguf
 
-    from model.gguf_io import find_gguf, read_metadata
+    from agentc.model.gguf_io import find_gguf, read_metadata
     write(build_from_gguf(read_metadata(gguf.GGUFReader(find_gguf(gguf_path)))), out_path)
     return out_path
 
@@ -159,7 +159,7 @@ class BPETokenizer:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m data.bpe", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m agentc.data.bpe", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("from-gguf", help="write the tokenizer of a GGUF file with our special tokens added")
     g.add_argument("gguf", help="a .gguf file or a known name (smollm2-135m)")

@@ -56,7 +56,7 @@ import math
 
 import torch
 
-from model.transformer import Transformer, rope_frequencies
+from agentc.model.transformer import Transformer, rope_frequencies
 
 PREV_HEAD_AMPLITUDES = (30.0, 30.0, 30.0, 15.0, 8.0)  # score weight of the fastest rotary pairs in layer 0
 

@@ -17,7 +17,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 import torch
 
-from data.pack import Shard, find_shards
+from agentc.data.pack import Shard, find_shards
 
 
 class Batch(NamedTuple):

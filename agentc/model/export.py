@@ -1,7 +1,7 @@
 """Export a compiled agent (a train.py checkpoint directory) for other runtimes.
 
-    python -m model.export out/sql_smol --hf out/sql_smol_hf               # transformers, vLLM
-    python -m model.export out/sql_smol --gguf out/sql_smol.gguf --type q8_0  # llama.cpp (f32|f16|q8_0)
+    python -m agentc.model.export out/sql_smol --hf out/sql_smol_hf               # transformers, vLLM
+    python -m agentc.model.export out/sql_smol --gguf out/sql_smol.gguf --type q8_0  # llama.cpp (f32|f16|q8_0)
 
 The Hugging Face directory gets the weights and config (model/checkpoint.export_hf) and the
 tokenizer: tokenizer.json for a byte-level BPE agent, tokenizer.model for a sentencepiece one. The
@@ -14,8 +14,8 @@ import json
 import os
 import shutil
 
-from data.tokenizer import AGENT_TOKENIZER_FILES, load_tokenizer
-from model import checkpoint, gguf_io
+from agentc.data.tokenizer import AGENT_TOKENIZER_FILES, load_tokenizer
+from agentc.model import checkpoint, gguf_io
 
 
 def agent_tokenizer(agent_dir: str):
@@ -48,7 +48,7 @@ def export_gguf_agent(agent_dir: str, out: str, out_type: str = "f16") -> None:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m model.export", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m agentc.model.export", description=__doc__.split("\n")[0])
     ap.add_argument("agent", help="compiled agent directory (or a train.py --out directory: its newest checkpoint)")
     ap.add_argument("--hf", default=None, help="write a Hugging Face directory here")
     ap.add_argument("--arch", default="llama", choices=list(checkpoint.HF_ARCHITECTURES), help="HF model_type")

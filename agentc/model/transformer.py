@@ -309,7 +309,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Documents) -
 
 
 def _attend_triton(q, k, v, docs: Documents) -> torch.Tensor:
-    from kernels.flash_attention import document_bounds, flash_attention  # imports triton: only when used
+    from agentc.kernels.flash_attention import document_bounds, flash_attention  # imports triton: only when used
     if docs.offsets is None:
         return flash_attention(q, k, v)
     if "bounds" not in docs._cache:  # once per forward, shared by every layer
@@ -537,7 +537,7 @@ def lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     """sum_i loss_weights[i] * CE(hidden[i] @ weight.T, targets[i]), a scalar in float32 (or float64).
     hidden (B, T, dim), weight (vocab, dim), targets and loss_weights (B, T)."""
     if loss_backend(hidden.device) == "fused" and hidden.dtype != torch.float64:
-        from kernels.masked_ce import masked_cross_entropy  # imports triton: only when used
+        from agentc.kernels.masked_ce import masked_cross_entropy  # imports triton: only when used
         return masked_cross_entropy(hidden, weight, targets, loss_weights, reduction="sum")
     h = hidden.reshape(-1, hidden.shape[-1])
     t, w = targets.reshape(-1), loss_weights.reshape(-1).float()

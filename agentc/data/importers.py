@@ -1,7 +1,7 @@
 """Import trajectory data people already have into our canonical JSONL (README, "Data formats").
 
-    python -m data.import --format openai   IN.jsonl OUT.jsonl
-    python -m data.import --format hermes   IN.json  OUT.jsonl      # a JSON array works too
+    python -m agentc.data.import --format openai   IN.jsonl OUT.jsonl
+    python -m agentc.data.import --format hermes   IN.json  OUT.jsonl      # a JSON array works too
 
 Formats:
     openai    {"messages": [...], "tools": [...]}: tool_calls with role "tool" results, and the
@@ -31,7 +31,7 @@ import re
 import sys
 from typing import Any, Callable, Iterator
 
-from data.format import SPECIAL_TOKENS, FormatError, dump_json, render
+from agentc.data.format import SPECIAL_TOKENS, FormatError, dump_json, render
 
 
 class Malformed(ValueError):
@@ -414,7 +414,7 @@ def convert(records: Iterator[tuple[int, Any]], fmt: str, source: str) -> Iterat
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m data.import", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m agentc.data.import", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--format", required=True, choices=sorted(FORMATS))
     ap.add_argument("input", help="JSONL (one record per line) or a JSON array")

@@ -23,7 +23,7 @@ from collections import Counter, namedtuple
 from operator import attrgetter
 from typing import Callable
 
-from workflows.base import split_pool, stable_hash
+from agentc.workflows.base import split_pool, stable_hash
 
 # ----------------------------------------------------------------------------- pools
 # Entity values and question numbers. Each pool is split between train and test with split_pool,

@@ -1,8 +1,8 @@
 """Audit what packed shards train: the share of trained tokens by source, and the two mistakes
 that silently ruin a run.
 
-    python -m data.audit data/sql/train                 # the --out prefix given to data.pack
-    python -m data.audit data/sql/train data/sql/val --json audit.json
+    python -m agentc.data.audit data/sql/train                 # the --out prefix given to data.pack
+    python -m agentc.data.audit data/sql/train data/sql/val --json audit.json
 
 Fails (exit 1) when any token that is not the model's own (a template, user, tool or padding
 token) carries loss weight, or when a record has no trained token at all (it costs compute and
@@ -19,8 +19,8 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-from data.format import SOURCES, SRC_MODEL
-from data.pack import Shard, find_shards
+from agentc.data.format import SOURCES, SRC_MODEL
+from agentc.data.pack import Shard, find_shards
 
 
 def audit(paths: list[str], show: int = 10, progress: bool = True) -> dict:

@@ -1,6 +1,6 @@
 """The protocol every workflow follows.
 
-A workflow is five things (see DESIGN.md, "The data flow"):
+A workflow is five things:
 
   tools        plain Python methods of an Environment, marked with @tool; their JSON schema
                (OpenAI function-tool format) is derived from type hints and the docstring, and
@@ -32,7 +32,7 @@ from typing import Any, Callable, Generator, Literal, Union
 
 import jsonschema
 
-from data.format import dump_json
+from agentc.data.format import dump_json
 
 # Observations longer than this are cut with a visible marker. The runtime calls tools through
 # Environment.call too, so training data and deployment see the same policy.
@@ -467,7 +467,7 @@ def load_workflow(name: str, **kwargs) -> Workflow:
     """`sql` -> workflows/sql.py's WORKFLOW class; a dotted name imports that module instead
     (tests use this for small fake workflows). A module exposes its class as `WORKFLOW`."""
     import importlib
-    module_name = name if "." in name else f"workflows.{name}"
+    module_name = name if "." in name else f"agentc.workflows.{name}"
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:

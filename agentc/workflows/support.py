@@ -27,8 +27,8 @@ import random
 import re
 from dataclasses import dataclass
 
-from workflows.base import (Answer, Call, Environment, Mistake, Task, ToolError, Verdict, Workflow, draw_family,
-                            resample, split_pool, tool)
+from agentc.workflows.base import (Answer, Call, Environment, Mistake, Task, ToolError, Verdict, Workflow, draw_family,
+                                   resample, split_pool, tool)
 
 FIRST = """Ada Aiko Amir Ana Arlo Bea Bruno Caio Cleo Dara Dev Edda Eli Emre Enzo Esme Faye Finn Gael Gia
 Hana Ines Ivo Jana Joel Kai Kira Lars Lea Leon Lina Luca Maja Malik Mara Milo Nadia Nils Noor Omar Otto

@@ -1,6 +1,6 @@
 """Pack rendered trajectories into fixed-length rows and write memory-mapped shards.
 
-    python -m data.pack --tokenizer data/sql/tok.model --seq-len 4096 --out data/sql/train data/sql/train.jsonl
+    python -m agentc.data.pack --tokenizer data/sql/tok.model --seq-len 4096 --out data/sql/train data/sql/train.jsonl
 
 A row holds seq_len + 1 tokens (inputs are row[:-1], targets row[1:]) made of whole documents
 (trajectories) placed by best-fit decreasing; the rest of a row is <|pad|> with weight 0, kept as a
@@ -41,8 +41,8 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from data.format import LAYOUT_VERSION, PAD, SOURCES, SRC_PAD, FormatError, render
-from data.tokenizer import Tokenizer, load_tokenizer
+from agentc.data.format import LAYOUT_VERSION, PAD, SOURCES, SRC_PAD, FormatError, render
+from agentc.data.tokenizer import Tokenizer, load_tokenizer
 
 SHARD_VERSION = 1
 BIN_MAGIC, IDX_MAGIC = b"AGCTOKS\0", b"AGCIDX\0\0"
@@ -224,9 +224,9 @@ def _render_line(job: tuple[str, int, str]) -> tuple[_Doc | None, str | None, st
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m data.pack", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m agentc.data.pack", description=__doc__.split("\n\n")[0])
     ap.add_argument("inputs", nargs="+", help="trajectory .jsonl files")
-    ap.add_argument("--tokenizer", required=True, help="sentencepiece .model with the agentc special tokens, or a .bpe.json (python -m data.bpe from-gguf)")
+    ap.add_argument("--tokenizer", required=True, help="sentencepiece .model with the agentc special tokens, or a .bpe.json (python -m agentc.data.bpe from-gguf)")
     ap.add_argument("--seq-len", type=int, required=True, help="tokens per training row (the model's context)")
     ap.add_argument("--out", required=True, help="output prefix: writes OUT_000.bin/.idx ... and OUT.json")
     ap.add_argument("--shard-tokens", type=int, default=2**26, help="tokens per shard file (default 2^26)")

@@ -40,7 +40,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from model.transformer import ModelConfig, Transformer
+from agentc.model.transformer import ModelConfig, Transformer
 
 HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 

