@@ -79,7 +79,7 @@ def test_transformers_hub_kernels_and_our_kernels_in_one_process():
             "agentc.kernels.masked_ce; from agentc.model import checkpoint\n"
             "if importlib.util.find_spec('kernels'):\n"
             "    import kernels; assert not kernels.__file__.startswith(%r), kernels.__file__\n"
-            "print('ok')" % ROOT)
+            "print('ok')" % os.path.join(ROOT, "kernels", ""))
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "PYTHONPATH": ROOT})
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-3000:]
