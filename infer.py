@@ -492,7 +492,7 @@ def canonical(messages: list[dict], ids: list[int], tok) -> bool:
 
 
 def eval_tasks(workflow: Workflow, split: str, n: int, seed: int):
-    """n fresh tasks of `split`; seed 1 by default, so none is a task data.generate (seed 0) made."""
+    """n fresh tasks of `split`; seed 1 by default, so none is a task agentc.data.generate (seed 0) made."""
     return [workflow.sample_task(split, i, task_seed(seed, workflow.name, split, i)) for i in range(n)]
 
 
@@ -660,7 +660,7 @@ def main(argv=None):
     ap.add_argument("--eval", action="store_true", help="evaluate on fresh tasks")
     ap.add_argument("--split", default="test", choices=["train", "test"])
     ap.add_argument("--episodes", type=int, default=200)
-    ap.add_argument("--seed", type=int, default=1, help="task seed (data.generate uses 0: these tasks are new)")
+    ap.add_argument("--seed", type=int, default=1, help="task seed (agentc.data.generate uses 0: these tasks are new)")
     ap.add_argument("--mode", default="incremental", choices=["incremental", "reprefill", "tokenwise"])
     ap.add_argument("--max-steps", type=int, default=16, help="model turns per episode")
     ap.add_argument("--max-new-tokens", type=int, default=512, help="tokens per model turn")

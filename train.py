@@ -10,7 +10,7 @@ token cross-entropy over each global batch: Σ w·CE / Σ w, whatever the number
 micro-batches, so one process with gradient accumulation and N ranks without it train the same.
 
 Writes to --out: step_NNNNNN/ checkpoints (model.safetensors + config.json: loadable by
-model.checkpoint.load; meta.json: step, data position, RNG, flags; optim_rankR.pt), `latest`
+agentc.model.checkpoint.load; meta.json: step, data position, RNG, flags; optim_rankR.pt), `latest`
 (name of the newest complete checkpoint), metrics.jsonl (one JSON line per step and per eval)
 and, unless --wandb=disabled, a W&B run (offline by default: `wandb sync` uploads it later).
 """
@@ -79,7 +79,7 @@ def flag(name: str, default, help: str, **kw):
 
 
 # data and model
-flag("data", None, "training shards: the --out prefix given to data.pack (or its .json)", type=str)
+flag("data", None, "training shards: the --out prefix given to agentc.data.pack (or its .json)", type=str)
 flag("val-data", "", "validation shards ('' for none)")
 flag("out", "out/run", "directory for checkpoints, metrics.jsonl and the W&B run (under a W&B sweep agent: "
      "OUT/<run id>)")
@@ -269,13 +269,13 @@ if saved and saved["step"] >= max_steps:
         dist.destroy_process_group()
     sys.exit(0)
 warmup = int(args.warmup_frac * max_steps)
-data_meta = {}  # data.pack's summary, for the tokenizer it used
+data_meta = {}  # agentc.data.pack's summary, for the tokenizer it used
 _summary = args.data if args.data.endswith(".json") else args.data + ".json"
 if os.path.exists(_summary):
     with open(_summary) as f:
         data_meta = json.load(f)
 # the tokenizer the shards were made with: copied into every checkpoint (the compiled agent) and
-# used by the agent evaluation. Its path is as data.pack was given it, so also try it next to the
+# used by the agent evaluation. Its path is as agentc.data.pack was given it, so also try it next to the
 # summary; the fingerprint must match.
 data_tokenizer = None
 _tok = data_meta.get("tokenizer") or {}

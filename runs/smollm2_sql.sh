@@ -11,7 +11,7 @@ D=${D:-data/sql}
 OUT=${OUT:-out/sql_smol}
 STEPS=${STEPS:-120}
 EPISODES=${EPISODES:-50}
-[ -f $D/train.jsonl ] || { echo "no $D/train.jsonl: run runs/quickstart.sh (or its data.generate lines) first"; exit 1; }
+[ -f $D/train.jsonl ] || { echo "no $D/train.jsonl: run runs/quickstart.sh (or its agentc.data.generate lines) first"; exit 1; }
 python -m agentc.data.bpe from-gguf smollm2-135m $D/smol.bpe.json
 python -m agentc.data.pack --tokenizer $D/smol.bpe.json --seq-len 1024 --out $D/smol_train $D/train.jsonl
 python -m agentc.data.pack --tokenizer $D/smol.bpe.json --seq-len 1024 --out $D/smol_val $D/test.jsonl

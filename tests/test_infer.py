@@ -76,7 +76,7 @@ def test_interrupt_resume_equals_one_forward_and_renders_back(agent, mode):
 
 
 def test_an_agent_trained_without_system_messages_gets_none(agent):
-    """data.pack --system drop: the runtime leaves the system turn out too, and the stream still
+    """agentc.data.pack --system drop: the runtime leaves the system turn out too, and the stream still
     equals what render() gives for the episode's (system-less) messages."""
     lean = infer.Agent(agent.model, agent.tok, agent.workflow, agent.tools, {"system": "drop"})
     task, ep = teacher_episode(agent.workflow, 0)

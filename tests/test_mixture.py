@@ -1,4 +1,4 @@
-"""Several workflows in one agent: data.pack --weight sets each workflow's share, train.py's agent
+"""Several workflows in one agent: agentc.data.pack --weight sets each workflow's share, train.py's agent
 evaluation reports success per workflow, and infer.py --workflow all evaluates each of them."""
 import json
 

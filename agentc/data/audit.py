@@ -1,7 +1,7 @@
 """Audit what packed shards train: the share of trained tokens by source, and the two mistakes
 that silently ruin a run.
 
-    python -m agentc.data.audit data/sql/train                 # the --out prefix given to data.pack
+    python -m agentc.data.audit data/sql/train                 # the --out prefix given to agentc.data.pack
     python -m agentc.data.audit data/sql/train data/sql/val --json audit.json
 
 Fails (exit 1) when any token that is not the model's own (a template, user, tool or padding
@@ -71,7 +71,7 @@ def audit(paths: list[str], show: int = 10, progress: bool = True) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("shards", nargs="+", help="data.pack --out prefixes (or their .json, or shard files)")
+    ap.add_argument("shards", nargs="+", help="agentc.data.pack --out prefixes (or their .json, or shard files)")
     ap.add_argument("--show", type=int, default=10, help="violations listed per kind")
     ap.add_argument("--json", default=None, help="also write the report here")
     ap.add_argument("--quiet", action="store_true")
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         report = audit(args.shards, args.show, progress=not args.quiet)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"data.audit: {e}") from None
+        raise SystemExit(f"agentc.data.audit: {e}") from None
     print(f"{report['records']:,} records in {report['rows']:,} rows of {len(report['shards'])} shard(s): "
           f"{report['trained_tokens']:,} of {report['tokens']:,} tokens trained ({report['trained_share']:.1%})")
     print(f"  {'source':9s} {'tokens':>12s} {'of all':>7s} {'trained':>12s} {'trained share':>14s}")

@@ -105,7 +105,7 @@ def from_gguf(gguf_path: str, out_path: str) -> str:
 
 
 class BPETokenizer:
-    """The interface of data.tokenizer.Tokenizer: encode, decode, special_ids, vocab_size,
+    """The interface of agentc.data.tokenizer.Tokenizer: encode, decode, special_ids, vocab_size,
     unsampled_ids, piece, fingerprint (presplit and spell are sentencepiece options: False)."""
     presplit = spell = False
 

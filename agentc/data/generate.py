@@ -38,7 +38,7 @@ def _init_worker(name: str, kwargs: dict) -> None:
 
 def generate_one(job: tuple[int, int, int, str]) -> tuple[dict | None, list[dict]]:
     """Run task `index` until an attempt is accepted. Returns (record or None, rejects).
-    A reject's "kind" is the episode's failure (workflows.base.Episode.failure)."""
+    A reject's "kind" is the episode's failure (agentc.workflows.base.Episode.failure)."""
     index, seed, max_attempts, split = job
     wf = _WF
     rejects = []

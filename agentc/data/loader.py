@@ -38,7 +38,7 @@ class Batch(NamedTuple):
 
 
 class Loader:
-    """Iterate batches over packed shards; `path` is anything data.pack.find_shards accepts."""
+    """Iterate batches over packed shards; `path` is anything agentc.data.pack.find_shards accepts."""
 
     def __init__(self, path: str, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  shuffle: bool = True):

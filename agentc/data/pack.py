@@ -16,7 +16,7 @@ Shard files (little-endian, all arrays C-contiguous, written atomically):
   OUT_000.bin  64-byte header: magic b"AGCTOKS\\0", u32 version, u32 token bytes (2|4),
                u64 n_rows, u64 row_len, u64 vocab_size
                then tokens [n_rows, row_len] uint16|uint32, weights [n_rows, row_len] float16,
-               sources [n_rows, row_len] uint8 (index into data.format.SOURCES)
+               sources [n_rows, row_len] uint8 (index into agentc.data.format.SOURCES)
   OUT_000.idx  64-byte header: magic b"AGCIDX\\0\\0", u32 version, u32 0, u64 n_rows, u64 n_docs
                then row_ptr int64 [n_rows + 1] (row r's documents are row_ptr[r]:row_ptr[r+1]),
                doc_start int32 [n_docs] (position in its row), doc_id int64 [n_docs] (index of the
@@ -137,7 +137,7 @@ def find_shards(path: str) -> list[str]:
     if path.endswith(".bin"):
         path = path[:-4]
     if os.path.isdir(path):
-        raise ValueError(f"{path} is a directory; pass the --out prefix given to data.pack (e.g. data/sql/train)")
+        raise ValueError(f"{path} is a directory; pass the --out prefix given to agentc.data.pack (e.g. data/sql/train)")
     if os.path.isfile(path + ".json"):  # the summary is the authority: stray files never sneak in
         with open(path + ".json") as f:
             names = json.load(f)["shards"]

@@ -87,7 +87,7 @@ class Tokenizer:
         not_control = [t for t, i in self.special_ids.items() if not self.sp.is_control(i)]
         if not_control:
             raise ValueError(f"{path}: special tokens {not_control} are not CONTROL pieces, so plain text "
-                             "could produce them; rebuild the tokenizer with data.tokenizer")
+                             "could produce them; rebuild the tokenizer with agentc.data.tokenizer")
         self.vocab_size = self.sp.get_piece_size()
         proto = sp_pb2.ModelProto.FromString(blob)
         norm = proto.normalizer_spec
@@ -206,7 +206,7 @@ class Tokenizer:
 
 def load_tokenizer(path: str):
     """A sentencepiece model (`.model`) or a byte-level BPE file (`.bpe.json`, data/bpe.py): both
-    offer the interface above, so data/format.py, data.pack and the runtime take either."""
+    offer the interface above, so data/format.py, agentc.data.pack and the runtime take either."""
     if path.endswith(".bpe.json"):
         from agentc.data.bpe import BPETokenizer
         return BPETokenizer(path)

@@ -67,7 +67,7 @@ def main(argv=None) -> None:
             export_gguf_agent(agent, args.gguf, args.type)
             print(f"wrote {args.gguf} ({args.type}, {os.path.getsize(args.gguf) / 2**20:.1f} MiB)")
     except (OSError, ValueError, ImportError) as e:
-        raise SystemExit(f"model.export: {e}") from None
+        raise SystemExit(f"agentc.model.export: {e}") from None
 
 
 if __name__ == "__main__":

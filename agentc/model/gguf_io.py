@@ -201,7 +201,7 @@ EXPORT_TYPES = ("f32", "f16", "q8_0")
 
 
 def export_gguf(model, path: str, tokenizer, out_type: str = "f16", name: str = "agentc") -> None:
-    """Write `model` with `tokenizer` (a data.tokenizer Tokenizer or data.bpe BPETokenizer) as a
+    """Write `model` with `tokenizer` (an agentc.data.tokenizer Tokenizer or agentc.data.bpe BPETokenizer) as a
     GGUF file llama.cpp can run. Matrices are stored as `out_type` (q8_0 needs rows that are a
     multiple of 32 long; others stay f16); norms stay f32. Written to a temp file and renamed."""
     from agentc.model.checkpoint import _unwrap, atomic_write
