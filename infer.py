@@ -35,8 +35,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from agentc.data.format import (ANSWER, CALL, CALL_END, END, LAYOUT_VERSION, FormatError, Transcript, parse_model_output,
-                                render)
+from agentc.data.format import (ANSWER, CALL, CALL_END, END, LAYOUT_VERSION, FormatError, Transcript,
+                                parse_model_output, render)
 from agentc.data.tokenizer import AGENT_TOKENIZER_FILES, Tokenizer, load_tokenizer
 from agentc.model import checkpoint, transformer
 from agentc.model.kv_cache import CacheFull, KVCache

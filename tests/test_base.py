@@ -4,8 +4,8 @@ from typing import Literal, Optional
 import pytest
 
 from tests.fake_workflow import CalcWorkflow
-from agentc.workflows.base import (Call, Environment, Mistake, ToolError, heldout_templates, load_workflow,
-                                   run_teacher, split_pool, stable_hash, task_seed, tool, tool_manifest)
+from agentc.workflows.base import (Call, Environment, Mistake, ToolError, heldout_templates, load_workflow, run_teacher,
+                                   split_pool, stable_hash, task_seed, tool, tool_manifest)
 
 
 class Env(Environment):

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from agentc.data.format import (ANSWER, ASSISTANT, BEGIN, CALL, CALL_END, END, MODEL_TOKENS, RESULT, RESULT_END,
-                                SOURCES, SPECIAL_TOKENS, SRC_MODEL, SRC_TEMPLATE, SRC_TOOL, SYSTEM, USER,
-                                FormatError, Transcript, dump_json, parse_model_output, render, unrender)
+                                SOURCES, SPECIAL_TOKENS, SRC_MODEL, SRC_TEMPLATE, SRC_TOOL, SYSTEM, USER, FormatError,
+                                Transcript, dump_json, parse_model_output, render, unrender)
 
 INJECTED = {BEGIN, SYSTEM, USER, ASSISTANT, RESULT, RESULT_END}
 

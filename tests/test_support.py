@@ -7,8 +7,7 @@ import json
 import pytest
 
 from agentc.workflows.base import SPLITS, load_workflow, run_teacher, task_seed
-from agentc.workflows.support import (FAMILIES, WINDOW, Customer, Item, Order, SupportEnv, User, build_db, digest,
-                                      pool)
+from agentc.workflows.support import (FAMILIES, WINDOW, Customer, Item, Order, SupportEnv, User, build_db, digest, pool)
 
 N_TASKS = 200
 

@@ -21,8 +21,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
-from agentc.workflows.base import (Answer, Call, Environment, Mistake, Resample, Task, ToolError, Verdict, Workflow, check_value,
-                                   draw_family, resample, split_pool, tool)
+from agentc.workflows.base import (Answer, Call, Environment, Mistake, Resample, Task, ToolError, Verdict, Workflow,
+                                   check_value, draw_family, resample, split_pool, tool)
 
 # ----------------------------------------------------------------------------- pools
 

@@ -19,8 +19,8 @@ import random
 import re
 from dataclasses import dataclass, field
 
-from agentc.workflows.base import (Answer, Call, Environment, Mistake, Task, ToolError, Verdict, Workflow,
-                                   split_pool, tool)
+from agentc.workflows.base import (Answer, Call, Environment, Mistake, Task, ToolError, Verdict, Workflow, split_pool,
+                                   tool)
 
 NOUNS = """backpack blanket boots cardigan desk_lamp duffel_bag gloves hoodie jacket jeans kettle
 mug notebook pillow raincoat sandals scarf sneakers socks sweater teapot tent thermos towel

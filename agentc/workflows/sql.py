@@ -23,8 +23,8 @@ from typing import Callable, NamedTuple
 from agentc.workflows.base import (Answer, Call, Environment, Mistake, Resample, Task, ToolError, Verdict, Workflow,
                                    check_value, draw_family, stable_hash, tool)
 from agentc.workflows.sql_phrasings import MORE_TEMPLATES
-from agentc.workflows.sql_shop import (COLUMN_NAMES, MONTH_NAMES, STATUSES, TABLE_NAMES, Customer, Shop,
-                                       build_shop, entity_pool, iso, long_date, state_hash)
+from agentc.workflows.sql_shop import (COLUMN_NAMES, MONTH_NAMES, STATUSES, TABLE_NAMES, Customer, Shop, build_shop,
+                                       entity_pool, iso, long_date, state_hash)
 
 # ----------------------------------------------------------------------------- environment
 
