@@ -1,29 +1,22 @@
-"""Run a compiled agent: the interrupt/resume decoder, its tool runtime, and evaluation.
+"""Run a compiled agent: the interrupt/resume engine, its tool runtime, and the command line.
 
-    python infer.py --agent out/sql_tiny --task "How many customers live in Lyon?"   # one episode, streamed
-    python infer.py --agent out/sql_tiny --eval --split test --episodes 200          # success rate, latency
-    python infer.py --agent out/sql_tiny --eval --mode reprefill                     # the orchestration-loop baseline
+    python infer.py --agent out/sql_mini --task "How many customers live in Lyon?"   # one episode, streamed
+    python infer.py --agent out/sql_mini --eval --episodes 200 --workers 2           # success rate, latency
+    python infer.py --agent out/mix --eval --workflow all                            # each workflow of a mixture
 
-An episode in tokens is exactly what data/format.py renders for its transcript. The prompt is
-prefilled once into a static KV cache (model/kv_cache.py); the model decodes until <|/call|> or
-<|end|>; a call is parsed, checked against the agent's tools and their JSON schemas, executed
+An episode in tokens is exactly what agentc/data/format.py renders for its transcript. The prompt is
+prefilled once into a static KV cache (agentc/model/kv_cache.py); the model decodes until <|/call|>
+or <|end|>; a call is parsed, checked against the agent's tools and their JSON schemas, executed
 with a timeout, and its observation is rendered as <|result|> ... <|/result|> and appended to the
 cache in one forward pass at the current offset; decoding resumes. An invalid call becomes an
 error observation the model reads, as the faults in its training data did.
-
---mode selects how context reaches the model, to measure what the design saves:
-  incremental  the runtime above (default)
-  reprefill    the whole context is re-encoded at every step, as orchestration loops do
-  tokenwise    observations are fed one token at a time, as a plain generate() loop would
-
-The compiled agent directory (written by train.py with every checkpoint) holds model.safetensors,
-config.json, tokenizer.model (or tokenizer.bpe.json) and agent.json (workflows, tool schemas, token-layout version,
-training summary). `--agent` takes that directory or a train.py --out directory (its newest
-checkpoint).
+The compiled-agent directory is agentc/runtime/agent.py's; evaluation (fresh tasks, worker
+processes, summaries) agentc/runtime/evaluate.py's, which runs each episode through play_episode.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -31,98 +24,25 @@ import queue
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
 
 import torch
 
-from agentc.data.format import (ANSWER, CALL, CALL_END, END, LAYOUT_VERSION, FormatError, Transcript,
-                                parse_model_output, render)
-from agentc.data.tokenizer import AGENT_TOKENIZER_FILES, Tokenizer, load_tokenizer
-from agentc.model import checkpoint, transformer
+from agentc.data.format import ANSWER, CALL, CALL_END, END, FormatError, Transcript, parse_model_output
+from agentc.data.tokenizer import Tokenizer
 from agentc.model.kv_cache import CacheFull, KVCache
-from agentc.workflows.base import Observation, Workflow, load_workflow, task_seed
-
-FAILURE_KINDS = ("invalid_format", "unknown_tool", "bad_arguments", "tool_timeout", "step_limit", "token_limit",
-                 "wrong_answer")  # token_limit: a turn without a stop token, or the cache full
-
-# ----------------------------------------------------------------------------- the compiled agent
-
-
-@dataclass
-class Agent:
-    model: torch.nn.Module
-    tok: Tokenizer
-    workflow: Workflow
-    tools: list[str]           # the allowlist: tool names the agent may call
-    meta: dict                 # agent.json
-    path: str = ""
-
-
-def agent_json(data_summary: dict, training: dict) -> dict:
-    """What agent.json holds; train.py writes it next to each checkpoint's weights."""
-    return {"layout_version": LAYOUT_VERSION, "workflows": data_summary.get("workflows", []),
-            "tokenizer": data_summary.get("tokenizer"), "system": data_summary.get("system", "keep"),
-            "training": training}
-
-
-def resolve_agent_dir(path: str) -> str:
-    """A checkpoint directory, or a train.py --out directory (then the checkpoint `latest` names)."""
-    latest = os.path.join(path, "latest")
-    if os.path.isfile(latest):
-        with open(latest) as f:
-            path = os.path.join(path, f.read().strip())
-    return path
-
-
-def load_agent(path: str, device="cpu", workflow: str | None = None) -> Agent:
-    path = resolve_agent_dir(path)
-    for name in ("model.safetensors", "config.json", "agent.json"):
-        if not os.path.isfile(os.path.join(path, name)):
-            raise FileNotFoundError(f"{path} is not a compiled agent: {name} is missing")
-    tok_file = next((os.path.join(path, n) for n in AGENT_TOKENIZER_FILES if os.path.isfile(os.path.join(path, n))), None)
-    if tok_file is None:
-        raise FileNotFoundError(f"{path} is not a compiled agent: it has no tokenizer ({' or '.join(AGENT_TOKENIZER_FILES)})")
-    with open(os.path.join(path, "agent.json")) as f:
-        meta = json.load(f)
-    if meta.get("layout_version") != LAYOUT_VERSION:
-        raise ValueError(f"{path} was trained on token layout {meta.get('layout_version')}; this runtime "
-                         f"speaks {LAYOUT_VERSION}")
-    tok = load_tokenizer(tok_file)
-    want = (meta.get("tokenizer") or {}).get("fingerprint")
-    if want and want != tok.fingerprint:
-        raise ValueError(f"{tok_file} is not the tokenizer the agent was trained with")
-    flows = meta.get("workflows") or []
-    if not flows:
-        raise ValueError(f"{path}/agent.json names no workflow")
-    pick = next((w for w in flows if w["name"] == workflow), None) if workflow else flows[0]
-    if pick is None:
-        raise ValueError(f"the agent knows workflows {[w['name'] for w in flows]}, not {workflow!r}")
-    model = checkpoint.load(path, device=device).eval()
-    tools = [t["function"]["name"] for t in pick["tools"]]
-    wf = workflow_of(pick)
-    env = wf.make_env(wf.sample_task("test", 0, 0))
-    try:
-        live = [t.schema() for t in env.tools()]
-    finally:
-        env.close()
-    if json.dumps(live, sort_keys=True) != json.dumps(pick["tools"], sort_keys=True):
-        print(f"WARNING: the tools of workflow {pick['name']!r} changed since this agent was trained; it runs "
-              "with today's code and schemas", file=sys.stderr)
-    return Agent(model, tok, wf, tools, meta, path)
-
-
-def workflow_of(entry: dict) -> Workflow:
-    """The workflow an agent.json / pack summary entry names, built with the same arguments as
-    the training data was (its test split depends on them)."""
-    return load_workflow(entry.get("module") or entry["name"], **entry.get("kwargs", {}))
-
+from agentc.model.transformer import BACKENDS, resolve_backend
+from agentc.runtime import agent as agent_dir
+from agentc.runtime.agent import Agent
+from agentc.runtime.evaluate import EpisodeResult, Step, canonical, combine, eval_tasks, evaluate, print_summary
+from agentc.util import write_json
+from agentc.workflows.base import Observation, Workflow
 
 # ----------------------------------------------------------------------------- the engine
 
 
 def cut_tokens(text: str, tok: Tokenizer, budget: int) -> str:
     """An observation cut to at most `budget` tokens, with the same visible marker the training
-    data's character cut uses (workflows/base.py cut_observation)."""
+    data's character cut uses (agentc/workflows/base.py cut_observation)."""
     if budget <= 0 or len(tok.encode(text)) <= budget:
         return text
     lo, hi = 0, len(text)
@@ -133,15 +53,23 @@ def cut_tokens(text: str, tok: Tokenizer, budget: int) -> str:
     return text[:lo] + f"\n…[cut: {len(text) - lo} more characters]"
 
 
+MODES = ("incremental", "reprefill", "tokenwise")
+
+
 class Engine:
     """One sequence on a static KV cache: feed() appends injected tokens, decode() samples model
-    tokens up to a stop token. `record=True` keeps (position, logits) of every forward chunk."""
+    tokens up to a stop token. `record=True` keeps (position, logits) of every forward chunk.
+
+    mode: how injected tokens reach the model. "incremental" is the runtime. The other two are
+    baselines, kept for experiments/bench_runtime.py and the tests, which measure what the design
+    saves: "reprefill" re-encodes the whole context at every step (an orchestration loop),
+    "tokenwise" feeds an observation one token at a time (a plain generate() loop)."""
 
     def __init__(self, model, tok: Tokenizer, max_len: int = 4096, mode: str = "incremental",
                  prefill_chunk: int = 1024, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                  record: bool = False):
-        if mode not in ("incremental", "reprefill", "tokenwise"):
-            raise ValueError(f"unknown mode {mode!r}")
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
         self.model, self.tok, self.mode = model, tok, mode
         self.max_len, self.prefill_chunk = max_len, max(1, prefill_chunk)
         self.temperature, self.top_p = temperature, top_p
@@ -164,8 +92,7 @@ class Engine:
         self.ids: list[int] = []    # the sequence the cache holds
         self.pending: list[int] = []  # a sampled stop token, fed with whatever follows it
         self.full = False           # decode() stopped because the cache is full
-        self.record = record
-        self.logits: list[torch.Tensor] = []
+        self.record, self.logits = record, []
         # prefill: injected tokens run in chunks (a sampled stop token rides with the next chunk);
         # reencode: what an orchestration loop would prefill; forward: every token through the model
         self.stats = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0,
@@ -209,31 +136,28 @@ class Engine:
         self.stats["prefill_s"] += time.perf_counter() - t0
         return logits
 
-    def sample(self, logits: torch.Tensor, opened: int | None = None, temperature: float | None = None) -> int:
+    def sample(self, logits: torch.Tensor, opened: int | None = None) -> int:
         """A token from the next-token logits; `opened`: the <|call|> or <|answer|> this turn has
-        opened, if any (it decides which special tokens may come); `temperature` overrides the
-        engine's for this token."""
+        opened, if any (it decides which special tokens may come)."""
         logits = logits.clone()
         logits[self.banned[opened]] = -math.inf
-        temperature = self.temperature if temperature is None else temperature
-        if temperature <= 0:
+        if self.temperature <= 0:
             return int(logits.argmax())
-        probs = torch.softmax(logits / temperature, dim=-1).cpu()
+        probs = torch.softmax(logits / self.temperature, dim=-1).cpu()
         if self.top_p < 1:  # nucleus: the smallest set of tokens whose mass reaches top_p
             p, order = probs.sort(descending=True)
             keep = p.cumsum(0) - p < self.top_p
             probs = torch.zeros_like(probs).scatter(0, order[keep], p[keep])
         return int(torch.multinomial(probs, 1, generator=self.gen))
 
-    def decode(self, logits: torch.Tensor, max_new: int, policy=None, on_token=None,
-               temperature: float | None = None) -> list[int]:
+    def decode(self, logits: torch.Tensor, max_new: int, policy=None, on_token=None) -> list[int]:
         """Sample (or take from `policy(logits)`) up to max_new tokens, stopping after a stop
         token; every token but the last is fed back through the cache."""
         out, opened = [], None
         t0 = time.perf_counter()
         try:
             while len(out) < max_new:
-                nxt = policy(logits) if policy else self.sample(logits, opened, temperature)
+                nxt = policy(logits) if policy else self.sample(logits, opened)
                 out.append(nxt)
                 if nxt in self.openers:
                     opened = nxt
@@ -254,51 +178,8 @@ class Engine:
             self.pending = [out[-1]]
         return out
 
-    def mark(self) -> tuple:
-        """Where the sequence stands, for rewind(): taken before a turn is decoded."""
-        return self.cache.pos, len(self.ids), list(self.pending)
-
-    def rewind(self, mark: tuple) -> None:
-        """Forget every token decoded since mark(). Only the cache's offset moves back: the keys
-        and values past it are never read again and the next tokens overwrite them."""
-        pos, n, pending = mark
-        self.cache.pos, self.ids, self.pending, self.full = pos, self.ids[:n], pending, False
-
 
 # ----------------------------------------------------------------------------- episodes
-
-
-@dataclass
-class Step:
-    kind: str                    # call | answer | invalid
-    reasoning: str = ""
-    tool: str | None = None
-    arguments: dict | None = None
-    observation: str | None = None
-    observation_kind: str | None = None  # ok | tool_error | bad_arguments | unknown_tool | invalid_format | timeout
-    answer: str | None = None
-    tokens: list[int] = field(default_factory=list)  # what the model produced in this step
-    resampled: int = 0           # turns thrown away first: each repeated a call that had failed
-    latency_s: float = 0.0       # ingesting the previous observation + decoding this step
-    tool_s: float = 0.0
-
-
-@dataclass
-class EpisodeResult:
-    task_id: str
-    prompt: str
-    success: bool
-    failure: str | None          # one of FAILURE_KINDS: the first thing that went wrong
-    ended: str                   # answer | step_limit | token_limit | invalid_format
-    answer: str | None
-    reason: str                  # the checker's verdict, or why the episode stopped
-    steps: list[Step]
-    messages: list[dict]         # the OpenAI-format transcript (data/format.py renders it back)
-    ids: list[int]               # the episode's token stream
-    stats: dict
-    canonical: bool = True       # render(messages) == ids
-    family: str = ""             # the task's question family (workflows draw tasks from families)
-    heldout_template: bool = False  # its question was phrased by a template the train split never uses
 
 
 class ToolThread:
@@ -352,27 +233,12 @@ class ToolThread:
         self.jobs.put((None, None, None, None))
 
 
-def call_key(out: list[int], tok) -> tuple | None:
-    """(tool, arguments) of a turn that is a well-formed call, for comparing calls; else None."""
-    try:
-        parsed = parse_model_output(out, tok)
-    except FormatError:
-        return None
-    if parsed.call is None:
-        return None
-    return parsed.call["name"], json.dumps(parsed.call["arguments"], sort_keys=True)
-
-
 def run_episode(agent: Agent, task, engine: Engine, max_steps: int = 16, max_new_tokens: int = 512,
                 observation_tokens: int = 1024, tool_timeout: float = 10.0, policy=None,
-                on_event=None, resample_repeats: int = 0, resample_temperature: float = 1.0) -> EpisodeResult:
+                on_event=None) -> EpisodeResult:
     """One episode of `task` through the engine, with the workflow's real tools and checker.
-
-    resample_repeats: when a turn repeats, word for word, a call that already returned an error,
-    the runtime rewinds the cache to the turn's start and samples the turn again at
-    `resample_temperature`, up to this many times (the last try stands, repeat or not). A greedy
-    decoder otherwise sends the same failing call until the step limit: its context after the
-    error differs by one observation, rarely enough to change its argmax."""
+    policy(logits) -> token replaces sampling (tests force a transcript through it); on_event(kind,
+    payload) sees tokens, calls, observations and the answer as they happen."""
     wf, tok = agent.workflow, agent.tok
     tools = ToolThread(wf, task)
     env = tools.env
@@ -380,7 +246,6 @@ def run_episode(agent: Agent, task, engine: Engine, max_steps: int = 16, max_new
     steps: list[Step] = []
     failure, ended, answer, reason, success = None, "step_limit", None, f"no answer within {max_steps} steps", False
     t, messages = Transcript(tok), []
-    failed: set[tuple] = set()  # call_key of every call that returned an error
     try:
         # An agent packed with --system drop has its instructions in the weights: no system turn.
         system = None if agent.meta.get("system") == "drop" else tools.run(wf.system_prompt, env)
@@ -391,16 +256,9 @@ def run_episode(agent: Agent, task, engine: Engine, max_steps: int = 16, max_new
         t0 = time.perf_counter()
         logits = engine.feed(t.ids, first=True)
         for n in range(max_steps):
-            mark, tries = engine.mark(), 0
             out = engine.decode(logits, max_new_tokens, policy, lambda ids: emit("token", ids))
-            while policy is None and tries < resample_repeats and call_key(out, tok) in failed:
-                engine.rewind(mark)
-                tries += 1
-                emit("resample", out)
-                out = engine.decode(logits, max_new_tokens, None, lambda ids: emit("token", ids),
-                                    temperature=resample_temperature)
             t.sampled(out)
-            step = Step("invalid", tokens=out, latency_s=time.perf_counter() - t0, resampled=tries)
+            step = Step("invalid", tokens=out, latency_s=time.perf_counter() - t0)
             steps.append(step)
             if not out or out[-1] not in engine.stop:  # the turn ran out of tokens or of cache
                 ended = "token_limit"
@@ -442,8 +300,6 @@ def run_episode(agent: Agent, task, engine: Engine, max_steps: int = 16, max_new
                 obs, kind = tools.call(step.tool, step.arguments, agent.tools, tool_timeout)
                 step.tool_s = time.perf_counter() - t1
                 step.observation, step.observation_kind = obs.text, kind
-                if kind != "ok":
-                    failed.add(call_key(out, tok))
                 if kind in ("unknown_tool", "bad_arguments"):
                     failure = failure or kind
             step.observation = cut_tokens(step.observation, tok, observation_tokens)
@@ -478,148 +334,12 @@ def run_episode(agent: Agent, task, engine: Engine, max_steps: int = 16, max_new
                          task.heldout_template)
 
 
-def canonical(messages: list[dict], ids: list[int], tok) -> bool:
-    """Whether rendering the transcript gives back the episode's exact tokens. Teacher-forced
-    episodes always do (tests/test_infer.py); a model may write a call's JSON with other spacing
-    or split a word into unusual pieces, which its messages then no longer show."""
-    try:
-        return render({"messages": messages}, tok).ids.tolist() == list(ids)
-    except FormatError:
-        return False
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-def eval_tasks(workflow: Workflow, split: str, n: int, seed: int):
-    """n fresh tasks of `split`; seed 1 by default, so none is a task agentc.data.generate (seed 0) made."""
-    return [workflow.sample_task(split, i, task_seed(seed, workflow.name, split, i)) for i in range(n)]
-
-
-def percentile(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, math.ceil(q * len(xs)) - 1))]
-
-
-def evaluate(agent: Agent, episodes: int = 200, split: str = "test", seed: int = 1, mode: str = "incremental",
-             max_len: int = 4096, traces: str | None = None, progress: bool = True, temperature: float = 0.0,
-             top_p: float = 1.0, workers: int = 1, **episode_kw) -> dict:
-    """Run `episodes` fresh tasks; return the summary (and write one trace per episode, in task
-    order). workers > 1 runs episodes in that many processes (CPU: torch's threads are shared out
-    between them); every episode is the same as with one worker, its seed included."""
-    from tqdm import tqdm
-    tasks = eval_tasks(agent.workflow, split, episodes, seed)
-    engine_kw = dict(max_len=max_len, mode=mode, temperature=temperature, top_p=top_p)
-    results = []
-    trace_file = open(traces, "w") if traces else None
-    bar = tqdm(total=len(tasks), desc=f"eval {split}", unit="ep", disable=not progress)
-    pool = None
-    try:
-        if workers <= 1:
-            stream = (_episode(agent, task, i, seed, engine_kw, episode_kw) for i, task in enumerate(tasks))
-        else:
-            import multiprocessing as mp
-            if not agent.path:
-                raise ValueError("workers > 1 needs an agent loaded from a directory (each worker loads it)")
-            device = str(next(agent.model.parameters()).device)
-            threads = max(1, torch.get_num_threads() // workers) if device == "cpu" else 0
-            pool = mp.get_context("spawn").Pool(workers, initializer=_init_eval_worker,
-                                                initargs=(agent.path, device, agent.workflow.name, threads,
-                                                          transformer.ATTENTION))
-            jobs = [(task, i, seed, engine_kw, episode_kw) for i, task in enumerate(tasks)]
-            stream = pool.imap(_eval_worker_episode, jobs)  # in order, so traces keep task order
-        for r in stream:
-            results.append(r)
-            bar.update()
-            if trace_file:
-                trace_file.write(json.dumps(asdict(r), ensure_ascii=False) + "\n")
-                trace_file.flush()
-    finally:
-        if pool:  # every result is in (or something failed): nothing left to wait for
-            pool.terminate()
-        bar.close()
-        if trace_file:
-            trace_file.close()
-    summary = summarize(results, mode, split, seed)
-    summary["workers"] = max(1, workers)
-    return summary
-
-
-def _episode(agent: Agent, task, i: int, seed: int, engine_kw: dict, episode_kw: dict) -> EpisodeResult:
-    engine = Engine(agent.model, agent.tok, seed=seed * 1_000_003 + i, **engine_kw)
-    return run_episode(agent, task, engine, **episode_kw)
-
-
-_WORKER_AGENT: Agent | None = None
-
-
-def _init_eval_worker(path: str, device: str, workflow: str | None, threads: int, attention: str) -> None:
-    global _WORKER_AGENT
-    transformer.set_attention(attention, device)  # a spawned process starts from the module default
-    if threads:
-        torch.set_num_threads(threads)
-    _WORKER_AGENT = load_agent(path, device, workflow)
-
-
-def _eval_worker_episode(job) -> EpisodeResult:
-    task, i, seed, engine_kw, episode_kw = job
-    return _episode(_WORKER_AGENT, task, i, seed, engine_kw, episode_kw)
-
-
-def summarize(results: list[EpisodeResult], mode: str, split: str, seed: int) -> dict:
-    n = len(results)
-    latencies = [s.latency_s for r in results for s in r.steps]
-    tot = {k: sum(r.stats[k] for r in results) for k in results[0].stats} if results else {}
-    failures = {k: sum(r.failure == k for r in results) for k in FAILURE_KINDS}
-    call_errors = {}
-    for r in results:
-        for s in r.steps:
-            if s.observation_kind not in (None, "ok"):
-                call_errors[s.observation_kind] = call_errors.get(s.observation_kind, 0) + 1
-    return {
-        "episodes": n, "split": split, "seed": seed, "mode": mode,
-        "success_rate": sum(r.success for r in results) / max(1, n),
-        "failures": failures, "errors_in_calls": call_errors,
-        "mean_steps": sum(len(r.steps) for r in results) / max(1, n),
-        "mean_step_latency_s": sum(latencies) / max(1, len(latencies)),
-        "p95_step_latency_s": percentile(latencies, 0.95),
-        "prefill_tokens": tot.get("prefill_tokens", 0),
-        "prefill_tokens_if_reencoded": tot.get("reencode_tokens", 0),
-        "prefill_tokens_saved": tot.get("reencode_tokens", 0) - tot.get("prefill_tokens", 0),
-        "decode_tokens": tot.get("decode_tokens", 0),
-        "decode_tokens_per_s": tot.get("decode_tokens", 0) / max(1e-9, tot.get("decode_s", 0.0)),
-        "mean_tokens_per_episode": sum(len(r.ids) for r in results) / max(1, n),
-        "non_canonical_episodes": sum(not r.canonical for r in results),
-        "resampled_turns": sum(s.resampled for r in results for s in r.steps),
-        # [successes, episodes] per question family, and for questions phrased by a template the
-        # train split never saw against the others: where an agent fails, and whether it generalises
-        "by_family": {f: [sum(r.success for r in results if r.family == f), sum(r.family == f for r in results)]
-                      for f in sorted({r.family for r in results})},
-        "by_template": {k: [sum(r.success for r in results if r.heldout_template == held),
-                            sum(r.heldout_template == held for r in results)]
-                        for k, held in (("seen", False), ("heldout", True))},
-    }
-
-
-def print_summary(s: dict) -> None:
-    print(f"\n{s['episodes']} {s['split']} episodes ({s['mode']}): success {100 * s['success_rate']:.1f}%")
-    rows = [("failures", ", ".join(f"{k} {v}" for k, v in s["failures"].items())),
-            ("errors seen in calls", ", ".join(f"{k} {v}" for k, v in s["errors_in_calls"].items()) or "none"),
-            ("mean steps", f"{s['mean_steps']:.2f}"),
-            ("latency per step", f"mean {1e3 * s['mean_step_latency_s']:.1f} ms, p95 {1e3 * s['p95_step_latency_s']:.1f} ms"),
-            ("prefill tokens", f"{s['prefill_tokens']:,} (re-encoding would run {s['prefill_tokens_if_reencoded']:,}: "
-                               f"{s['prefill_tokens_saved']:,} saved)"),
-            ("decode", f"{s['decode_tokens']:,} tokens, {s['decode_tokens_per_s']:.0f} tokens/s")]
-    if s.get("resampled_turns"):
-        rows.append(("resampled turns", f"{s['resampled_turns']} (each repeated a call that had failed)"))
-    if s.get("by_template", {}).get("heldout", [0, 0])[1]:
-        rows.append(("question templates", ", ".join(f"{k} {a}/{n}" for k, (a, n) in s["by_template"].items())))
-    if len(s.get("by_family", {})) > 1:
-        rows.append(("by family", ", ".join(f"{f} {a}/{n}" for f, (a, n) in s["by_family"].items())))
-    for k, v in rows:
-        print(f"  {k:<22} {v}")
+def play_episode(agent: Agent, task, i: int, seed: int = 1, engine_kw: dict | None = None,
+                 episode_kw: dict | None = None) -> EpisodeResult:
+    """Episode i of an evaluation (agentc/runtime/evaluate.py): a fresh engine whose sampling seed
+    depends on the task's index only, so an episode is the same whatever process runs it."""
+    engine = Engine(agent.model, agent.tok, seed=seed * 1_000_003 + i, **(engine_kw or {}))
+    return run_episode(agent, task, engine, **(episode_kw or {}))
 
 
 # ----------------------------------------------------------------------------- interactive
@@ -641,9 +361,6 @@ def stream_episode(agent: Agent, prompt: str, seed: int, split: str, engine: Eng
         elif kind == "observation":
             print(f"\n\033[2m<|result|> {payload.observation} <|/result|>\033[0m")
             shown[0] = 0
-        elif kind == "resample":  # the turn just shown repeated a failed call: it is sampled again
-            print("\n\033[2m[repeats a failed call: sampled again]\033[0m")
-            shown[0] = 0
         elif kind == "answer":
             print()
     print(f"\033[1m{prompt}\033[0m")
@@ -661,7 +378,8 @@ def main(argv=None):
     ap.add_argument("--split", default="test", choices=["train", "test"])
     ap.add_argument("--episodes", type=int, default=200)
     ap.add_argument("--seed", type=int, default=1, help="task seed (agentc.data.generate uses 0: these tasks are new)")
-    ap.add_argument("--mode", default="incremental", choices=["incremental", "reprefill", "tokenwise"])
+    ap.add_argument("--mode", default="incremental", choices=MODES,
+                    help="incremental is the runtime; the others are baselines (see Engine)")
     ap.add_argument("--max-steps", type=int, default=16, help="model turns per episode")
     ap.add_argument("--max-new-tokens", type=int, default=512, help="tokens per model turn")
     ap.add_argument("--max-len", type=int, default=4096, help="KV cache length: tokens per episode")
@@ -669,12 +387,8 @@ def main(argv=None):
     ap.add_argument("--tool-timeout", type=float, default=10.0, help="seconds per tool call")
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--resample-repeats", type=int, default=0, help="a turn that repeats a call which returned "
-                    "an error is sampled again (cache rewound) up to this many times")
-    ap.add_argument("--resample-temperature", type=float, default=1.0, help="temperature of those samples")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--attn", default="auto", choices=transformer.BACKENDS,
-                    help="attention backend (auto: triton on CUDA, sdpa on CPU)")
+    ap.add_argument("--attn", default="auto", choices=BACKENDS, help="attention backend (auto: triton on CUDA, sdpa on CPU)")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: its default)")
     ap.add_argument("--workers", type=int, default=1, help="episodes run in parallel processes (--eval); on a "
                     "CPU they share the threads, which suits small models whose decoding is Python-bound")
@@ -688,69 +402,38 @@ def main(argv=None):
     if args.workflow == "all" and not args.eval:
         ap.error("--workflow all is for --eval; name one workflow for --task")
     try:
-        transformer.set_attention(args.attn, args.device)
-        names = [args.workflow]
-        if args.workflow == "all":
-            names = agent_workflows(args.agent)
-        agent = load_agent(args.agent, args.device, names[0])
+        names = agent_dir.workflow_names(args.agent) if args.workflow == "all" else [args.workflow]
+        agents = [agent_dir.load(args.agent, args.device, name, args.attn) for name in names]
     except (OSError, ValueError) as e:
         raise SystemExit(f"infer.py: {e}") from None
-    if args.resample_repeats > 0 and args.resample_temperature <= 0:
-        ap.error("--resample-temperature must be > 0: a greedy retry repeats the same call")
-    kw = dict(max_steps=args.max_steps, max_new_tokens=args.max_new_tokens,
-              observation_tokens=args.observation_tokens, tool_timeout=args.tool_timeout,
-              resample_repeats=args.resample_repeats, resample_temperature=args.resample_temperature)
-    if len(names) > 1:
-        return evaluate_each(args, names, kw)
+    episode_kw = dict(max_steps=args.max_steps, max_new_tokens=args.max_new_tokens,
+                      observation_tokens=args.observation_tokens, tool_timeout=args.tool_timeout)
+    engine_kw = dict(max_len=args.max_len, mode=args.mode, temperature=args.temperature, top_p=args.top_p)
     if args.task is not None:
-        engine = Engine(agent.model, agent.tok, args.max_len, args.mode, temperature=args.temperature,
-                        top_p=args.top_p, seed=args.seed)
-        r = stream_episode(agent, args.task, args.seed, args.split, engine, **kw)
+        agent = agents[0]
+        engine = Engine(agent.model, agent.tok, seed=args.seed, **engine_kw)
+        r = stream_episode(agent, args.task, args.seed, args.split, engine, **episode_kw)
         print(f"\n[{r.ended}; {len(r.steps)} steps; {sum(s.latency_s for s in r.steps):.2f} s in the model]")
         return r
-    base = os.path.join(agent.path, f"eval_{args.split}_{args.mode}")
-    summary = evaluate(agent, args.episodes, args.split, args.seed, args.mode, args.max_len,
-                       traces=args.traces or base.replace("eval_", "traces_") + ".jsonl",
-                       temperature=args.temperature, top_p=args.top_p, workers=args.workers, **kw)
-    summary.update(agent=agent.path, device=args.device, attention=transformer.attention_backend(args.device),
-                   torch=torch.__version__, threads=torch.get_num_threads())
-    print_summary(summary)
-    out = args.out or base + ".json"
-    with open(out, "w") as f:
-        json.dump(summary, f, indent=2)
-    print(f"wrote {out}")
-    return summary
-
-
-def agent_workflows(path: str) -> list[str]:
-    with open(os.path.join(resolve_agent_dir(path), "agent.json")) as f:
-        return [w["name"] for w in json.load(f).get("workflows") or []] or [None]
-
-
-def evaluate_each(args, names: list[str], kw: dict) -> dict:
-    """--workflow all: every workflow of a mixture agent on its own fresh test tasks, one summary
-    and one trace file each, then success per workflow side by side."""
+    play = functools.partial(play_episode, seed=args.seed, engine_kw=engine_kw, episode_kw=episode_kw)
     per = {}
-    for name in names:
-        agent = load_agent(args.agent, args.device, name)
-        base = os.path.join(agent.path, f"eval_{args.split}_{args.mode}_{name}")
-        print(f"\n== {name}")
-        s = evaluate(agent, args.episodes, args.split, args.seed, args.mode, args.max_len,
-                     traces=base.replace("eval_", "traces_") + ".jsonl", temperature=args.temperature,
-                     top_p=args.top_p, workers=args.workers, **kw)
+    for agent in agents:
+        name = "" if len(agents) == 1 else f"_{agent.workflow.name}"
+        base = os.path.join(agent.path, f"eval_{args.split}_{args.mode}{name}")
+        if len(agents) > 1:
+            print(f"\n== {agent.workflow.name}")
+        per[agent.workflow.name] = s = evaluate(agent, play, args.episodes, args.split, args.seed,
+                                                traces=(len(agents) == 1 and args.traces) or
+                                                base.replace("eval_", "traces_") + ".jsonl", workers=args.workers)
+        s["mode"] = args.mode
         print_summary(s)
-        per[name] = s
-    rates = {name: s["success_rate"] for name, s in per.items()}
-    summary = {"workflows": per, "success_rate_by_workflow": rates,
-               "mean_success_rate": sum(rates.values()) / len(rates), "agent": agent.path, "device": args.device,
-               "attention": transformer.attention_backend(args.device), "torch": torch.__version__}
-    print(f"\n{'workflow':<12} {'success':>8}  episodes")
-    for name, s in per.items():
-        print(f"{name:<12} {100 * s['success_rate']:>7.1f}%  {s['episodes']}")
-    print(f"{'mean':<12} {100 * summary['mean_success_rate']:>7.1f}%")
-    out = args.out or os.path.join(agent.path, f"eval_{args.split}_{args.mode}_all.json")
-    with open(out, "w") as f:
-        json.dump(summary, f, indent=2)
+    summary = per[agents[0].workflow.name] if len(agents) == 1 else combine(per)
+    summary.update(agent=agents[0].path, mode=args.mode, device=args.device, torch=torch.__version__,
+                   attention=resolve_backend(args.attn, args.device), threads=torch.get_num_threads())
+    if len(agents) > 1:
+        print_summary(summary)
+    out = args.out or os.path.join(agents[0].path, f"eval_{args.split}_{args.mode}{'_all' * (len(agents) > 1)}.json")
+    write_json(out, summary)
     print(f"wrote {out}")
     return summary
 

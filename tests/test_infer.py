@@ -1,6 +1,8 @@
 """The runtime: interrupt/resume through the KV cache computes what one full forward computes,
-its token stream is what data/format.py renders (no drift), bad calls become observations, and
-the compiled agent directory runs from the command line."""
+its token stream is what agentc/data/format.py renders (no drift), bad calls become observations,
+evaluation summarises and traces every episode, and the compiled agent directory runs from the
+command line."""
+import functools
 import json
 import os
 import subprocess
@@ -15,8 +17,9 @@ import torch
 import infer
 from agentc.data import pack
 from agentc.data.format import ANSWER, CALL, CALL_END, END, SRC_MODEL, render
-from experiments import trace_report
 from agentc.model.transformer import ModelConfig, Transformer
+from agentc.runtime import evaluate as ev
+from agentc.runtime.agent import Agent
 from agentc.workflows.base import Environment, Task, Verdict, Workflow, load_workflow, run_teacher, task_seed, tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +31,7 @@ def agent(sql_corpus):
     tok = sql_corpus["tok"]
     model = Transformer(ModelConfig.preset("tiny", vocab_size=tok.vocab_size)).eval()
     wf = load_workflow("sql")
-    return infer.Agent(model, tok, wf, ["list_tables", "describe_table", "run_sql"], {})
+    return Agent(model, tok, wf, ["list_tables", "describe_table", "run_sql"], {})
 
 
 def teacher_episode(wf, index):
@@ -78,7 +81,7 @@ def test_interrupt_resume_equals_one_forward_and_renders_back(agent, mode):
 def test_an_agent_trained_without_system_messages_gets_none(agent):
     """agentc.data.pack --system drop: the runtime leaves the system turn out too, and the stream still
     equals what render() gives for the episode's (system-less) messages."""
-    lean = infer.Agent(agent.model, agent.tok, agent.workflow, agent.tools, {"system": "drop"})
+    lean = Agent(agent.model, agent.tok, agent.workflow, agent.tools, {"system": "drop"})
     task, ep = teacher_episode(agent.workflow, 0)
     ref = render({"messages": ep.messages[1:]}, agent.tok)
     engine = infer.Engine(agent.model, agent.tok, max_len=2048)
@@ -106,13 +109,19 @@ def test_bad_calls_become_observations(agent):
 def test_random_model_fails_cleanly_and_summarises(agent, tmp_path):
     """An untrained model samples garbage: every episode ends with a failure kind, none crashes."""
     traces = tmp_path / "t.jsonl"
-    s = infer.evaluate(agent, episodes=4, max_new_tokens=24, max_steps=3, traces=str(traces), progress=False)
+    play = functools.partial(infer.play_episode, episode_kw={"max_new_tokens": 24, "max_steps": 3})
+    s = ev.evaluate(agent, play, episodes=4, traces=str(traces), progress=False)
     assert s["episodes"] == 4 and s["success_rate"] == 0
     lines = [json.loads(x) for x in open(traces)]
     assert len(lines) == 4 and all(x["steps"] and x["steps"][0]["tokens"] for x in lines)
-    assert all(x["failure"] in infer.FAILURE_KINDS for x in lines)
-    assert s["failures"] == {k: sum(x["failure"] == k for x in lines) for k in infer.FAILURE_KINDS}
+    assert all(x["failure"] in ev.FAILURE_KINDS for x in lines)
+    assert s["failures"] == {k: sum(x["failure"] == k for x in lines) for k in ev.FAILURE_KINDS}
     assert s["decode_tokens"] > 0 and s["decode_tokens_per_s"] > 0
+    # a mixture agent's summaries combine: each workflow counts the same, failures add up
+    both = ev.combine({"a": s, "b": {**s, "success_rate": 1.0, "episodes": 2, "mean_steps": 0.0}})
+    assert both["success_rate"] == 0.5 and both["success_rate_by_workflow"] == {"a": 0, "b": 1.0}
+    assert both["episodes"] == 6 and both["failures"] == {k: 2 * v for k, v in s["failures"].items()}
+    assert both["mean_steps"] == s["mean_steps"] * 4 / 6
 
 
 def test_sampling_and_limits(agent):
@@ -223,7 +232,7 @@ class SlowWorkflow(Workflow):
 
 
 def test_a_tool_past_its_timeout_ends_the_episode(agent):
-    slow = infer.Agent(agent.model, agent.tok, SlowWorkflow(), ["wait"], {})
+    slow = Agent(agent.model, agent.tok, SlowWorkflow(), ["wait"], {})
     sid, tok = agent.tok.special_ids, agent.tok
     call = lambda s: [sid[CALL]] + tok.encode('{"name": "wait", "arguments": {"seconds": %s}}' % s) + [sid[CALL_END]]  # noqa: E731
     task = SlowWorkflow().sample_task("test", 0, 0)
@@ -235,62 +244,19 @@ def test_a_tool_past_its_timeout_ends_the_episode(agent):
     assert r.messages[-1]["content"] == r.steps[0].observation
 
 
-class Scripted(infer.Engine):
-    """An engine whose greedy tokens and whose resampled (temperature-given) tokens come from
-    two scripts, so a test decides what each turn and each retry says."""
-
-    def __init__(self, *args, greedy, hot, **kw):
-        super().__init__(*args, **kw)
-        self.scripts = {False: iter(greedy), True: iter(hot)}
-
-    def sample(self, logits, opened=None, temperature=None):
-        return next(self.scripts[temperature is not None])
-
-
-def test_a_repeated_failing_call_is_sampled_again(agent, tmp_path):
-    """--resample-repeats: a turn that repeats a call which returned an error is thrown away (the
-    cache rewound) and sampled again; what stands is one clean episode whose logits are one
-    forward's and whose tokens render back. Without the option the repeat goes through."""
+def test_trace_report_reads_a_repeated_failing_call_off_the_traces(agent, tmp_path):
+    """experiments/trace_report.py: a greedy loop that sends the same failing call again shows up as
+    "repeated the call", with the tool's error counted by message and success by family."""
+    from experiments import trace_report
     tok, sid = agent.tok, agent.tok.special_ids
     task, _ = teacher_episode(agent.workflow, 5)
     bad = [sid[CALL]] + tok.encode('{"name": "run_sql", "arguments": {"query": "SELECT nope FROM nowhere"}}') + \
         [sid[CALL_END]]
-    answer = [sid[ANSWER]] + tok.encode("42") + [sid[END]]
-
-    def run(greedy, hot, repeats):
-        engine = Scripted(agent.model, tok, max_len=1024, greedy=greedy, hot=hot, record=True)
-        return engine, infer.run_episode(agent, task, engine, resample_repeats=repeats)
-
-    engine, r = run(bad + bad, answer, repeats=1)
-    assert [s.kind for s in r.steps] == ["call", "answer"] and [s.resampled for s in r.steps] == [0, 1]
-    assert r.steps[0].observation_kind == "tool_error" and r.answer == "42"
-    assert r.canonical and render({"messages": r.messages}, tok).ids.tolist() == r.ids
-    assert engine.cache.pos == len(r.ids) - 1  # the thrown-away turn left nothing in the cache
-    assert engine.ids == r.ids[:-1] and not engine.full  # nor in the sequence the engine keeps
-    with torch.no_grad():
-        full = agent.model(torch.tensor([r.ids[:-1]]))[0]
-    last = {}  # position -> the logits computed there last (the rejected turn's were overwritten)
-    for pos, logits in engine.logits:
-        for i in range(len(logits)):
-            last[pos + i] = logits[i]
-    torch.testing.assert_close(torch.stack([last[p] for p in range(len(full))]), full, rtol=1e-5, atol=1e-5)
-    # the override really samples: the real Engine.sample, greedy engine, at temperature 5 and 0
-    real = infer.Engine(agent.model, tok, max_len=64, seed=0)
-    logits = torch.randn(tok.vocab_size, generator=torch.Generator().manual_seed(0))
-    assert {real.sample(logits, temperature=0.0) for _ in range(5)} == {real.sample(logits)}  # the argmax
-    assert len({real.sample(logits, temperature=5.0) for _ in range(20)}) > 1
-    # off (the default): the repeat is sent, fails again, and the episode goes on from there
-    _, r = run(bad + bad + answer, [], repeats=0)
+    r = infer.run_episode(agent, task, infer.Engine(agent.model, tok, max_len=1024),
+                          policy=forced(bad + bad + [sid[ANSWER]] + tok.encode("42") + [sid[END]]))
     assert [s.observation_kind for s in r.steps] == ["tool_error", "tool_error", None]
-    trace = tmp_path / "traces.jsonl"  # experiments/trace_report.py reads such a loop off the trace
+    trace = tmp_path / "traces.jsonl"
     trace.write_text(json.dumps(asdict(r)) + "\n")
     rep = trace_report.report(str(trace))
     assert rep["after_first_error"] == {"repeated the call": 1} and rep["tool_errors"] == 2
     assert rep["top_errors"] == {"no such table: nowhere": 2} and rep["by_family"] == {task.family: [0, 1]}
-    # every retry repeats too: after `repeats` tries the last one stands
-    _, r = run(bad + bad + answer, bad + bad, repeats=2)
-    assert [s.resampled for s in r.steps] == [0, 2, 0] and r.steps[1].observation_kind == "tool_error"
-    # a call that succeeded may be sent again as it is
-    ok = [sid[CALL]] + tok.encode('{"name": "list_tables", "arguments": {}}') + [sid[CALL_END]]
-    _, r = run(ok + ok + answer, answer, repeats=1)
-    assert [s.resampled for s in r.steps] == [0, 0, 0] and [s.tool for s in r.steps[:2]] == ["list_tables"] * 2

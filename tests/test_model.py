@@ -90,7 +90,6 @@ def test_cpu_document_loop_under_bfloat16_autocast(monkeypatch):
     """Under CPU bfloat16 autocast the per-document loop computes in float32 on the bfloat16
     projections and hands bfloat16 back: equal to the float64 softmax of those same inputs to
     bfloat16's precision, gradients included."""
-    monkeypatch.setattr(transformer, "ATTENTION", "auto")
     monkeypatch.setattr(transformer, "DOC_LOOP_ON_CPU", True)
     seen = []
     sdpa = transformer.F.scaled_dot_product_attention
@@ -170,7 +169,6 @@ def test_attention_backends_agree_on_loss_and_every_gradient(monkeypatch):
     """The model's loss and the gradient of every parameter are the same whichever attention
     backend runs (packed rows with a length-1 document, GQA). On the CPU, PyTorch's flex
     attention has no backward, so there it is checked on the loss only."""
-    monkeypatch.setattr(transformer, "ATTENTION", "auto")  # restored afterwards
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=61, dim=48, n_layers=2, n_heads=6, n_kv_heads=2, ffn_dim=96, max_seq_len=64)
     model = Transformer(cfg)
@@ -181,7 +179,7 @@ def test_attention_backends_agree_on_loss_and_every_gradient(monkeypatch):
     results = {}
     for name in ["sdpa", "sdpa-dense", "reference", "triton", "flex"]:
         monkeypatch.setattr(transformer, "DOC_LOOP_ON_CPU", name != "sdpa-dense")
-        transformer.set_attention(name.split("-")[0], "cpu")
+        model.cfg.attention = name.split("-")[0]
         model.zero_grad()
         if name == "flex" and not torch.cuda.is_available():
             with torch.no_grad():
@@ -198,9 +196,8 @@ def test_attention_backends_agree_on_loss_and_every_gradient(monkeypatch):
 
 
 def test_fused_loss_agrees_with_reference_on_loss_and_every_gradient(monkeypatch):
-    """--loss=fused (kernels/masked_ce.py, the interpreter on CPU) and --loss=reference give the
+    """loss fused (agentc/kernels/masked_ce.py, the interpreter on CPU) and reference give the
     model the same loss and the same gradient for every parameter, tied head included."""
-    monkeypatch.setattr(transformer, "LOSS", "auto")  # restored afterwards
     torch.manual_seed(0)
     for tie in (False, True):
         cfg = ModelConfig(vocab_size=301, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64,
@@ -211,7 +208,7 @@ def test_fused_loss_agrees_with_reference_on_loss_and_every_gradient(monkeypatch
         off = torch.tensor([0, 9, 23, 24, 46], dtype=torch.int32)
         results = {}
         for name in ("reference", "fused"):
-            transformer.set_loss(name, "cpu")
+            model.cfg.loss = name
             model.zero_grad()
             loss = model(x, off, y, w)
             loss.backward()
@@ -222,20 +219,28 @@ def test_fused_loss_agrees_with_reference_on_loss_and_every_gradient(monkeypatch
             torch.testing.assert_close(g, ref_grads[n], rtol=1e-4, atol=1e-6, msg=f"gradient of {n} (tied={tie})")
 
 
-def test_unknown_or_unavailable_backend_is_refused(monkeypatch):
+def test_unknown_or_unavailable_backend_is_refused(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="unknown attention backend"):
-        transformer.set_attention("flash3", "cpu")
+        transformer.resolve_backend("flash3", "cpu")
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        ModelConfig.preset("tiny", attention="flash3")
+    with pytest.raises(ValueError, match="unknown loss"):
+        ModelConfig.preset("tiny", loss="liger")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="CUDA"):
-        transformer.set_attention("triton", "cpu")
-    monkeypatch.setattr(transformer, "ATTENTION", "auto")
-    assert transformer.attention_backend("cpu") == "sdpa"
-    monkeypatch.setattr(transformer, "LOSS", "auto")
+        transformer.resolve_backend("triton", "cpu")
     with pytest.raises(ValueError, match="CUDA"):
-        transformer.set_loss("fused", "cpu")
-    with pytest.raises(ValueError, match="unknown loss"):
-        transformer.set_loss("liger", "cpu")
-    assert transformer.loss_backend("cpu") == "reference"
+        transformer.resolve_backend("fused", "cpu", "loss")
+    assert transformer.resolve_backend("auto", "cpu") == "sdpa"
+    assert transformer.resolve_backend("auto", "cpu", "loss") == "reference"
+    assert transformer.resolve_backend("auto", "cuda") == "triton"
+    # the backends are the loader's choice: a checkpoint does not carry them
+    from agentc.model import checkpoint
+    model = Transformer(ModelConfig.preset("tiny", vocab_size=50, attention="reference", loss="reference"))
+    checkpoint.save(model, str(tmp_path))
+    again = checkpoint.load(str(tmp_path))
+    assert (again.cfg.attention, again.cfg.loss) == ("auto", "auto")
+    assert "attention" not in (tmp_path / "config.json").read_text()
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -245,7 +250,6 @@ def test_kv_cache_chunks_equal_one_forward(window, attn, monkeypatch):
     """Feeding a sequence in uneven chunks (single tokens included) through the KV cache gives
     the full forward's logits, whichever backend attends (the full forward uses sdpa)."""
     from agentc.model.kv_cache import CacheFull, KVCache
-    monkeypatch.setattr(transformer, "ATTENTION", "auto")
     torch.manual_seed(0)
     cfg = ModelConfig.preset("tiny", vocab_size=50, sliding_window=window)
     model = Transformer(cfg).eval()
@@ -253,7 +257,7 @@ def test_kv_cache_chunks_equal_one_forward(window, attn, monkeypatch):
     cache = KVCache(cfg, 40)
     with torch.no_grad():
         full = model(x)
-        transformer.set_attention(attn, "cpu")
+        model.cfg.attention = attn
         parts = [model.head(model.hidden(x[:, s:e], cache=cache))
                  for s, e in [(0, 7), (7, 8), (8, 9), (9, 30), (30, 31), (31, 40)]]
     torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)

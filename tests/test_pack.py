@@ -31,15 +31,15 @@ def packed(calc_corpus, tmp_path_factory):
 
 
 def test_rows_decode_back_to_the_trajectories(any_corpus, tmp_path):
-    out = tmp_path / "train"
-    summary = do_pack(any_corpus, out, "--seq-len", 1024, "--shard-tokens", 6000, "--workers", 2)
+    out = tmp_path / "train"  # 2048-token rows: every SQL trajectory (presplit tokens) fits, several to a row
+    summary = do_pack(any_corpus, out, "--seq-len", 2048, "--shard-tokens", 6000, "--workers", 2)
     tok = any_corpus["tok"]
     records = records_of(any_corpus["jsonl"])
     shards = [Shard(p) for p in find_shards(str(out))]
     assert len(shards) == len(summary["shards"]) > 1
     seen = []
     for sh in shards:
-        assert sh.row_len == 1025 and sh.vocab_size == tok.vocab_size
+        assert sh.row_len == 2049 and sh.vocab_size == tok.vocab_size
         for r in range(sh.n_rows):
             starts, ids = sh.docs(r)
             assert starts[0] == 0 and (np.diff(starts) > 0).all()

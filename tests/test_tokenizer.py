@@ -1,10 +1,12 @@
-"""sentencepiece training, special tokens as single control pieces, exact round trips, extension of
-an existing (Llama-2 style) model."""
+"""sentencepiece training (presplit by default, plain BPE on request), special tokens as single
+control pieces, exact round trips, extension of an existing (Llama-2 style) model, refusal of
+tokenizer kinds that were removed."""
 import io
 import random
 
 import pytest
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from agentc.data import tokenizer
 from agentc.data.format import SPECIAL_TOKENS, render, unrender
@@ -30,8 +32,7 @@ def test_specials_are_single_control_pieces(calc_corpus):
         assert not special & set(tok.encode(text)), text  # text never produces a special id
 
 
-def test_round_trip_is_exact_and_never_unknown(calc_corpus):
-    tok = calc_corpus["tok"]
+def assert_round_trips(tok):
     rng = random.Random(0)
     alphabet = "abcXYZ019 \t\n.,;:'\"{}[]()<|>ü漢🙂\u00a0\u200b\u2581"
     texts = TEXTS + ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60))) for _ in range(300)]
@@ -41,11 +42,21 @@ def test_round_trip_is_exact_and_never_unknown(calc_corpus):
         assert tok.sp.unk_id() not in ids
 
 
+def test_round_trip_is_exact_and_never_unknown(calc_corpus):
+    assert calc_corpus["tok"].presplit  # train()'s default
+    assert_round_trips(calc_corpus["tok"])
+
+
 def test_train_cli_and_vocab(tmp_path, calc_corpus):
-    out = str(tmp_path / "tok")
-    tokenizer.main(["train", calc_corpus["jsonl"], "--out", out, "--vocab-size", "450"])
-    tok = Tokenizer(out + ".model")
-    assert 300 < tok.vocab_size <= 450
+    """The CLI trains presplit by default (--presplit still parses); --no-presplit gives plain BPE,
+    which still round-trips exactly."""
+    for flags, presplit in (([], True), (["--presplit"], True), (["--no-presplit"], False)):
+        out = str(tmp_path / f"tok{len(flags)}{presplit}")
+        tokenizer.main(["train", calc_corpus["jsonl"], "--out", out, "--vocab-size", "450", *flags])
+        tok = Tokenizer(out + ".model")
+        assert tok.presplit == presplit, flags
+        assert 300 < tok.vocab_size <= 450
+    assert_round_trips(tok)  # the plain one
     with pytest.raises(ValueError, match="at least"):
         tokenizer.train([calc_corpus["jsonl"]], out, vocab_size=100)
 
@@ -93,11 +104,10 @@ def test_missing_file():
         Tokenizer("/nonexistent/tok.model")
 
 
-def test_presplit_keeps_identifiers_the_same_tokens_in_every_context(sql_corpus, tmp_path):
-    """With --presplit a name copied from an observation into a call or a query keeps its tokens."""
-    assert not sql_corpus["tok"].presplit
-    tokenizer.main(["train", sql_corpus["jsonl"], "--out", str(tmp_path / "w"), "--vocab-size", "1500", "--presplit"])
-    tok = Tokenizer(str(tmp_path / "w.model"))
+def test_presplit_keeps_identifiers_the_same_tokens_in_every_context(sql_corpus):
+    """A presplit tokenizer (the default) keeps the tokens of a name copied from an observation
+    into a call or a query."""
+    tok = sql_corpus["tok"]
     assert tok.presplit
     name = tok.encode("order_lines")
     for context in ("buyers order_lines sales", '{"table": "order_lines"}', "FROM order_lines o",
@@ -107,59 +117,16 @@ def test_presplit_keeps_identifiers_the_same_tokens_in_every_context(sql_corpus,
         assert tok.decode(ids) == context
 
 
-def test_spell_writes_rare_words_letter_by_letter(sql_corpus, tmp_path):
-    """--spell: a word that is one vocabulary piece stays one token; any other word is spelled, one
-    letter per token, the same in every context; decode(encode(x)) == x still holds."""
-    with pytest.raises(SystemExit):
-        tokenizer.main(["train", sql_corpus["jsonl"], "--out", str(tmp_path / "s"), "--spell"])  # needs --presplit
-    tokenizer.main(["train", sql_corpus["jsonl"], "--out", str(tmp_path / "s"), "--vocab-size", "1500",
-                    "--presplit", "--spell"])
-    tok = Tokenizer(str(tmp_path / "s.model"))
-    assert tok.presplit and tok.spell
-    assert [tok.piece(i) for i in tok.encode("SELECT")] == ["SELECT"]
-    word = "Saltriembok"  # not a word of the corpus
-    assert [tok.piece(i) for i in tok.encode(word)] == list(word)
-    assert tok.encode("Zq") == [i for ch in "Zq" for i in tok.sp.encode(ch)]  # a letter never seen: its bytes
-    for context in (f"city = '{word}'", f"How many live in {word}?", f'{{"q": "{word}_x"}}'):
-        ids = tok.encode(context)
-        assert tok.decode(ids) == context
-    ids = tok.encode(f"x {word}_9 y")
-    assert [tok.piece(i) for i in ids if tok.piece(i) in set(word + "_9")][:len(word) + 2] == list(word + "_9")
-    for text in ("héllo ▁ wörld\n\ttabs", "ünïcödé 🙂 x", "", "a1b2 __init__"):
-        assert tok.decode(tok.encode(text)) == text
-
-
-def test_glue_writes_words_without_their_spaces(sql_corpus, tmp_path):
-    """--glue: an identifier is the same tokens after a space, a quote or a dot, and starts with a
-    word-start piece; the single space between two identifiers costs no token; decode(encode(x))
-    == x for every text, names never seen included, and any id sequence decodes."""
-    with pytest.raises(SystemExit):
-        tokenizer.main(["train", sql_corpus["jsonl"], "--out", str(tmp_path / "g"), "--glue"])  # needs --presplit
-    tokenizer.main(["train", sql_corpus["jsonl"], "--out", str(tmp_path / "g"), "--vocab-size", "1500",
-                    "--presplit", "--glue"])
-    tok = Tokenizer(str(tmp_path / "g.model"))
-    plain = tokenizer.train([sql_corpus["jsonl"]], str(tmp_path / "p"), vocab_size=1500, presplit=True)
-    plain = Tokenizer(plain)
-    assert tok.glue and tok.presplit and not plain.glue
-    for word in ("order_lines", "Saltriembok", "Velvet"):
-        name = tok.encode(word)
-        assert tok.piece(name[0]).startswith("\u2581")
-        for context in (f"buyers {word} sales", f'{{"table": "{word}"}}', f"FROM {word} o", f"o.{word}, x",
-                        f"  {word} INTEGER", f"({word})", f"'{word}'"):
-            ids = tok.encode(context)
-            assert any(ids[i:i + len(name)] == name for i in range(len(ids))), (context, [tok.piece(i) for i in ids])
-            assert tok.decode(ids) == context
-    prose = "How many customers from Salzburg have never placed an order"
-    assert len(tok.encode(prose)) < len(plain.encode(prose)) - 8  # nine spaces between ten words: implied
-    rng = random.Random(3)
-    alphabet = "abcXYZQ019_ \t\n.,;:'\"{}[]()<|>ü漢🙂\u00a0\u200b\u2581"
-    texts = TEXTS + ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60))) for _ in range(1000)]
-    for text in texts:
-        ids = tok.encode(text)
-        assert tok.decode(ids) == text, (text, [tok.piece(i) for i in ids])
-        assert tok.sp.unk_id() not in ids
-    for _ in range(200):  # whatever a model samples decodes to something, and never raises
-        tok.decode([rng.randrange(tok.vocab_size) for _ in range(rng.randint(0, 30))])
-    rec = {"messages": [{"role": "user", "content": "Count buyers in Cork"},
-                        {"role": "assistant", "content": "it is 3 buyers"}]}
-    assert unrender(render(rec, tok).ids, tok) == rec["messages"]
+@pytest.mark.parametrize("marker,kind", [("<|spell:rare-words-v1|>", "spell"), ("<|glue:word-spaces-v1|>", "glue")])
+def test_removed_tokenizer_kinds_are_refused(calc_corpus, tmp_path, marker, kind):
+    """A model made by the removed `train --presplit --spell` / `--glue` (it carries their control
+    piece) is refused by name, pointing to the git tag that still has that code."""
+    with open(calc_corpus["tokenizer"], "rb") as f:
+        proto = sp_pb2.ModelProto.FromString(f.read())
+    proto.pieces.append(sp_pb2.ModelProto.SentencePiece(piece=marker, type=sp_pb2.ModelProto.SentencePiece.CONTROL))
+    path = tmp_path / f"{kind}.model"
+    path.write_bytes(proto.SerializeToString())
+    with pytest.raises(ValueError) as e:
+        tokenizer.load_tokenizer(str(path))
+    msg = str(e.value)
+    assert str(path) in msg and f"--{kind}" in msg and "removed" in msg and "experiments-2026-12" in msg

@@ -206,7 +206,7 @@ def test_bad_inputs_give_clear_errors(calc_shards, tmp_path, case):
         expect = "nowhere"
     elif case == "bad model config":
         flags.append("--model-config=dim=64,layers=3")
-        expect = "expected key=value with a ModelConfig field"
+        expect = "is not a ModelConfig field it can set"
     elif case == "triton without GPU":
         flags.append("--attn=triton")
         expect = "--attn=triton needs a CUDA device"

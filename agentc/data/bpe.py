@@ -29,6 +29,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from agentc.data.format import SPECIAL_TOKENS
+from agentc.util import write_text
 
 FORMAT = "agentc-bpe-v1"
 # GPT-2's word rule: contractions, letters, numbers, punctuation runs, whitespace not before a word
@@ -58,7 +59,7 @@ def vocab_hash(tokens: list[str]) -> str:
 
 
 def build_from_gguf(meta: dict) -> dict:
-    """Our tokenizer file's content from GGUF metadata (model/gguf_io.read_metadata)."""
+    """Our tokenizer file's content from GGUF metadata (agentc/data/gguf_file.read_metadata)."""
     if meta.get("tokenizer.ggml.model") != "gpt2":
         raise ValueError(f"tokenizer model {meta.get('tokenizer.ggml.model')!r}: only byte-level BPE ('gpt2') "
                          "GGUF tokenizers are supported here")
@@ -88,26 +89,23 @@ def build_from_gguf(meta: dict) -> dict:
 
 
 def write(content: dict, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(content, f, ensure_ascii=False)
-    os.replace(tmp, path)
+    """Compact JSON without a final newline: the fingerprint is the hash of these bytes."""
+    write_text(path, json.dumps(content, ensure_ascii=False))
 
 
 def from_gguf(gguf_path: str, out_path: str) -> str:
     """Write the tokenizer of a GGUF file (or a known name, e.g. smollm2-135m) to out_path."""
     import gguf
 
-    from agentc.model.gguf_io import find_gguf, read_metadata
+    from agentc.data.gguf_file import find_gguf, read_metadata
     write(build_from_gguf(read_metadata(gguf.GGUFReader(find_gguf(gguf_path)))), out_path)
     return out_path
 
 
 class BPETokenizer:
     """The interface of agentc.data.tokenizer.Tokenizer: encode, decode, special_ids, vocab_size,
-    unsampled_ids, piece, fingerprint (presplit and spell are sentencepiece options: False)."""
-    presplit = spell = False
+    unsampled_ids, piece, fingerprint (presplit is a sentencepiece option: False here)."""
+    presplit = False
 
     def __init__(self, path: str):
         if not os.path.isfile(path):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import sys
 import time
@@ -24,6 +23,7 @@ from collections import Counter
 
 from tqdm import tqdm
 
+from agentc.util import ordered_map, parse_kv
 from agentc.workflows.base import SPLITS, Workflow, load_workflow, run_teacher, task_seed
 
 _WF: Workflow | None = None  # one workflow object per worker process
@@ -116,13 +116,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.fault_rate:
         wf_kwargs["fault_rate"] = args.fault_rate
     for item in args.workflow_arg:
-        key, sep, value = item.partition("=")
-        if not sep or not key.isidentifier():
-            ap.error(f"--workflow-arg expects KEY=VALUE, got {item!r}")
         try:
-            wf_kwargs[key] = json.loads(value)
-        except json.JSONDecodeError:
-            wf_kwargs[key] = value
+            key, value = parse_kv(item, "--workflow-arg")
+        except ValueError as e:
+            ap.error(str(e))
+        wf_kwargs[key] = value
     try:
         wf = load_workflow(args.workflow, **wf_kwargs)  # fail here, not in a worker, on a bad name
     except TypeError as e:  # an argument the workflow's constructor does not take
@@ -167,15 +165,9 @@ def main(argv: list[str] | None = None) -> dict:
     jobs = [(i, args.seed, args.max_attempts, args.split) for i in indices]
     t0 = time.time()
     bar = tqdm(total=len(jobs), desc=f"{wf.name}/{args.split}", unit="task", disable=args.quiet, smoothing=0.05)
-    with open(partial, "a", encoding="utf-8") as out, open(rejects_path, "a", encoding="utf-8") as rej:
-        if args.workers > 1:
-            pool = mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(
-                args.workers, initializer=_init_worker, initargs=(args.workflow, wf_kwargs))
-            results = pool.imap(generate_one, jobs, chunksize=8)  # ordered: output independent of workers
-        else:
-            pool = None
-            _init_worker(args.workflow, wf_kwargs)
-            results = map(generate_one, jobs)
+    # ordered results: the output does not depend on --workers
+    with open(partial, "a", encoding="utf-8") as out, open(rejects_path, "a", encoding="utf-8") as rej, \
+            ordered_map(generate_one, jobs, args.workers, _init_worker, (args.workflow, wf_kwargs), 8) as results:
         try:
             for record, task_rejects in results:
                 for r in task_rejects:
@@ -191,8 +183,6 @@ def main(argv: list[str] | None = None) -> dict:
                 bar.update(1)
                 bar.set_postfix(kept=n_kept, rejected=n_rej, refresh=False)
         finally:
-            if pool is not None:
-                pool.terminate()
             bar.close()
     elapsed = time.time() - t0
     os.replace(partial, args.out)

@@ -17,6 +17,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 import torch
 
+from agentc.data import documents
 from agentc.data.pack import Shard, find_shards
 
 
@@ -28,10 +29,7 @@ class Batch(NamedTuple):
 
     def positions(self) -> torch.Tensor:
         """(B, T) int64 positions that restart at 0 at every document."""
-        B, T = self.tokens.shape
-        off = self.doc_offsets.long()
-        starts = torch.repeat_interleave(off[:-1], off[1:] - off[:-1])
-        return (torch.arange(B * T, device=off.device) - starts).view(B, T)
+        return documents.positions(self.doc_offsets, *self.tokens.shape)
 
     def to(self, device: str | torch.device, non_blocking: bool = False) -> "Batch":
         return Batch(*(t.to(device, non_blocking=non_blocking) for t in self))

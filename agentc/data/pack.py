@@ -29,7 +29,6 @@ import argparse
 import bisect
 import glob
 import json
-import multiprocessing as mp
 import os
 import re
 import struct
@@ -43,6 +42,7 @@ from tqdm import tqdm
 
 from agentc.data.format import LAYOUT_VERSION, PAD, SOURCES, SRC_PAD, FormatError, render
 from agentc.data.tokenizer import Tokenizer, load_tokenizer
+from agentc.util import atomic_write, ordered_map, parse_kv, write_json
 
 SHARD_VERSION = 1
 BIN_MAGIC, IDX_MAGIC = b"AGCTOKS\0", b"AGCIDX\0\0"
@@ -51,13 +51,13 @@ HEADER_BYTES = 64
 
 # ----------------------------------------------------------------------------- shard files
 
-def _atomic_write(path: str, header: bytes, arrays: list[np.ndarray]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(header.ljust(HEADER_BYTES, b"\0"))
-        for a in arrays:
-            f.write(np.ascontiguousarray(a).tobytes())
-    os.replace(tmp, path)
+def _write_arrays(path: str, header: bytes, arrays: list[np.ndarray]) -> None:
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(header.ljust(HEADER_BYTES, b"\0"))
+            for a in arrays:
+                f.write(np.ascontiguousarray(a).tobytes())
+    atomic_write(path, write)
 
 
 def write_shard(prefix: str, tokens: np.ndarray, weights: np.ndarray, sources: np.ndarray,
@@ -66,11 +66,11 @@ def write_shard(prefix: str, tokens: np.ndarray, weights: np.ndarray, sources: n
     tok_dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
     if tokens.size and int(tokens.max()) >= vocab_size:
         raise ValueError(f"token id {int(tokens.max())} >= vocab_size {vocab_size}")
-    _atomic_write(prefix + ".bin",
+    _write_arrays(prefix + ".bin",
                   BIN_MAGIC + struct.pack("<IIQQQ", SHARD_VERSION, np.dtype(tok_dtype).itemsize, n_rows, row_len,
                                           vocab_size),
                   [tokens.astype(tok_dtype), weights.astype(np.float16), sources.astype(np.uint8)])
-    _atomic_write(prefix + ".idx",
+    _write_arrays(prefix + ".idx",
                   IDX_MAGIC + struct.pack("<IIQQ", SHARD_VERSION, 0, n_rows, len(doc_start)),
                   [row_ptr.astype(np.int64), doc_start.astype(np.int32), doc_id.astype(np.int64)])
 
@@ -245,13 +245,13 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error("--seq-len must be at least 2")
     mix = {}
     for item in args.weight:
-        name, sep, w = item.partition("=")
         try:
-            mix[name] = float(w)
+            name, w = parse_kv(item, "--weight")
         except ValueError:
-            mix[name] = -1.0
-        if not sep or not name or not mix[name] >= 0:
+            name, w = None, None
+        if not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0:
             ap.error(f"--weight {item!r}: expected WORKFLOW=W with W >= 0")
+        mix[name] = float(w)
     row_len = args.seq_len + 1
     tok = load_tokenizer(args.tokenizer)
     t0 = time.time()
@@ -277,30 +277,21 @@ def main(argv: list[str] | None = None) -> dict:
     agents = Counter()  # (workflow, tool schemas) -> trajectories: what a compiled agent will need
     bad: list[str] = []
     bar = tqdm(total=len(jobs), desc="render", unit="traj", disable=args.quiet)
-    if args.workers > 1:
-        pool = mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(
-            args.workers, initializer=_init_worker, initargs=(args.tokenizer, args.system))
-        results = pool.imap(_render_line, jobs, chunksize=32)
-    else:
-        pool = None
-        _init_worker(args.tokenizer, args.system)
-        results = map(_render_line, jobs)
-    try:
-        for doc, err, name, agent in results:
-            bar.update(1)
-            if err is not None:
-                if not args.skip_bad:
-                    raise SystemExit(f"error: {err}\n(fix the record, or pass --skip-bad to skip it)")
-                print(f"skipping malformed record: {err}", file=sys.stderr)
-                bad.append(err)
-            docs.append(doc)
-            names.append(name or "")
-            flows.append(json.loads(agent.split("\t")[0])["name"] if agent is not None else "")
-            agent_of.append(agent)
-    finally:
-        if pool is not None:
-            pool.terminate()
-        bar.close()
+    with ordered_map(_render_line, jobs, args.workers, _init_worker, (args.tokenizer, args.system), 32) as results:
+        try:
+            for doc, err, name, agent in results:
+                bar.update(1)
+                if err is not None:
+                    if not args.skip_bad:
+                        raise SystemExit(f"error: {err}\n(fix the record, or pass --skip-bad to skip it)")
+                    print(f"skipping malformed record: {err}", file=sys.stderr)
+                    bad.append(err)
+                docs.append(doc)
+                names.append(name or "")
+                flows.append(json.loads(agent.split("\t")[0])["name"] if agent is not None else "")
+                agent_of.append(agent)
+        finally:
+            bar.close()
 
     overlong = [i for i, d in enumerate(docs) if d is not None and len(d.ids) > row_len]
     untrained = [i for i, d in enumerate(docs)
@@ -394,10 +385,7 @@ def main(argv: list[str] | None = None) -> dict:
         "workflows": [{**json.loads(a.split("\t")[0]), "tools": json.loads(a.split("\t", 1)[1]), "documents": n}
                       for a, n in agents.most_common() if json.loads(a.split("\t")[0])["name"]],
     }
-    tmp = args.out + ".json.tmp"
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(tmp, args.out + ".json")
+    write_json(args.out + ".json", summary)
     print(f"packed {len(keep)} trajectories into {len(rows)} rows of {args.seq_len}+1 tokens "
           f"({len(shard_paths)} shard{'s' * (len(shard_paths) > 1)}) in {summary['seconds']}s: "
           f"{summary['mean_tokens_per_document']:.0f} tokens per trajectory, "

@@ -9,30 +9,16 @@ folding, so decode(encode(text)) == text for every string (tables, code and inde
 The one character sentencepiece cannot carry as text is its own space marker U+2581 "▁" (it
 decodes as a space); encode() writes it as its three byte-fallback pieces instead.
 
-With `train --presplit`, text is split into words before sentencepiece sees it: an identifier, a
-digit, a run of whitespace or a run of punctuation is encoded on its own, in training and in encode().
-So a name is the same tokens wherever it appears: `order_lines` in a list_tables observation, in
-`{"table": "order_lines"}` and in `FROM order_lines o` (without the split, BPE merges it with its
-neighbours into `▁"order_lines"}}`, `.order_lines`, `▁order_lines`: different tokens a small model
-must learn to equate before it can copy a name from an observation into a call). The price is
-tokens: whitespace becomes its own piece, and SQL trajectories grow from ~406 to ~777 tokens. A
-model trained this way carries the control piece PRESPLIT, which switches the split on; others
-(the default, extended Llama-style tokenizers) encode as they always did.
-
-`train --presplit --spell` adds the control piece SPELL: a word (identifier chunk) that is not one
-piece of the vocabulary is spelled one letter per token instead of being cut into rare sub-word
-pieces. Frequent words (`customers`, `SELECT`, a schema's names) stay single tokens; a name seen
-rarely or never (`Salzburg`: `S|al|z|b|ur|g` becomes `S|a|l|z|b|u|r|g`) is made of letters,
-tokens every trajectory trains, so copying it is copying letters (+6% tokens on SQL trajectories).
-
-`train --presplit --glue` adds the control piece GLUE: every identifier is encoded as one word
-that starts with the space mark (`▁Salz|burg`), in every context (after a quote, a dot or a
-space alike), and the single space between two identifiers is not written at all: decode()
-puts it back before a word-start piece that follows an identifier (two identifiers are never
-adjacent in text, so this is exact). Prose and reasoning lose their lone `▁` tokens (about 20%
-of an SQL trajectory), and a name's pieces follow each other directly: after `▁Console` comes
-`▁Stand`, not a `▁` that occurs forty times in the context, which is what a copy (induction)
-head needs to continue a multi-word name.
+`train` splits text into words before sentencepiece sees it (presplit, the default): an
+identifier, a digit, a run of whitespace or a run of punctuation is encoded on its own, in training
+and in encode(). So a name is the same tokens wherever it appears: `order_lines` in a list_tables
+observation, in `{"table": "order_lines"}` and in `FROM order_lines o` (without the split, BPE
+merges it with its neighbours into `▁"order_lines"}}`, `.order_lines`, `▁order_lines`: different
+tokens a small model must learn to equate before it can copy a name from an observation into a
+call). The price is tokens: whitespace becomes its own piece, so trajectories are longer. A model
+trained this way carries the control piece PRESPLIT, which switches the split on in encode();
+a model without it (`train --no-presplit`, extended Llama-style tokenizers) is plain BPE over whole
+lines.
 
     python -m agentc.data.tokenizer train --vocab-size 8192 --out data/sql/tok data/sql/train.jsonl
     python -m agentc.data.tokenizer extend llama2/tokenizer.model data/llama2-agentc.model
@@ -53,13 +39,14 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from agentc.data.format import SPECIAL_TOKENS, dump_json
+from agentc.util import atomic_write
 
 SPACE_MARK = "\u2581"  # sentencepiece's whitespace symbol
 PRESPLIT = "<|presplit:words-v1|>"  # marks a model trained on WORDS chunks (see the module docstring)
-SPELL = "<|spell:rare-words-v1|>"     # marks a presplit model that spells rare words letter by letter
-GLUE = "<|glue:word-spaces-v1|>"      # marks a presplit model whose identifiers carry their word start
-IDENTIFIER = re.compile(r"[A-Za-z_]")
-IDENT_CHARS = re.compile(r"[A-Za-z0-9_]+")
+# Control pieces of removed tokenizer kinds (rare words spelled letter by letter; identifiers
+# carrying their word start): kept only so that Tokenizer() refuses such a model by name.
+REMOVED_KINDS = {"<|spell:rare-words-v1|>": "spell", "<|glue:word-spaces-v1|>": "glue"}
+REMOVED_TAG = "experiments-2026-12"
 WORDS = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9]|\s+|[^\sA-Za-z0-9_]+")  # covers every character
 
 
@@ -79,6 +66,12 @@ class Tokenizer:
             blob = f.read()
         self.fingerprint = hashlib.sha256(blob).hexdigest()[:16]
         self.sp = spm.SentencePieceProcessor(model_proto=blob)
+        removed = [kind for piece, kind in REMOVED_KINDS.items() if self.sp.piece_to_id(piece) != self.sp.unk_id()]
+        if removed:
+            flags = " ".join(f"--{k}" for k in removed)
+            raise ValueError(f"{path} is a `train --presplit {flags}` tokenizer; that kind of tokenizer was "
+                             f"removed from agentc and lives in the git tag {REMOVED_TAG} (use that checkout "
+                             "for it, or train a new tokenizer with `python -m agentc.data.tokenizer train`)")
         missing = [t for t in SPECIAL_TOKENS if self.sp.piece_to_id(t) == self.sp.unk_id()]
         if missing:
             raise ValueError(f"{path} lacks the agentc special tokens {missing}; add them with "
@@ -100,27 +93,15 @@ class Tokenizer:
         byte_ids = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in SPACE_MARK.encode()]
         self._mark_ids = byte_ids if self.sp.unk_id() not in byte_ids else None
         self.presplit = self.sp.piece_to_id(PRESPLIT) != self.sp.unk_id()
-        self.spell = self.presplit and self.sp.piece_to_id(SPELL) != self.sp.unk_id()
-        self.glue = self.presplit and self.sp.piece_to_id(GLUE) != self.sp.unk_id()
-        if self.glue:  # what decode() needs to know of each id: its text and whether it is part of a word
-            self._texts = [self.sp.decode([i]) if self.sp.is_byte(i) else self.sp.id_to_piece(i)
-                           for i in range(self.vocab_size)]
-            self._hidden = {i for i in range(self.vocab_size) if self.sp.is_control(i) or self.sp.is_unknown(i)}
 
     def encode(self, text: str) -> list[int]:
         if not self.presplit:
             return self._encode(text)
         chunks = words(text)
-        if self.glue:
-            return self._encode_glued(chunks)
         if SPACE_MARK in text:
             pieces = [self._encode(c) for c in chunks]
         else:
             pieces = self.sp.encode(chunks)  # one call into C++ for all chunks
-        if self.spell:  # a word that is not one piece is spelled: letters are well-trained tokens
-            pieces = [self.sp.encode(list(c)) if len(ids) > 1 and IDENTIFIER.match(c) else [ids]
-                      for c, ids in zip(chunks, pieces)]
-            return [i for parts in pieces for ids in parts for i in ids]
         return [i for ids in pieces for i in ids]
 
     def _encode(self, text: str) -> list[int]:
@@ -132,66 +113,8 @@ class Tokenizer:
             ids += self._mark_ids + (self._sp_cont.encode(part) if part else [])
         return ids
 
-    def _encode_glued(self, chunks: list[str]) -> list[int]:
-        """Identifiers as " " + word (sentencepiece writes the space as its mark, which here means
-        "a word starts"); a single space between two identifiers is left out."""
-        ident = [bool(IDENTIFIER.match(c)) for c in chunks]
-        keep = [k for k, c in enumerate(chunks)
-                if not (c == " " and 0 < k < len(chunks) - 1 and ident[k - 1] and ident[k + 1])]
-        texts = [" " + chunks[k] if ident[k] else chunks[k] for k in keep]
-        if any(SPACE_MARK in t for t in texts):
-            pieces = [self._encode(t) for t in texts]
-        else:
-            pieces = self.sp.encode(texts)  # one call into C++ for all chunks
-        if self.spell:  # a word that is not one piece (after its start mark) is spelled
-            for j, k in enumerate(keep):
-                ids = pieces[j]
-                if ident[k] and len(ids) > 1 + (self.sp.id_to_piece(ids[0]) == SPACE_MARK):
-                    c = chunks[k]
-                    pieces[j] = [i for part in self.sp.encode([" " + c[0], *c[1:]]) for i in part]
-        return [i for ids in pieces for i in ids]
-
     def decode(self, ids: Sequence[int]) -> str:
-        if self.glue:
-            return self._decode_glued([int(i) for i in ids])
         return self.sp.decode([int(i) for i in ids])
-
-    def _decode_glued(self, ids: list[int]) -> str:
-        """Inverse of _encode_glued for any id sequence. A piece "▁word" starts a word: it is
-        written with a space if the text so far ends in a word, without one otherwise. A lone "▁"
-        followed by a piece starting with a letter or "_" is the start mark of a word that had no
-        "▁..." piece of its own. Anything else is written as sentencepiece writes it."""
-        out: list[str] = []
-        in_word = False   # the text so far ends inside an identifier
-        k, n = 0, len(ids)
-        while k < n:
-            i = ids[k]
-            if i in self._hidden:
-                k, in_word = k + 1, False
-                continue
-            if self.sp.is_byte(i):  # a run of byte pieces is one piece of text (UTF-8 across bytes)
-                j = k
-                while j < n and self.sp.is_byte(ids[j]):
-                    j += 1
-                text = self.sp.decode(ids[k:j])
-                k = j
-            else:
-                text, k = self._texts[i], k + 1
-            if text == SPACE_MARK and k < n and ids[k] not in self._hidden:
-                nxt = self._texts[ids[k]]
-                if IDENTIFIER.match(nxt):  # the word's start mark: the word follows
-                    out.append(" " if in_word else "")
-                    in_word = True
-                    continue
-            if text[:1] == SPACE_MARK and IDENTIFIER.match(text[1:2]) and IDENT_CHARS.fullmatch(text[1:]):
-                out.append((" " if in_word else "") + text[1:])
-                in_word = True
-            elif IDENT_CHARS.fullmatch(text):
-                out.append(text)   # the rest of a word, or a digit (in_word unchanged)
-            else:
-                out.append(text.replace(SPACE_MARK, " ") if not self.sp.is_byte(ids[k - 1]) else text)
-                in_word = False
-        return "".join(out)
 
     def unsampled_ids(self) -> list[int]:
         """Ids that are not text: control pieces (our special tokens, PRESPLIT) and <unk>."""
@@ -223,8 +146,8 @@ def agent_tokenizer_name(path: str) -> str:
 
 def gguf_metadata(tok: Tokenizer, writer) -> None:
     """tokenizer.ggml.* fields for a GGUF export of a model with our sentencepiece tokenizer
-    (llama.cpp's "llama" tokenizer: pieces, scores, types). llama.cpp knows nothing of PRESPLIT
-    or SPELL, so a model trained with them reads text split differently there."""
+    (llama.cpp's "llama" tokenizer: pieces, scores, types). llama.cpp knows nothing of PRESPLIT,
+    so a presplit model reads text split differently there."""
     if tok.presplit:
         print(f"warning: {tok.path} splits words before encoding (presplit); llama.cpp will not", file=sys.stderr)
     sp = tok.sp
@@ -242,7 +165,7 @@ def gguf_metadata(tok: Tokenizer, writer) -> None:
 
 # ----------------------------------------------------------------------------- training
 
-def corpus_lines(paths: Iterable[str], presplit: bool = False, glue: bool = False) -> Iterator[str]:
+def corpus_lines(paths: Iterable[str], presplit: bool = True) -> Iterator[str]:
     """Every text a trajectory renders (contents, reasoning, call JSON, observations), one line at
     a time: sentencepiece treats each input as a sentence, and newlines become byte pieces."""
     for path in paths:
@@ -261,31 +184,24 @@ def corpus_lines(paths: Iterable[str], presplit: bool = False, glue: bool = Fals
                         if not isinstance(text, str):
                             continue
                         lines = (s for s in text.split("\n") if s)
-                        # what Tokenizer.encode will see: whole lines, or chunk by chunk (with glue
-                        # an identifier as " " + word)
-                        if not presplit:
-                            yield from lines
-                        for w in (w for s in lines for w in words(s)) if presplit else ():
-                            yield " " + w if glue and IDENTIFIER.match(w) else w
+                        # what Tokenizer.encode will see: chunk by chunk, or whole lines
+                        yield from (w for s in lines for w in words(s)) if presplit else lines
 
 
 def train(paths: Sequence[str], out_prefix: str, vocab_size: int = 8192,
-          max_sentences: int = 20_000_000, threads: int | None = None, presplit: bool = False,
-          spell: bool = False, glue: bool = False) -> str:
+          max_sentences: int = 20_000_000, threads: int | None = None, presplit: bool = True) -> str:
     """Train a BPE model on trajectory JSONL files; writes OUT.model and OUT.vocab. presplit:
-    words first; spell (needs presplit): a word the vocabulary has no single piece for is spelled
-    letter by letter (see the module docstring)."""
-    if (spell or glue) and not presplit:
-        raise ValueError("spell and glue need presplit: they act on its words")
+    words first, so a name is the same tokens in every context (see the module docstring);
+    False gives plain BPE over whole lines."""
     os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
-    min_vocab = 256 + 1 + len(SPECIAL_TOKENS) + 4  # + PRESPLIT + SPELL + GLUE + one piece
+    min_vocab = 256 + 1 + len(SPECIAL_TOKENS) + 2  # + PRESPLIT + one learned piece
     if vocab_size < min_vocab:
         raise ValueError(f"vocab_size must be at least {min_vocab} (256 byte pieces, <unk>, the specials)")
     spm.SentencePieceTrainer.train(
-        sentence_iterator=corpus_lines(paths, presplit, glue), model_prefix=out_prefix, model_type="bpe",
+        sentence_iterator=corpus_lines(paths, presplit), model_prefix=out_prefix, model_type="bpe",
         vocab_size=vocab_size, hard_vocab_limit=False,  # a tiny corpus gives a smaller vocab, not an error
         byte_fallback=True, character_coverage=0.9999, split_digits=True,
-        control_symbols=list(SPECIAL_TOKENS) + [PRESPLIT] * presplit + [SPELL] * spell + [GLUE] * glue,
+        control_symbols=list(SPECIAL_TOKENS) + [PRESPLIT] * presplit,
         unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
         normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
         allow_whitespace_only_pieces=True, max_sentence_length=16384,
@@ -311,11 +227,12 @@ def extend(base_path: str, out_path: str) -> list[int]:
         proto.pieces.append(sp_pb2.ModelProto.SentencePiece(
             piece=t, score=0.0, type=sp_pb2.ModelProto.SentencePiece.CONTROL))
         new_ids.append(len(proto.pieces) - 1)
-    tmp = out_path + ".tmp"
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    with open(tmp, "wb") as f:
-        f.write(proto.SerializeToString())
-    os.replace(tmp, out_path)
+    blob = proto.SerializeToString()
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(blob)
+    atomic_write(out_path, write)
     return new_ids
 
 
@@ -327,12 +244,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     t.add_argument("--out", required=True, help="output prefix: writes PREFIX.model and PREFIX.vocab")
     t.add_argument("--vocab-size", type=int, default=8192, help="target vocabulary size (default 8192)")
     t.add_argument("--max-sentences", type=int, default=20_000_000, help="sample at most this many lines")
-    t.add_argument("--presplit", action="store_true", help="split into words first: a name is the same "
-                   "tokens in every context (about 1.9x more tokens on SQL trajectories)")
-    t.add_argument("--spell", action="store_true", help="with --presplit: spell a word the vocabulary has no "
-                   "single piece for letter by letter, so copying a never-seen name is copying letters")
-    t.add_argument("--glue", action="store_true", help="with --presplit: every identifier starts with the space "
-                   "mark and the space between two identifiers is implied (about 20%% fewer tokens)")
+    t.add_argument("--presplit", action=argparse.BooleanOptionalAction, default=True,
+                   help="split into words first, so a name is the same tokens in every context (default; "
+                   "costs tokens: whitespace becomes its own piece); --no-presplit: plain BPE over whole lines")
     e = sub.add_parser("extend", help="add the agentc special tokens to an existing sentencepiece model")
     e.add_argument("base", help="existing tokenizer.model")
     e.add_argument("out", help="where to write the extended model")
@@ -345,10 +259,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             if not os.path.isfile(p):
                 ap.error(f"no such file: {p}")
         t0 = time.time()
-        if (args.spell or args.glue) and not args.presplit:
-            ap.error("--spell and --glue need --presplit")
-        path = train(args.inputs, args.out, args.vocab_size, args.max_sentences, presplit=args.presplit,
-                     spell=args.spell, glue=args.glue)
+        path = train(args.inputs, args.out, args.vocab_size, args.max_sentences, presplit=args.presplit)
         tok = Tokenizer(path)
         print(f"wrote {path}: {tok.vocab_size} pieces ({len(SPECIAL_TOKENS)} special) in {time.time() - t0:.1f}s")
     elif args.cmd == "extend":

@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from agentc.data import documents
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
 NEG_BIG = tl.constexpr(-1.0e30)  # initial running max: finite, so a fully masked row gives exp2(-inf - NEG_BIG) = 0, not NaN
@@ -330,14 +332,8 @@ _dkdv_tuned = triton.autotune(configs=_configs("bwd"), key=["BLOCK_D", "HAS_DOCS
 
 def document_bounds(doc_offsets: torch.Tensor, B: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-local (start, end) of each token's document, (B, T) int32 each, on the device of
-    doc_offsets, without a host sync."""
-    off = doc_offsets.to(torch.int64)
-    tok = torch.arange(B * T, device=off.device)
-    doc = torch.searchsorted(off, tok, right=True) - 1
-    row0 = (tok // T) * T
-    starts = (off[doc] - row0).to(torch.int32).view(B, T)
-    ends = (off[doc + 1] - row0).clamp(max=T).to(torch.int32).view(B, T)
-    return starts, ends
+    doc_offsets, without a host sync: what the kernels read instead of the offsets."""
+    return documents.bounds(doc_offsets, B, T)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

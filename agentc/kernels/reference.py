@@ -9,12 +9,7 @@ import math
 
 import torch
 
-
-def document_ids(doc_offsets: torch.Tensor, B: int, T: int) -> torch.Tensor:
-    """(B, T) index of each token's document, from cumulative offsets over the flattened B*T
-    tokens (cu_seqlens form: 0, end of document 0, ..., B*T)."""
-    tok = torch.arange(B * T, device=doc_offsets.device)
-    return (torch.searchsorted(doc_offsets.long(), tok, right=True) - 1).view(B, T)
+from agentc.data import documents
 
 
 def attention_mask(B: int, T: int, S: int, doc_offsets: torch.Tensor | None = None,
@@ -22,15 +17,8 @@ def attention_mask(B: int, T: int, S: int, doc_offsets: torch.Tensor | None = No
     """(B, T, S) bool, True where query i may see key j. The T queries are the last T of the S
     keys' positions (bottom-right causal: query i sits at position S - T + i and sees keys
     j <= S - T + i); with doc_offsets (only when S == T) also only keys of its own document."""
-    i = torch.arange(T, device=device)[:, None] + (S - T)
-    j = torch.arange(S, device=device)[None, :]
-    allowed = (j <= i).expand(B, T, S)
-    if doc_offsets is not None:
-        if S != T:
-            raise ValueError("document offsets describe packed rows, where keys are the queries (S == T)")
-        ids = document_ids(doc_offsets.to(device), B, T)
-        allowed = allowed & (ids[:, :, None] == ids[:, None, :])
-    return allowed
+    ids = None if doc_offsets is None else documents.document_ids(doc_offsets.to(device), B, T)
+    return documents.attention_mask(T, S, ids, device=device).expand(B, T, S)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

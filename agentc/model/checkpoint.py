@@ -6,7 +6,7 @@ Two on-disk formats, both a directory with a config.json and safetensors weights
        model.safetensors   our state_dict keys, e.g. tok_emb.weight, layers.0.attn.wq.weight,
                            layers.0.mlp.w_gate.weight, norm.weight, lm_head.weight (absent when the
                            LM head is tied to the embedding)
-       config.json         {"format": "agentc", "model": ModelConfig.to_dict()}
+       config.json         {"format": "agentc", "model": ModelConfig.to_dict() without the backends}
 
 2. Hugging Face `transformers` (what the Hub serves, what vLLM / llama.cpp converters read):
        config.json         model_type llama | mistral | qwen2, hidden_size, rope_parameters, ...
@@ -33,7 +33,6 @@ import dataclasses
 import glob
 import json
 import os
-import tempfile
 
 import torch
 import torch.nn as nn
@@ -41,39 +40,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from agentc.model.transformer import ModelConfig, Transformer
+from agentc.util import atomic_write, write_json
 
 HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 # ----------------------------------------------------------------------------- small helpers
-
-
-def atomic_write(path: str, write) -> None:
-    """write(tmp_path) fills a temp file next to `path`, which then replaces `path` in one rename:
-    a reader (or a crash) sees the old file or the new one, never half of one. Same directory so
-    os.replace stays on one filesystem, where it is atomic."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint should be readable like any file
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:  # the data must be on disk before the rename makes it visible
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _write_json(path: str, obj: dict) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-    atomic_write(path, write)
 
 
 def _write_safetensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -91,7 +62,7 @@ def _read_config(directory: str) -> dict:
         return json.load(f)
 
 
-def _unwrap(model: nn.Module) -> Transformer:
+def unwrap(model: nn.Module) -> Transformer:
     """The Transformer inside DDP (.module) or torch.compile (._orig_mod) wrappers, whose state_dict
     keys carry prefixes; wrappers never change our checkpoint keys."""
     while not isinstance(model, Transformer):
@@ -107,7 +78,7 @@ def _tensors_to_write(model: nn.Module, dtype: torch.dtype | None) -> dict[str, 
     keys sharing storage (safetensors refuses that; a tied model has no lm_head key, but a user's
     module might still share a tensor, so copy any repeat)."""
     out, seen = {}, set()
-    for name, t in _unwrap(model).state_dict().items():
+    for name, t in unwrap(model).state_dict().items():
         t = t.detach().to(device="cpu", dtype=dtype or t.dtype).contiguous()
         ptr = t.untyped_storage().data_ptr()
         if ptr in seen:
@@ -155,10 +126,12 @@ def _cast(t: torch.Tensor, device, dtype: torch.dtype | None) -> torch.Tensor:
 def save(model: nn.Module, directory: str, dtype: torch.dtype | None = None) -> None:
     """Write model.safetensors and config.json (in that order, see the module docstring) into
     `directory`, creating it. dtype: cast the weights on the way out (e.g. torch.bfloat16)."""
-    model = _unwrap(model)
+    model = unwrap(model)
     os.makedirs(directory, exist_ok=True)
     _write_safetensors(os.path.join(directory, "model.safetensors"), _tensors_to_write(model, dtype))
-    _write_json(os.path.join(directory, "config.json"), {"format": "agentc", "model": model.cfg.to_dict()})
+    # the attention and loss backends are how a run computes, the loader's choice (ModelConfig)
+    cfg = {k: v for k, v in model.cfg.to_dict().items() if k not in ("attention", "loss")}
+    write_json(os.path.join(directory, "config.json"), {"format": "agentc", "model": cfg})
 
 
 def load(directory: str, device="cpu", dtype: torch.dtype | None = torch.float32) -> Transformer:
@@ -390,7 +363,7 @@ def export_hf(model: nn.Module, directory: str, arch: str = "llama", dtype: torc
               max_shard_bytes: int = 5 * 2**30) -> None:
     """Write `model` as a Hugging Face checkpoint that AutoModelForCausalLM.from_pretrained loads:
     config.json plus model.safetensors, or shards + index when the weights exceed max_shard_bytes."""
-    model = _unwrap(model)
+    model = unwrap(model)
     names = hf_key_map(model.cfg)
     tensors = {names[k]: t for k, t in _tensors_to_write(model, dtype).items()}
     out_dtype = next(iter(tensors.values())).dtype
@@ -416,7 +389,7 @@ def export_hf(model: nn.Module, directory: str, arch: str = "llama", dtype: torc
             _write_safetensors(os.path.join(directory, name), shard)
             weight_map.update(dict.fromkeys(shard, name))
         total = sum(t.numel() * t.element_size() for t in tensors.values())
-        _write_json(os.path.join(directory, "model.safetensors.index.json"),
+        write_json(os.path.join(directory, "model.safetensors.index.json"),
                     {"metadata": {"total_size": total}, "weight_map": weight_map})
         written = {*weight_map.values(), "model.safetensors.index.json"}
     # weights of an earlier export into this directory would be read instead of ours (a stale index
@@ -424,7 +397,7 @@ def export_hf(model: nn.Module, directory: str, arch: str = "llama", dtype: torc
     for stale in glob.glob(os.path.join(directory, "model*.safetensors*")):
         if os.path.basename(stale) not in written:
             os.remove(stale)
-    _write_json(os.path.join(directory, "config.json"), hf_config)
+    write_json(os.path.join(directory, "config.json"), hf_config)
 
 
 # ----------------------------------------------------------------------------- vocabulary
@@ -436,7 +409,7 @@ def resize_vocab(model: Transformer, vocab_size: int) -> Transformer:
     mean of the old ones, so new special tokens start with average logits instead of the extreme
     ones random rows can give (Hewitt, "Initializing new word embeddings", 2021). Parameters are
     replaced: build the optimizer after this. Shrinking is refused (it would drop trained tokens)."""
-    model = _unwrap(model)
+    model = unwrap(model)
     old = model.cfg.vocab_size
     if vocab_size < old:
         raise ValueError(f"cannot shrink the vocabulary from {old} to {vocab_size} (it would drop trained rows)")

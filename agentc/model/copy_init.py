@@ -5,9 +5,7 @@ the question into a WHERE clause, a value from a result into its answer. In a tr
 an induction circuit (Olsson et al., 2022, "In-context learning and induction heads"): a
 previous-token head, then a head whose query is the current token and whose key is "the token
 before this one", and whose value is copied to the output. Trained from random weights on a CPU
-budget, a small model never forms it: our `mini` agent, 1,700 steps on SQL trajectories, put
-4.1 nats on a name it had to copy from the question (experiments/LOG.md), and a pure
-repeated-random-sequence task did not move off the uniform loss in 900 steps. So we build the
+budget, a small model does not form it (experiments/LOG.md), so we build the
 circuit by hand, with weights of the ordinary Llama architecture, and let training take it from
 there. Checkpoint keys, shapes and the forward pass are unchanged; the model exports to Hugging
 Face and GGUF as any other.
@@ -33,22 +31,10 @@ The residual stream is given four slots (dims are examples for dim 128):
 3. The LM head reads K: the row of token t holds t's copy code there, so the copied token gets a
    logit of kappa and every other token about kappa / sqrt(32) times noise.
 
-With `bigram=True` (train.py --copy-bigram) a second pair of heads matches two tokens instead of
-one. A one-token match cannot tell which continuation of a token that occurs twice in the source
-is meant (`5117.50`: after the second `1`, both `1` and `7` follow a `1`), so it skips or loops.
-Layer 0 head 1 attends two positions back and writes the second half of that token's F into a
-slot Q (n_match/2 dims); layer 1 head 1 scores the first half of the token's own F against the
-first half of P, and the second half of P (the token before it) against Q, so a full score needs
-both previous tokens to match. It writes the attended G into K too: where both heads agree the
-copied logit doubles, where they disagree the pair match decides. Measured before any training
-(`mini`, mean of 3 seeds; spans of 30 tokens drawn from 8, repeated 50 tokens later): top-1
-0.32 -> 0.73; random spans repeated 1,500 tokens later: 0.56 -> 0.83.
-
 Embeddings start at scale 1 instead of 0.02 so that Adam's first updates (lr x 1 per step) do not
 erase the codes; RMSNorm makes the forward pass indifferent to that scale. Everything else keeps
-the normal initialisation. Measured (experiments/LOG.md): the untrained model
-predicts the second half of a repeated random span with ~85% top-1 accuracy; on the SQL quick
-start the name tokens that must be copied fall from 7 to 0.5 nats by step 250.
+the normal initialisation. An untrained model with the circuit continues a repeated random span
+(tests/test_copy_init.py); what it does for training is in experiments/LOG.md.
 """
 from __future__ import annotations
 
@@ -77,13 +63,12 @@ def slow_pairs(cfg, context: int) -> list[int]:
 
 @torch.no_grad()
 def install_copy_circuit(model: Transformer, context: int | None = None, match: float = 20.0,
-                         kappa: float = 4.0, seed: int = 0, bigram: bool = False) -> dict:
+                         kappa: float = 4.0, seed: int = 0) -> dict:
     """Overwrite the token embedding, head 0 of layers 0 and 1 and part of the LM head of a
     freshly initialised `model` with the circuit described above. `context`: the longest
     distance the induction head must match across (default cfg.max_seq_len); `match`: score of
     a perfect code match (before softmax); `kappa`: logit of the copied token. Returns the slot
-    layout. `bigram`: add the two-token match of the section below (head 1 of layers 0 and 1).
-    Raises ValueError, saying what to change, for a config that cannot hold it."""
+    layout. Raises ValueError, saying what to change, for a config that cannot hold it."""
     cfg = model.cfg
     D, d = cfg.head_dim, cfg.dim
     context = context or cfg.max_seq_len
@@ -98,25 +83,21 @@ def install_copy_circuit(model: Transformer, context: int | None = None, match: 
                          f"raise rope_theta (1e6 gives 7 at head_dim 32) or head_dim")
     if len(PREV_HEAD_AMPLITUDES) + len(slow) > D // 2:
         raise ValueError(f"head_dim {D} is too small for the copy circuit (needs fast and slow rotary pairs)")
-    if bigram and cfg.n_heads < 2:
-        raise ValueError("the two-token match needs 2 attention heads per layer")
     n_match = min(2 * len(slow), d // 8)
     n_copy = d // 4
-    n_half = n_match // 2 if bigram else 0  # the second half of F, two tokens back, goes to Q
     C = 0
     F = list(range(1, 1 + n_match))
     G = list(range(F[-1] + 1, F[-1] + 1 + n_copy))
-    Q = list(range(d - n_copy - n_match - n_half, d - n_copy - n_match))
     P = list(range(d - n_copy - n_match, d - n_copy))
     K = list(range(d - n_copy, d))
-    if G[-1] >= (Q or P)[0]:
+    if G[-1] >= P[0]:
         raise ValueError(f"dim {d} is too small for the copy circuit's slots")
     gen = torch.Generator().manual_seed(seed)
     signs = lambda n: (torch.randint(0, 2, (cfg.vocab_size, n), generator=gen) * 2 - 1).float()  # noqa: E731
 
     E = model.tok_emb.weight                               # (vocab, dim), scale 1: see the docstring
     E.copy_(torch.randn(E.shape, generator=gen))
-    E[:, Q + P + K] = 0
+    E[:, P + K] = 0
     E[:, C] = 2.0
     E[:, F] = signs(n_match)
     E[:, G] = signs(n_copy)
@@ -135,38 +116,26 @@ def install_copy_circuit(model: Transformer, context: int | None = None, match: 
 
     # 1. layer 0, head 0: the previous position, by RoPE alone. In the "rotate half" layout pair f
     # is (f, f + D/2); a query (cos t_f, -sin t_f) against a key (1, 0) scores cos(t_f (i - j - 1)).
-    # With bigram, head 1 is the same with the query turned back twice as far (peak at distance 2).
     freq = rope_frequencies(cfg)
     l0 = _head_views(model.layers[0].attn, cfg)
-    for h, distance, src, dst in [(0, 1, F, P)] + ([(1, 2, F[n_half:], Q)] if bigram else []):
-        clear(l0, h)
-        for f, amp in enumerate(PREV_HEAD_AMPLITUDES):
-            r = math.sqrt(amp * math.sqrt(D)) / c       # SDPA divides the score by sqrt(D)
-            angle = distance * freq[f]
-            l0[0][h, f, C], l0[0][h, f + D // 2, C] = r * math.cos(angle), -r * math.sin(angle)
-            l0[1][h, f, C] = r
-        move(l0, h, src, dst)                           # F of that token (half of it for head 1)
+    clear(l0, 0)
+    for f, amp in enumerate(PREV_HEAD_AMPLITUDES):
+        r = math.sqrt(amp * math.sqrt(D)) / c           # SDPA divides the score by sqrt(D)
+        l0[0][0, f, C], l0[0][0, f + D // 2, C] = r * math.cos(freq[f]), -r * math.sin(freq[f])
+        l0[1][0, f, C] = r
+    move(l0, 0, F, P)                                   # F of that token
 
     # 2. layer 1, head 0: query F (this token), key P (the token before that position), both in
     # the slow pairs; value: G of the attended position -> K.
-    # With bigram, head 1 matches two tokens: the first half of this token's F against the first
-    # half of P (the token before the key), and the second half of P (the token before this one)
-    # against Q (two before the key). Only a position whose two previous tokens are this one and
-    # the one before scores in full, so where head 0 splits between the continuations of a token
-    # that occurs twice, head 1 picks the one that continues the same pair. Both add G into K.
     l1 = _head_views(model.layers[1].attn, cfg)
     dims = [f + half for f in slow for half in (0, D // 2)][:n_match]
     s = math.sqrt(match * math.sqrt(D) / n_match)
-    pairs = {0: list(zip(F, P))}                        # (query dim, key dim) per slow dim
-    if bigram:
-        pairs[1] = list(zip(F[:n_half], P[:n_half])) + list(zip(P[n_half:2 * n_half], Q))
-    for h, qk in pairs.items():
-        clear(l1, h)
-        for dim, (src_q, src_k) in zip(dims, qk):
-            l1[0][h, dim, src_q] = s
-            l1[1][h, dim, src_k] = s
-        move(l1, h, G, K)
+    clear(l1, 0)
+    for dim, src_q, src_k in zip(dims, F, P):           # (query dim, key dim) per slow dim
+        l1[0][0, dim, src_q] = s
+        l1[1][0, dim, src_k] = s
+    move(l1, 0, G, K)
 
     # 3. the LM head reads the copied code
     model.lm_head.weight[:, K] = kappa * E[:, G] / scale / math.sqrt(n_copy)
-    return {"constant": C, "match": F, "copy": G, "previous": P, "two_back": Q, "copied": K, "slow_pairs": slow}
+    return {"constant": C, "match": F, "copy": G, "previous": P, "copied": K, "slow_pairs": slow}

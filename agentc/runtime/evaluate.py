@@ -1,0 +1,214 @@
+"""Evaluation: a compiled agent on fresh tasks, with the workflow's real tools and checker.
+
+    summary = evaluate(agent, play, episodes=200, split="test", workers=2, traces="traces.jsonl")
+    print_summary(summary)
+
+`play(agent, task, index) -> EpisodeResult` runs one episode; infer.py's play_episode is the one
+everything uses (the engine and the episode loop live there). It is passed in, not imported, so
+that this library never imports a script; with workers > 1 it must be a module-level function
+(or a functools.partial of one) that the worker processes can import.
+
+Tasks are fresh: seed 1 by default, while agentc.data.generate makes training data with seed 0.
+A summary holds the success rate, the first failure of every episode by kind, the errors the
+agent's calls met, latency, prefill and decode counts, and success by question family and by
+question template (seen in training or held out). A mixture agent is evaluated per workflow and
+the summaries combined (combine).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from agentc.data.format import FormatError, render
+from agentc.runtime import agent as agent_dir
+from agentc.util import ordered_map
+from agentc.workflows.base import Workflow, task_seed
+
+FAILURE_KINDS = ("invalid_format", "unknown_tool", "bad_arguments", "tool_timeout", "step_limit", "token_limit",
+                 "wrong_answer")  # token_limit: a turn without a stop token, or the cache full
+
+
+@dataclass
+class Step:
+    kind: str                    # call | answer | invalid
+    reasoning: str = ""
+    tool: str | None = None
+    arguments: dict | None = None
+    observation: str | None = None
+    observation_kind: str | None = None  # ok | tool_error | bad_arguments | unknown_tool | invalid_format | timeout
+    answer: str | None = None
+    tokens: list[int] = field(default_factory=list)  # what the model produced in this step
+    latency_s: float = 0.0       # ingesting the previous observation + decoding this step
+    tool_s: float = 0.0
+
+
+@dataclass
+class EpisodeResult:
+    task_id: str
+    prompt: str
+    success: bool
+    failure: str | None          # one of FAILURE_KINDS: the first thing that went wrong
+    ended: str                   # answer | step_limit | token_limit | invalid_format | tool_timeout
+    answer: str | None
+    reason: str                  # the checker's verdict, or why the episode stopped
+    steps: list[Step]
+    messages: list[dict]         # the OpenAI-format transcript (agentc/data/format.py renders it back)
+    ids: list[int]               # the episode's token stream
+    stats: dict
+    canonical: bool = True       # render(messages) == ids
+    family: str = ""             # the task's question family (workflows draw tasks from families)
+    heldout_template: bool = False  # its question was phrased by a template the train split never uses
+
+
+def canonical(messages: list[dict], ids: list[int], tok) -> bool:
+    """Whether rendering the transcript gives back the episode's exact tokens. Teacher-forced
+    episodes always do (tests/test_infer.py); a model may write a call's JSON with other spacing
+    or split a word into unusual pieces, which its messages then no longer show."""
+    try:
+        return render({"messages": messages}, tok).ids.tolist() == list(ids)
+    except FormatError:
+        return False
+
+
+def eval_tasks(workflow: Workflow, split: str, n: int, seed: int) -> list:
+    """n tasks of `split`; with seed 1 (the default everywhere) none is a task of the training data."""
+    return [workflow.sample_task(split, i, task_seed(seed, workflow.name, split, i)) for i in range(n)]
+
+
+# ----------------------------------------------------------------------------- running episodes
+
+_WORKER: tuple | None = None  # (agent, play) in a worker process
+
+
+def _init_worker(path: str, device: str, workflow: str, attention: str, threads: int, play: Callable) -> None:
+    global _WORKER
+    if threads:
+        torch.set_num_threads(threads)
+    _WORKER = (agent_dir.load(path, device, workflow, attention), play)
+
+
+def _worker_episode(job):
+    agent, play = _WORKER
+    task, i = job
+    return play(agent, task, i)
+
+
+def evaluate(agent: agent_dir.Agent, play: Callable, episodes: int = 200, split: str = "test", seed: int = 1,
+             traces: str | None = None, progress: bool = True, workers: int = 1) -> dict:
+    """Run `episodes` fresh tasks of `split` through play(agent, task, i); write one trace line per
+    episode (in task order) to `traces`; return the summary. workers > 1 runs episodes in that many
+    processes, each loading the agent from agent.path (on a CPU they share torch's threads); every
+    episode is the same as with one worker, its sampling seed included."""
+    from tqdm import tqdm
+    tasks = eval_tasks(agent.workflow, split, episodes, seed)
+    jobs = [(task, i) for i, task in enumerate(tasks)]
+    if workers > 1:
+        if not agent.path:
+            raise ValueError("workers > 1 needs an agent loaded from a directory (each worker loads it)")
+        device = str(next(agent.model.parameters()).device)
+        threads = max(1, torch.get_num_threads() // workers) if device == "cpu" else 0
+        pool = ordered_map(_worker_episode, jobs, workers, _init_worker,
+                           (agent.path, device, agent.workflow.name, agent.model.cfg.attention, threads, play),
+                           start="spawn")  # spawn: no inherited torch threads or CUDA context
+    else:
+        pool = ordered_map(lambda job: play(agent, *job), jobs)
+    results = []
+    trace_file = open(traces, "w") if traces else None
+    bar = tqdm(total=len(tasks), desc=f"eval {agent.workflow.name} {split}", unit="ep", disable=not progress)
+    try:
+        with pool as stream:
+            for r in stream:
+                results.append(r)
+                bar.update()
+                if trace_file:
+                    trace_file.write(json.dumps(asdict(r), ensure_ascii=False) + "\n")
+                    trace_file.flush()
+    finally:
+        bar.close()
+        if trace_file:
+            trace_file.close()
+    return {**summarize(results, split, seed), "workers": max(1, workers)}
+
+
+# ----------------------------------------------------------------------------- summaries
+
+
+def percentile(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, math.ceil(q * len(xs)) - 1))]
+
+
+def summarize(results: list[EpisodeResult], split: str, seed: int) -> dict:
+    n = len(results)
+    latencies = [s.latency_s for r in results for s in r.steps]
+    tot = {k: sum(r.stats[k] for r in results) for k in results[0].stats} if results else {}
+    call_errors = {}
+    for r in results:
+        for s in r.steps:
+            if s.observation_kind not in (None, "ok"):
+                call_errors[s.observation_kind] = call_errors.get(s.observation_kind, 0) + 1
+    return {
+        "episodes": n, "split": split, "seed": seed,
+        "success_rate": sum(r.success for r in results) / max(1, n),
+        "failures": {k: sum(r.failure == k for r in results) for k in FAILURE_KINDS},
+        "errors_in_calls": call_errors,
+        "mean_steps": sum(len(r.steps) for r in results) / max(1, n),
+        "mean_step_latency_s": sum(latencies) / max(1, len(latencies)),
+        "p95_step_latency_s": percentile(latencies, 0.95),
+        "prefill_tokens": tot.get("prefill_tokens", 0),
+        "prefill_tokens_if_reencoded": tot.get("reencode_tokens", 0),
+        "prefill_tokens_saved": tot.get("reencode_tokens", 0) - tot.get("prefill_tokens", 0),
+        "decode_tokens": tot.get("decode_tokens", 0),
+        "decode_tokens_per_s": tot.get("decode_tokens", 0) / max(1e-9, tot.get("decode_s", 0.0)),
+        "mean_tokens_per_episode": sum(len(r.ids) for r in results) / max(1, n),
+        "non_canonical_episodes": sum(not r.canonical for r in results),
+        # [successes, episodes] per question family, and for questions phrased by a template the
+        # train split never saw against the others: where an agent fails, and whether it generalises
+        "by_family": {f: [sum(r.success for r in results if r.family == f), sum(r.family == f for r in results)]
+                      for f in sorted({r.family for r in results})},
+        "by_template": {k: [sum(r.success for r in results if r.heldout_template == held),
+                            sum(r.heldout_template == held for r in results)]
+                        for k, held in (("seen", False), ("heldout", True))},
+    }
+
+
+def combine(per: dict[str, dict]) -> dict:
+    """One summary of several workflows' summaries (a mixture agent): each under `workflows`, the
+    success rate as the mean over workflows (each counts the same, whatever its episodes), failures
+    summed, steps averaged over all episodes."""
+    n = sum(s["episodes"] for s in per.values())
+    rates = {name: s["success_rate"] for name, s in per.items()}
+    return {"workflows": per, "success_rate_by_workflow": rates, "success_rate": sum(rates.values()) / len(rates),
+            "episodes": n, "failures": {k: sum(s["failures"][k] for s in per.values()) for k in FAILURE_KINDS},
+            "mean_steps": sum(s["mean_steps"] * s["episodes"] for s in per.values()) / max(1, n)}
+
+
+def print_summary(s: dict) -> None:
+    if "workflows" in s:
+        print(f"\n{'workflow':<12} {'success':>8}  episodes")
+        for name, w in s["workflows"].items():
+            print(f"{name:<12} {100 * w['success_rate']:>7.1f}%  {w['episodes']}")
+        print(f"{'mean':<12} {100 * s['success_rate']:>7.1f}%")
+        return
+    mode = f" ({s['mode']})" if s.get("mode") else ""
+    print(f"\n{s['episodes']} {s['split']} episodes{mode}: success {100 * s['success_rate']:.1f}%")
+    rows = [("failures", ", ".join(f"{k} {v}" for k, v in s["failures"].items())),
+            ("errors seen in calls", ", ".join(f"{k} {v}" for k, v in s["errors_in_calls"].items()) or "none"),
+            ("mean steps", f"{s['mean_steps']:.2f}"),
+            ("latency per step", f"mean {1e3 * s['mean_step_latency_s']:.1f} ms, "
+                                 f"p95 {1e3 * s['p95_step_latency_s']:.1f} ms"),
+            ("prefill tokens", f"{s['prefill_tokens']:,} (re-encoding would run {s['prefill_tokens_if_reencoded']:,}: "
+                               f"{s['prefill_tokens_saved']:,} saved)"),
+            ("decode", f"{s['decode_tokens']:,} tokens, {s['decode_tokens_per_s']:.0f} tokens/s")]
+    if s.get("by_template", {}).get("heldout", [0, 0])[1]:
+        rows.append(("question templates", ", ".join(f"{k} {a}/{n}" for k, (a, n) in s["by_template"].items())))
+    if len(s.get("by_family", {})) > 1:
+        rows.append(("by family", ", ".join(f"{f} {a}/{n}" for f, (a, n) in s["by_family"].items())))
+    for k, v in rows:
+        print(f"  {k:<22} {v}")
