@@ -50,6 +50,12 @@ def write_json(path: str, obj, indent: int | None = 2) -> None:
     write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
 
 
+def dump_json(obj) -> str:
+    """The one JSON serialisation of tool-call arguments and structured observations: what the
+    workflows write and the token layout (agentc/data/format.py) renders."""
+    return json.dumps(obj, ensure_ascii=False)
+
+
 # ----------------------------------------------------------------------------- arguments
 
 

@@ -21,11 +21,12 @@ N^2 / 2 for a causal row and sum(L^2) / 2 over its documents with document maski
 the forward, so forward+backward is 3.5x. Times are medians of triton.testing.do_bench (CUDA
 events). Before timing, each method's output is checked against ours (relative error recorded).
 
-Writes experiments/results/attention_<device>.json (device, versions, every point) and a plot.
+Writes experiments/results/DATE-attention-DEVICE.json (device, versions, every point) and a plot.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -197,7 +198,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--doc-min", type=int, default=128)
     ap.add_argument("--doc-max", type=int, default=4096)
     ap.add_argument("--smoke", action="store_true", help="CPU plumbing check: tiny shapes, float32, no timing claims")
-    ap.add_argument("--out", default=None, help="JSON path (default experiments/results/attention_<device>.json)")
+    ap.add_argument("--out", default=None, help="JSON path (default experiments/results/DATE-attention-DEVICE.json)")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     if args.smoke:
@@ -223,7 +224,7 @@ def main(argv=None) -> dict:
         "doc_lengths": [args.doc_min, args.doc_max], "goals": goals(rows), "rows": rows,
     }
     slug = "smoke" if args.smoke else dev_name.replace("NVIDIA ", "").replace(" ", "_").lower()
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"attention_{slug}.json")
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{datetime.date.today()}-attention-{slug}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=2)

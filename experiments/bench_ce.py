@@ -16,11 +16,12 @@ Methods (bf16 hidden states and head weight, N rows of which --share carry weigh
 Peak extra memory = the peak allocated during one forward+backward minus what is allocated
 before it (inputs) and minus the gradients it leaves (dh, dW). The logits' size, N x V x 2 bytes,
 is the yardstick (goal: extra under 5% of it). Times are medians of triton.testing.do_bench.
-A method that runs out of memory is recorded as such. Writes experiments/results/ce_<device>.json.
+A method that runs out of memory is recorded as such. Writes experiments/results/DATE-ce-DEVICE.json.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -143,7 +144,7 @@ def main(argv=None) -> dict:
               "python": platform.python_version(), "dtype": str(dtype).replace("torch.", ""), "smoke": args.smoke,
               "rows": rows}
     slug = "smoke" if args.smoke else dev_name.replace("NVIDIA ", "").replace(" ", "_").lower()
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"ce_{slug}.json")
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{datetime.date.today()}-ce-{slug}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=2)

@@ -3,10 +3,11 @@
     python experiments/bench_data.py --workflow sql --n 2000
 
 Runs the three README commands as subprocesses, times each, and writes
-experiments/results/data_<workflow>_<n>.json with the generation rate, tokens per trajectory, the
+experiments/results/DATE-data-WORKFLOW-N.json with the generation rate, tokens per trajectory, the
 trained share, reject counts and the machine it ran on. Never run in CI.
 """
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -65,7 +66,7 @@ def main() -> None:
                     "sentencepiece": version("sentencepiece"), "numpy": version("numpy")},
     }
     os.makedirs(os.path.join(ROOT, "experiments", "results"), exist_ok=True)
-    path = os.path.join(ROOT, "experiments", "results", f"data_{args.workflow}_{args.n}.json")
+    path = os.path.join(ROOT, "experiments", "results", f"{datetime.date.today()}-data-{args.workflow}-{args.n}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
     print(json.dumps(result, indent=2))

@@ -10,11 +10,12 @@ tokens already in the episode:
   reprefill    the whole context re-encoded, then decoding (an orchestration loop)
   tokenwise    the observation one token at a time, then decoding (a plain generate loop)
 Weights are random (speed does not depend on them); tokens are forced, so every run decodes
-exactly --decode tokens. Writes experiments/results/runtime_<device>.json and .png.
+exactly --decode tokens. Writes experiments/results/DATE-runtime-DEVICE-MODEL.json and .png.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -115,7 +116,7 @@ def main():
     ap.add_argument("--decode-speed-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default=None, help="JSON path (default experiments/results/runtime_<device>.json)")
+    ap.add_argument("--out", default=None, help="JSON path (default experiments/results/DATE-runtime-DEVICE-MODEL.json)")
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -145,7 +146,7 @@ def main():
         "precision": str(next(model.parameters()).dtype), "repeats": args.repeats,
     }
     base = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                    f"runtime_{'cuda' if cuda else 'cpu'}_{args.model}.json")
+                                    f"{datetime.date.today()}-runtime-{'cuda' if cuda else 'cpu'}-{args.model}.json")
     with open(base, "w") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {base}")

@@ -6,11 +6,12 @@ step (forward, backward, AdamW) on packed rows, with the attention and loss path
 
 Rows are packed with documents of SQL-trajectory length (lengths drawn around --doc-len) and a
 third of the tokens trained, like real shards; tokens are random (speed does not depend on them).
-Writes experiments/results/train_<model>_<device>_T<seq-len>.json with the device and versions.
+Writes experiments/results/DATE-train-MODEL-DEVICE-TSEQ.json with the device and versions.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -53,7 +54,7 @@ def main():
                          "(a GPU, a CPU with AVX512-BF16 or AMX), else float32")
     ap.add_argument("--attn", default="auto", choices=BACKENDS, help="attention backend (agentc/model/transformer.py)")
     ap.add_argument("--loss", default="auto", choices=LOSSES, help="LM-head loss (agentc/model/transformer.py)")
-    ap.add_argument("--out", default=None, help="JSON path (default: experiments/results/train_...json)")
+    ap.add_argument("--out", default=None, help="JSON path (default: experiments/results/DATE-train-...json)")
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -108,9 +109,10 @@ def main():
         "python": platform.python_version(), "steps": args.steps,
     }
     # the device's usual precision (bf16 on a GPU, fp32 on a CPU) carries no suffix in the file name
-    precision = "" if bf16 == cuda else "_bf16" if bf16 else "_fp32"
+    precision = "" if bf16 == cuda else "-bf16" if bf16 else "-fp32"
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"train_{args.model}_{'cuda' if cuda else 'cpu'}_T{args.seq_len}{precision}.json")
+                                   f"{datetime.date.today()}-train-{args.model}-{'cuda' if cuda else 'cpu'}-T{args.seq_len}"
+                                   f"{precision}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=2)

@@ -6,7 +6,7 @@ into one JSON (with the machine and versions) and one plot:
 
     python infer.py --agent out/sql_mini_s42/step_000850 --eval --episodes 200   # each point you want
     python experiments/compare_runs.py smollm2-120=out/sql_smol smollm2-240=out/sql_smol240 \\
-        scratch-s1337=out/sql_mini scratch-s42=out/sql_mini_s42 --out experiments/results/smollm2_vs_scratch
+        scratch-s1337=out/sql_mini scratch-s42=out/sql_mini_s42 --out experiments/results/2026-12-02-smollm2-vs-scratch
 """
 from __future__ import annotations
 

@@ -6,12 +6,13 @@ cuobjdump and nvdisasm.
     python experiments/kernel_report.py                  # every autotune config, sm_90, bf16
     python experiments/kernel_report.py --quick --head-dim 128
 
-Writes experiments/results/kernel_report_sm<arch>.json. Run it before spending GPU time: a config
+Writes experiments/results/DATE-kernel-report-smARCH.json. Run it before spending GPU time: a config
 that spills (stack > 0) will be slow whatever the tuning.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import contextlib
 import io
 import json
@@ -95,7 +96,7 @@ def main(argv=None) -> list[dict]:
             rows.append(row)
             print(f"ce_rows BV={BV} grad={grad} warps={warps}  regs {row['registers']:3d}  stack {row['stack_bytes']:5d} B", flush=True)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"kernel_report_sm{args.arch}.json")
+                                   f"{datetime.date.today()}-kernel-report-sm{args.arch}.json")
     with open(out, "w") as f:
         json.dump({"arch": args.arch, "dtype": args.dtype, "triton": triton.__version__, "rows": rows}, f, indent=2)
     print(f"wrote {out}")

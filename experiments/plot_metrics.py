@@ -1,6 +1,6 @@
 """Plot train and validation loss of one or more train.py runs from their metrics.jsonl.
 
-    python experiments/plot_metrics.py out/sql_tiny --out experiments/results/sql_tiny_loss.png
+    python experiments/plot_metrics.py out/sql_tiny --out experiments/results/2026-12-05-sql-tiny-loss.png
     python experiments/plot_metrics.py out/a out/b          # several runs on one figure
 
 Needs matplotlib (pip install matplotlib); W&B shows the same curves for runs logged there.

@@ -2,8 +2,8 @@
 # One prepared GPU check, at most 10 minutes on one H100/H200: the kernel tests on the GPU (every
 # shape, the large GPU-only ones included), then the four benchmarks, each under its own time
 # limit so that one that hangs cannot take the others with it. Every result is a JSON file in
-# RESULTS (default experiments/results/), with the device and the versions; gpu_check.json says
-# which step passed, failed or ran out of time, with the tail of its log.
+# RESULTS (default experiments/results/, named DATE-gpu-...) with the device and the versions;
+# DATE-gpu-check.json says which step passed, failed or ran out of time, with its log's tail.
 #
 #   bash runs/gpu_check.sh                      # on the GPU machine
 #   bash runs/gpu_check.sh --dry-run            # CPU: the same steps, smallest shapes, Triton's
@@ -49,6 +49,7 @@ else
     fi
 fi
 mkdir -p "$RESULTS"
+DATE=$(date +%F)  # results are named by date and a slug
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 LOGS=$(mktemp -d)
 STEPS=()
@@ -86,16 +87,16 @@ else
     step tests 170 $PY -m pytest -q -p no:cacheprovider -m "slow or not slow" -k "not runs_end_to_end" \
         tests/test_flash_attention.py tests/test_masked_ce.py tests/test_model.py
     step attention 120 $PY experiments/bench_attention.py --seq 2048 8192 32768 --head-dim 128 \
-        --out "$RESULTS/attention_gpu.json"
+        --out "$RESULTS/$DATE-gpu-attention.json"
     step ce 100 $PY experiments/bench_ce.py --n 32768 --d 2048 4096 --vocab 32768 131072 --share 0.3 \
-        --out "$RESULTS/ce_gpu.json"
+        --out "$RESULTS/$DATE-gpu-ce.json"
     step train 90 $PY experiments/bench_train.py --model=125m --seq-len=4096 --batch-size=8 --steps=10 --warmup=3 \
-        --out "$RESULTS/train_125m_gpu.json"
-    step runtime 90 $PY experiments/bench_runtime.py --model=125m --device=cuda --out "$RESULTS/runtime_gpu.json"
+        --out "$RESULTS/$DATE-gpu-train-125m.json"
+    step runtime 90 $PY experiments/bench_runtime.py --model=125m --device=cuda --out "$RESULTS/$DATE-gpu-runtime-125m.json"
 fi
 
 # the summary: one JSON with the machine, the versions, and each step's status and log tail
-SUMMARY="$RESULTS/gpu_check.json"
+SUMMARY="$RESULTS/$DATE-gpu-check.json"
 [ $MODE = dry ] && SUMMARY="$RESULTS/gpu_check_dry.json"
 $PY - "$SUMMARY" "$LOGS" "$MODE" "${STEPS[@]}" <<'EOF'
 import json, os, platform, sys

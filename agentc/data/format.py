@@ -47,6 +47,8 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from agentc.util import dump_json  # noqa: F401 (the layout's JSON; workflows use it too)
+
 LAYOUT_VERSION = 1
 
 PAD, BEGIN = "<|pad|>", "<|begin|>"
@@ -63,11 +65,6 @@ STOP_TOKENS = (CALL_END, END)                 # decoding stops after these
 
 SOURCES = ("template", "user", "tool", "model", "pad")
 SRC_TEMPLATE, SRC_USER, SRC_TOOL, SRC_MODEL, SRC_PAD = range(len(SOURCES))
-
-
-def dump_json(obj: Any) -> str:
-    """The one JSON serialisation of tool-call arguments and structured observations."""
-    return json.dumps(obj, ensure_ascii=False)
 
 
 class FormatError(ValueError):

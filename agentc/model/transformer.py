@@ -263,10 +263,9 @@ def resolve_backend(name: str, device, kind: str = "attention") -> str:
 
 
 def native_bf16(device) -> bool:
-    """Whether --dtype=auto trains `device` under bfloat16 autocast: on CUDA always (as before: the
-    GPUs we target, Ampere and later, multiply bfloat16 natively), on a CPU when it has AVX512-BF16
-    or AMX (where oneDNN runs the mini model's products about 3x faster than float32; without them
-    bfloat16 is emulated and slower)."""
+    """Whether --dtype=auto trains `device` under bfloat16 autocast: on CUDA always (the GPUs we
+    target, Ampere and later, multiply bfloat16 natively), on a CPU when it has AVX512-BF16 or AMX,
+    where oneDNN's bfloat16 products beat float32; without them bfloat16 is emulated and slower."""
     if str(device).startswith("cuda"):
         return True
     for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):  # private torch probes
@@ -319,8 +318,7 @@ def _attend_sdpa(q, k, v, docs: Documents) -> torch.Tensor:
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
     if docs.ids is not None and docs.window is None and docs.q_offset == 0 and not q.is_cuda and DOC_LOOP_ON_CPU:
         # split, not slicing: the backward of a split is one concatenation, while every slice's
-        # backward writes its gradient into a fresh zero tensor of the whole row (mini on 2 cores: 1.89 ->
-        # 1.64 s per step, experiments/bench_train.py)
+        # backward writes its gradient into a fresh zero tensor of the whole row
         # float32 even under bfloat16 autocast: no slower than the CPU kernel's bfloat16 path (whose
         # backward is the slow part), and the attention scores keep float32 precision
         dtype = q.dtype

@@ -32,7 +32,7 @@ from typing import Any, Callable, Generator, Literal, Union
 
 import jsonschema
 
-from agentc.data.format import dump_json
+from agentc.util import dump_json
 
 # Observations longer than this are cut with a visible marker. The runtime calls tools through
 # Environment.call too, so training data and deployment see the same policy.
