@@ -86,7 +86,7 @@ else
     # benchmarks are left to the steps below, which run them for real)
     step tests 170 $PY -m pytest -q -p no:cacheprovider -m "slow or not slow" -k "not runs_end_to_end" \
         tests/test_flash_attention.py tests/test_masked_ce.py tests/test_model.py
-    step attention 120 $PY experiments/bench_attention.py --seq 2048 8192 32768 --head-dim 128 \
+    step attention 120 $PY experiments/bench_attention.py --seq 2048 16384 --head-dim 128 \
         --out "$RESULTS/$DATE-gpu-attention.json"
     step ce 100 $PY experiments/bench_ce.py --n 32768 --d 2048 4096 --vocab 32768 131072 --share 0.3 \
         --out "$RESULTS/$DATE-gpu-ce.json"
