@@ -267,8 +267,6 @@ if train_loader.steps_per_epoch == 0:
 if val_loader and (val_loader.seq_len, val_loader.vocab_size) != (seq_len, train_loader.vocab_size):
     raise SystemExit(f"--val-data has rows of {val_loader.seq_len} tokens over {val_loader.vocab_size} ids; "
                      f"--data has {seq_len} over {train_loader.vocab_size}: pack both with the same tokenizer")
-if val_loader and val_loader.n_rows < world:
-    raise SystemExit(f"train.py: {args.val_data} has {val_loader.n_rows} rows, fewer than the {world} ranks")
 max_steps = args.max_steps or max(1, int(args.epochs * train_loader.steps_per_epoch))
 if saved and saved["step"] >= max_steps:
     log(f"{resume_dir} is at step {saved['step']} of {max_steps}: nothing left to train")

@@ -134,10 +134,11 @@ class Loader:
             yield self.next_batch()
 
     def pass_rows(self) -> np.ndarray:
-        """The rows this rank reads in one_pass(): every rank gets the same number (so collective
-        calls stay in step); the last n_rows % world_size rows are left out."""
-        usable = self.n_rows - self.n_rows % self.world_size
-        return np.arange(usable)[self.rank::self.world_size]
+        """The rows this rank reads in one_pass(): rows rank, rank + world_size, ..., so the ranks
+        cover every row once between them (some may read one row more than others). Validation
+        sums its loss locally and all-reduces once, so its result is the same for any number of
+        ranks."""
+        return np.arange(self.n_rows)[self.rank::self.world_size]
 
     def one_pass(self) -> Iterator[Batch]:
         """pass_rows() once, in file order, for validation; the last batch may be smaller. Does
