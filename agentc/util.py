@@ -37,12 +37,17 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         raise
 
 
+def write_bytes(path: str, data: bytes) -> None:
+    """`data` into `path`, atomically."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+    atomic_write(path, write)
+
+
 def write_text(path: str, text: str) -> None:
     """`text` into `path`, atomically (UTF-8)."""
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-    atomic_write(path, write)
+    write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path: str, obj, indent: int | None = 2) -> None:

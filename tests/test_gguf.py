@@ -20,7 +20,8 @@ gguf = pytest.importorskip("gguf")
 
 from agentc.data.bpe import BPETokenizer, build_from_gguf  # noqa: E402
 from agentc.data.format import SPECIAL_TOKENS  # noqa: E402
-from agentc.model.gguf_io import (dequantize, export_gguf, find_gguf, load_gguf, permute_rows, read_metadata,  # noqa: E402
+from agentc.data.gguf_file import find_gguf, read_metadata  # noqa: E402
+from agentc.model.gguf_io import (dequantize, export_gguf, load_gguf, permute_rows,  # noqa: E402
                                   unpermute_rows)
 from agentc.model.transformer import ModelConfig, Transformer  # noqa: E402
 

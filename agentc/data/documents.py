@@ -17,9 +17,10 @@ def document_ids(doc_offsets: torch.Tensor, B: int, T: int) -> torch.Tensor:
     return (torch.searchsorted(doc_offsets.long(), tok, right=True) - 1).view(B, T)
 
 
-def positions(doc_offsets: torch.Tensor, B: int, T: int) -> torch.Tensor:
-    """(B, T) int64 positions that restart at 0 at every document."""
-    ids = document_ids(doc_offsets, B, T)
+def positions(doc_offsets: torch.Tensor, B: int, T: int, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) int64 positions that restart at 0 at every document; ids: document_ids(), when the
+    caller has them already."""
+    ids = document_ids(doc_offsets, B, T) if ids is None else ids
     return torch.arange(B * T, device=ids.device).view(B, T) - doc_offsets.long()[ids]
 
 

@@ -47,7 +47,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from agentc.util import dump_json  # noqa: F401 (the layout's JSON; workflows use it too)
+from agentc.util import dump_json  # the one JSON of calls and observations, shared with the workflows
 
 LAYOUT_VERSION = 1
 

@@ -23,7 +23,7 @@ from collections import Counter
 
 from tqdm import tqdm
 
-from agentc.util import ordered_map, parse_kv
+from agentc.util import ordered_map, parse_kv, write_json
 from agentc.workflows.base import SPLITS, Workflow, load_workflow, run_teacher, task_seed
 
 _WF: Workflow | None = None  # one workflow object per worker process
@@ -150,8 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"resuming {partial}: {len(kept)} trajectories kept so far, continuing after index {done}")
     elif os.path.exists(partial):
         print(f"note: overwriting an earlier {partial} (pass --resume to continue it)", file=sys.stderr)
-    with open(run_path, "w") as f:
-        json.dump(run, f)
+    write_json(run_path, run)
     # Rewrite the partial files from what was read, so a torn last line is dropped.
     with open(partial, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in kept)
@@ -197,8 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
              "kept_per_s": round((n_kept - n_kept_before) / max(elapsed, 1e-9), 1),
              "workers": args.workers, "test_share": args.test_share,
              "heldout_template_share": args.heldout_template_share}
-    with open(args.out + ".stats.json", "w") as f:
-        json.dump(stats, f, indent=2)
+    write_json(args.out + ".stats.json", stats)
     print(f"wrote {args.out}: {n_kept} trajectories kept, {n_rej} rejected attempts"
           f"{' ' + str(stats['reject_kinds']) if n_rej else ''}, {lost} tasks lost; "
           f"{stats['kept_per_s']} trajectories/s with {args.workers} workers; "

@@ -39,7 +39,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from agentc.data.format import SPECIAL_TOKENS, dump_json
-from agentc.util import atomic_write
+from agentc.util import write_bytes
 
 SPACE_MARK = "\u2581"  # sentencepiece's whitespace symbol
 PRESPLIT = "<|presplit:words-v1|>"  # marks a model trained on WORDS chunks (see the module docstring)
@@ -227,12 +227,7 @@ def extend(base_path: str, out_path: str) -> list[int]:
         proto.pieces.append(sp_pb2.ModelProto.SentencePiece(
             piece=t, score=0.0, type=sp_pb2.ModelProto.SentencePiece.CONTROL))
         new_ids.append(len(proto.pieces) - 1)
-    blob = proto.SerializeToString()
-
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            f.write(blob)
-    atomic_write(out_path, write)
+    write_bytes(out_path, proto.SerializeToString())
     return new_ids
 
 

@@ -88,13 +88,13 @@ def _tensors_to_write(model: nn.Module, dtype: torch.dtype | None) -> dict[str, 
     return out
 
 
-def _describe(names, limit: int = 8) -> str:
+def describe(names, limit: int = 8) -> str:
     names = sorted(names)
     more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
 
 
-def _build(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], source: str) -> Transformer:
+def build(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], source: str) -> Transformer:
     """A Transformer holding exactly these tensors. Built on the meta device (no memory, no random
     init) and then given the tensors with assign=True, so a 7B model is never initialised just
     to be overwritten. The tensors must already be on the target device and dtype."""
@@ -103,16 +103,16 @@ def _build(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], source: str) -
     expected = {k: v.shape for k, v in model.state_dict().items()}
     missing, unexpected = set(expected) - set(state_dict), set(state_dict) - set(expected)
     if missing or unexpected:
-        raise ValueError(f"{source}: tensors do not match the config. missing: [{_describe(missing)}]; "
-                         f"unexpected: [{_describe(unexpected)}]")
+        raise ValueError(f"{source}: tensors do not match the config. missing: [{describe(missing)}]; "
+                         f"unexpected: [{describe(unexpected)}]")
     wrong = [f"{k} {tuple(state_dict[k].shape)} (config says {tuple(s)})"
              for k, s in expected.items() if state_dict[k].shape != s]
     if wrong:
-        raise ValueError(f"{source}: tensor shapes do not match the config: {_describe(wrong)}")
+        raise ValueError(f"{source}: tensor shapes do not match the config: {describe(wrong)}")
     model.load_state_dict(state_dict, assign=True)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:  # a buffer added to the model later would need building here
-        raise RuntimeError(f"{source}: still on the meta device after loading: {_describe(left)}")
+        raise RuntimeError(f"{source}: still on the meta device after loading: {describe(left)}")
     return model
 
 
@@ -145,7 +145,7 @@ def load(directory: str, device="cpu", dtype: torch.dtype | None = torch.float32
         raise FileNotFoundError(f"no model.safetensors in {directory}")
     with safe_open(path, framework="pt", device="cpu") as f:
         sd = {k: _cast(f.get_tensor(k), device, dtype) for k in f.keys()}
-    return _build(cfg, sd, path)
+    return build(cfg, sd, path)
 
 
 def load_any(path: str, device="cpu", dtype: torch.dtype | None = torch.float32) -> Transformer:
@@ -296,15 +296,15 @@ def import_hf(directory: str, device="cpu", dtype: torch.dtype | None = torch.fl
     missing = set(ours) - set(where)
     unexpected = {k for k in where if k not in ours and not ignored(k)}
     if missing or unexpected:
-        raise ValueError(f"{directory}: weights do not match config.json. missing: [{_describe(missing)}]; "
-                         f"unexpected: [{_describe(unexpected)}]")
+        raise ValueError(f"{directory}: weights do not match config.json. missing: [{describe(missing)}]; "
+                         f"unexpected: [{describe(unexpected)}]")
     sd = {}
     for path in sorted(set(where.values())):  # one file open at a time; tensors cast as they come
         with safe_open(path, framework="pt", device="cpu") as f:
             for k in f.keys():
                 if k in ours:
                     sd[ours[k]] = _cast(f.get_tensor(k), device, dtype)
-    return _build(cfg, sd, directory)
+    return build(cfg, sd, directory)
 
 
 # ----------------------------------------------------------------------------- Hugging Face export

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from agentc.data.gguf_file import KNOWN_GGUF, find_gguf, gguf_module, is_gguf, read_metadata  # noqa: F401
+from agentc.data.gguf_file import find_gguf, gguf_module, read_metadata
 from agentc.model.transformer import ModelConfig, Transformer
 from agentc.util import atomic_write
 
@@ -120,7 +120,7 @@ def dequantize(tensor) -> torch.Tensor:
 def load_gguf(path: str, device="cpu", dtype: torch.dtype = torch.float32) -> tuple[Transformer, dict]:
     """(model, metadata) from a Llama-family GGUF file: every tensor dequantized, q and k rows put
     back in our rotary order, names mapped, the config built from the metadata."""
-    from agentc.model.checkpoint import _build, _describe
+    from agentc.model.checkpoint import build, describe
     gguf = gguf_module()
     reader = gguf.GGUFReader(find_gguf(path))
     meta = read_metadata(reader)
@@ -129,7 +129,7 @@ def load_gguf(path: str, device="cpu", dtype: torch.dtype = torch.float32) -> tu
     names = gguf_key_map(cfg)
     unknown = set(tensors) - set(names.values())
     if unknown:
-        raise ValueError(f"{path}: tensors this model has no place for: {_describe(unknown)}")
+        raise ValueError(f"{path}: tensors this model has no place for: {describe(unknown)}")
     state = {}
     for ours, theirs in names.items():
         if theirs not in tensors:
@@ -140,7 +140,7 @@ def load_gguf(path: str, device="cpu", dtype: torch.dtype = torch.float32) -> tu
         elif ours.endswith(("attn.wk.weight", "attn.wk.bias")):
             w = unpermute_rows(w, cfg.n_kv_heads)
         state[ours] = w.to(device=device, dtype=dtype)
-    return _build(cfg, state, path), meta
+    return build(cfg, state, path), meta
 
 
 # ----------------------------------------------------------------------------- export

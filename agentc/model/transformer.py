@@ -198,7 +198,8 @@ class Documents:
         # a document never spans two rows: every row start must be a boundary
         if not torch.isin(torch.arange(0, B * T, T, device=device), off).all():
             raise ValueError("doc_offsets must contain every row start (0, T, 2T, ...)")
-        return cls(doc_offsets, documents.positions(off, B, T), documents.document_ids(off, B, T), window)
+        ids = documents.document_ids(off, B, T)
+        return cls(doc_offsets, documents.positions(off, B, T, ids), ids, window)
 
     def spans(self) -> list[tuple[int, int, int]]:
         """(row, start, end) of every document, as Python ints (computed once per forward)."""

@@ -79,19 +79,20 @@ def read_meta(path: str) -> dict:
     return meta
 
 
-def tokenizer(path: str) -> Tokenizer:
-    """The tokenizer the agent at `path` carries, checked against the fingerprint it was trained with."""
+def tokenizer(path: str, meta: dict | None = None) -> Tokenizer:
+    """The tokenizer the agent at `path` carries, checked against the fingerprint it was trained
+    with (meta: its agent.json, when the caller has read it)."""
     path = resolve(path)
     names = [n for n in AGENT_TOKENIZER_FILES if os.path.isfile(os.path.join(path, n))]
     if not names:
         raise FileNotFoundError(f"{path} is not a compiled agent: it has no tokenizer "
                                 f"({' or '.join(AGENT_TOKENIZER_FILES)})")
     tok = load_tokenizer(os.path.join(path, names[0]))
-    meta_file = os.path.join(path, "agent.json")
-    if os.path.isfile(meta_file):
-        want = (read_meta(path).get("tokenizer") or {}).get("fingerprint")
-        if want and want != tok.fingerprint:
-            raise ValueError(f"{tok.path} is not the tokenizer the agent was trained with")
+    if meta is None and os.path.isfile(os.path.join(path, "agent.json")):
+        meta = read_meta(path)
+    want = ((meta or {}).get("tokenizer") or {}).get("fingerprint")
+    if want and want != tok.fingerprint:
+        raise ValueError(f"{tok.path} is not the tokenizer the agent was trained with")
     return tok
 
 
@@ -123,7 +124,7 @@ def load(path: str, device="cpu", workflow: str | None = None, attention: str = 
     resolve_backend(attention, device)  # refuse one that cannot run there before loading anything
     path = resolve(path)
     meta = read_meta(path)
-    tok = tokenizer(path)
+    tok = tokenizer(path, meta)
     flows = meta.get("workflows") or []
     if not flows:
         raise ValueError(f"{path}/agent.json names no workflow")
