@@ -13,6 +13,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from agentc.data import generate, tokenizer
+from agentc.workflows import sandbox
+
+# The code workflow refuses to run model code without OS isolation (CI installs bubblewrap). Where
+# none works, its tests run unisolated rather than fail (tests/test_sandbox.py skips its battery).
+if sandbox.isolation() is None:
+    os.environ["AGENTC_UNSAFE_SANDBOX"] = "1"
+    sandbox._unsafe = True
 
 
 def _corpus(d, workflow: str, n: int, vocab_size: int) -> dict:

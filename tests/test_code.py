@@ -24,13 +24,14 @@ CASES = [{"args": [[1, 5, 3]], "expected": [5]}, {"args": [[]], "expected": []}]
     ("def f(xs):\n    return [x for x in xs if x > 3]\n", None, [True, True]),
     ("def f(xs):\n    print('noise')\n    return [x for x in xs if x >= 3]\n", None, [False, True]),
     ("def f(xs):\n    return xs[0]\n", None, [False, "IndexError"]),
-    ("def f(xs):\n    while True:\n        pass\n", "the test run died: ran out of CPU time", []),
+    ("def f(xs):\n    while True:\n        pass\n", "ran out of CPU time", []),
     ("def f(xs):\n    return [0] * 10**10\n", None, ["MemoryError"] * 2),
     ("import socket\ndef f(xs):\n    socket.create_connection(('127.0.0.1', 9))\n", None,
      ["PermissionError: sandbox: socket"] * 2),
     ("import subprocess\ndef f(xs):\n    subprocess.run(['true'])\n", None, ["PermissionError: sandbox: subprocess"] * 2),
     ("import os\ndef f(xs):\n    os.system('true')\n", None, ["PermissionError: sandbox: os.system"] * 2),
-    ("def f(xs):\n    open('/tmp/agentc-sandbox-escape', 'w')\n", None, ["PermissionError: sandbox: writing"] * 2),
+    ("def f(xs):\n    open('/usr/agentc-sandbox-escape', 'w')\n", None, ["PermissionError: sandbox: writing"] * 2),
+    ("def f(xs):\n    open('/tmp/agentc-sandbox-escape', 'w')\n", None, [False, False]),
     ("def f(xs):\n    open('scratch.txt', 'w').write('ok')\n    return [5] if xs else []\n", None, [True, True]),
     ("def g(xs):\n    return []\n", "does not define a function f", []),
     ("def f(xs:\n    return []\n", "SyntaxError", []),
@@ -47,7 +48,7 @@ def test_sandbox(source, error, results):
                 assert not got["ok"] and got["raised"].startswith(want), got
     else:
         assert error in report.error and not report.ok
-    assert not os.path.exists("/tmp/agentc-sandbox-escape")
+    assert not os.path.exists("/tmp/agentc-sandbox-escape") and not os.path.exists("/usr/agentc-sandbox-escape")
 
 
 def test_sandbox_output_does_not_confuse_the_report():

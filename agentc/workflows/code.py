@@ -2,8 +2,8 @@
 
 A task asks for one function of one argument (its name, and a behaviour whose constants are drawn
 per task). Tools: show_tests (the visible examples) and test_solution (save solution.py and run
-the visible tests in workflows/sandbox.py: a subprocess with CPU, memory and time limits, a
-temporary directory, no network). The checker runs hidden tests, edge cases included, on the last
+the visible tests in agentc/workflows/sandbox.py: a child process under OS isolation, seccomp and
+rlimits, whose outputs are compared here). The checker runs hidden tests, edge cases included, on the last
 solution submitted. Twelve families; function names and most constants come from split pools, so a
 test task never asks for a train task's function.
 
@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from agentc.workflows.base import (Answer, Call, Environment, Mistake, Resample, Task, ToolError, Verdict, Workflow,
                                    draw_family, resample, split_pool, tool)
-from agentc.workflows.sandbox import run_tests
+from agentc.workflows.sandbox import require, run_tests
 
 VERBS = "pick keep take find get make count total scan select grab collect gather build fold".split()
 NOUNS = "items values parts chunks bits entries pieces points marks terms scores tokens cells rows".split()
@@ -281,6 +281,10 @@ class CodeWorkflow(Workflow):
 source of solution.py with test_solution; it runs the tests in a sandbox and shows every failure.
 Read the failures, fix the code and submit again until all tests pass, then reply with a short
 confirmation. Hidden tests with edge cases decide whether the function is right."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sandbox = require()  # refuse at once, not at the first tool call, where isolation is missing
 
     def _build(self, split: str, index: int, seed: int) -> tuple[Task, Spec]:
         rng = random.Random(seed)
