@@ -11,6 +11,7 @@ import uuid
 import pytest
 
 from agentc.workflows import sandbox
+from agentc.workflows.base import load_workflow
 from agentc.workflows.sandbox import BACKENDS, SandboxUnavailable, run_calls, run_tests
 
 AVAILABLE = [b for b in BACKENDS if sandbox._works(b)]
@@ -168,45 +169,50 @@ def test_backend_runs_honest_code_with_seccomp(backend):
     assert run_tests(src, "f", CASES, isolate=backend).ok
 
 
-def test_battery_is_not_vacuous(host):
+@pytest.fixture
+def unsafe(monkeypatch):
+    """Unisolated runs allowed for one test."""
+    monkeypatch.setattr(sandbox, "_unsafe", True)
+
+
+def test_battery_is_not_vacuous(host, unsafe):
     """Without isolation or the hook, what the namespaces stop does work: the attempts are real."""
-    sandbox.allow_unsafe(True)
-    try:
-        for name, want in [("read host files", "repository file"), ("read other processes' environment", "secret")]:
-            outs = run_calls(battery(*host)[name], "f", [[1]], isolate=None, hook=False)
-            assert want in outs.outputs[0]["value"], (name, outs)
-    finally:
-        sandbox.allow_unsafe(False)
+    for name, want in [("read host files", "repository file"), ("read other processes' environment", "secret")]:
+        outs = run_calls(battery(*host)[name], "f", [[1]], isolate=None, hook=False)
+        assert want in outs.outputs[0]["value"], (name, outs)
 
 
-def test_messages_for_honest_mistakes():
+def test_messages_for_honest_mistakes(unsafe):
     backend = AVAILABLE[0] if AVAILABLE else None
-    if backend is None:
-        sandbox.allow_unsafe(True)
-    try:
-        loop = run_tests("def f(x):\n    while True:\n        pass\n", "f", CASES, isolate=backend)
-        assert loop.error == "ran out of CPU time (an endless loop?)"
-        sleep = run_tests("import time\ndef f(x):\n    time.sleep(60)\n", "f", CASES, timeout=1, isolate=backend)
-        assert sleep.error.startswith("timed out after 1 s")
-        bad = run_tests("def f(x):\n    return x\n", "f", CASES + [{"args": [0], "expected": 0}], isolate=backend)
-        assert bad.passed == 1 and [r["got"] for r in bad.results] == [3, 5, 7, 0]
-        short = run_tests("import __main__\n__main__.request['calls'].pop()\ndef f(x):\n    return 2 * x\n",
-                          "f", CASES, isolate=backend)
-        assert short.error == "the test run returned 2 results for 3 calls"
-    finally:
-        if backend is None:
-            sandbox.allow_unsafe(False)
+    loop = run_tests("def f(x):\n    while True:\n        pass\n", "f", CASES, isolate=backend)
+    assert loop.error == "ran out of CPU time (an endless loop?)"
+    sleep = run_tests("import time\ndef f(x):\n    time.sleep(60)\n", "f", CASES, timeout=1, isolate=backend)
+    assert sleep.error.startswith("timed out after 1 s")
+    bad = run_tests("def f(x):\n    return x\n", "f", CASES + [{"args": [0], "expected": 0}], isolate=backend)
+    assert bad.passed == 1 and [r["got"] for r in bad.results] == [3, 5, 7, 0]
+    short = run_tests("import __main__\n__main__.request['calls'].pop()\ndef f(x):\n    return 2 * x\n",
+                      "f", CASES, isolate=backend)
+    assert short.error == "the test run returned 2 results for 3 calls"
 
 
 def test_refuses_without_isolation_unless_allowed(monkeypatch):
     monkeypatch.setattr(sandbox, "isolation", lambda: None)
     monkeypatch.setattr(sandbox, "_unsafe", False)
+    monkeypatch.setenv("AGENTC_UNSAFE_SANDBOX", "0")
     with pytest.raises(SandboxUnavailable, match="bubblewrap.*--unsafe-sandbox"):
         run_tests("def f(x):\n    return 2 * x\n", "f", CASES)
+    with pytest.raises(SandboxUnavailable):
+        load_workflow("code")                      # the workflow refuses at once, before any tool call
     with pytest.warns(UserWarning, match="without OS isolation"):
         sandbox.allow_unsafe(True)
-    try:
-        report = run_tests("def f(x):\n    return 2 * x\n", "f", CASES)
-        assert report.ok
-    finally:
-        sandbox.allow_unsafe(False)
+    assert os.environ["AGENTC_UNSAFE_SANDBOX"] == "1"   # worker processes inherit the choice
+    assert run_tests("def f(x):\n    return 2 * x\n", "f", CASES).ok
+    assert load_workflow("code").sandbox == "none"
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the seccomp filter is written for x86-64")
+@pytest.mark.parametrize("name", ["sockets", "new processes", "ctypes", "raise the limits"])
+def test_seccomp_alone_stops_sockets_and_processes(name, host, unsafe):
+    """No namespaces and no audit hook: the child's seccomp filter (and rlimits) still hold."""
+    outs = run_calls(battery(*host)[name], "f", [[1]], isolate=None, hook=False)
+    assert outs.seccomp and outs.outputs == [{"value": []}], outs
