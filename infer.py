@@ -34,8 +34,9 @@ from agentc.model.transformer import BACKENDS, resolve_backend
 from agentc.runtime import agent as agent_dir
 from agentc.runtime.agent import Agent
 from agentc.runtime.evaluate import EpisodeResult, Step, canonical, combine, eval_tasks, evaluate, print_summary
-from agentc.util import write_json
+from agentc.util import ArgumentParser, run_main, write_json
 from agentc.workflows.base import Observation, Workflow
+from agentc.workflows import sandbox
 
 # ----------------------------------------------------------------------------- the engine
 
@@ -54,6 +55,11 @@ def cut_tokens(text: str, tok: Tokenizer, budget: int) -> str:
 
 
 MODES = ("incremental", "reprefill", "tokenwise")
+
+
+class BadLogits(ValueError):
+    """Logits no token can be sampled from: NaN, +inf, or -inf for every token the layout allows
+    (a numerically broken model; the runtime reports it as a bad_logits failure)."""
 
 
 class Engine:
@@ -92,6 +98,7 @@ class Engine:
         self.ids: list[int] = []    # the sequence the cache holds
         self.pending: list[int] = []  # a sampled stop token, fed with whatever follows it
         self.full = False           # decode() stopped because the cache is full
+        self.bad_logits: str | None = None  # why decode() stopped on logits it cannot sample from
         self.record, self.logits = record, []
         # prefill: injected tokens run in chunks (a sampled stop token rides with the next chunk);
         # reencode: what an orchestration loop would prefill; forward: every token through the model
@@ -138,12 +145,15 @@ class Engine:
 
     def sample(self, logits: torch.Tensor, opened: int | None = None) -> int:
         """A token from the next-token logits; `opened`: the <|call|> or <|answer|> this turn has
-        opened, if any (it decides which special tokens may come)."""
+        opened, if any (it decides which special tokens may come). Raises BadLogits."""
         logits = logits.clone()
         logits[self.banned[opened]] = -math.inf
+        top = logits.max()  # NaN if any allowed logit is NaN
+        if not torch.isfinite(top):
+            raise BadLogits(f"the model's logits are not finite numbers (the largest allowed is {top.item()})")
         if self.temperature <= 0:
             return int(logits.argmax())
-        probs = torch.softmax(logits / self.temperature, dim=-1).cpu()
+        probs = torch.softmax((logits - top) / self.temperature, dim=-1).cpu()  # largest 0: nothing overflows
         if self.top_p < 1:  # nucleus: the smallest set of tokens whose mass reaches top_p
             p, order = probs.sort(descending=True)
             keep = p.cumsum(0) - p < self.top_p
@@ -157,7 +167,11 @@ class Engine:
         t0 = time.perf_counter()
         try:
             while len(out) < max_new:
-                nxt = policy(logits) if policy else self.sample(logits, opened)
+                try:
+                    nxt = policy(logits) if policy else self.sample(logits, opened)
+                except BadLogits as e:
+                    self.bad_logits = str(e)
+                    break
                 out.append(nxt)
                 if nxt in self.openers:
                     opened = nxt
@@ -254,12 +268,18 @@ def run_episode(agent: Agent, task, engine: Engine, max_steps: int = 16, max_new
         t.begin(system)
         t.user(task.prompt)
         t0 = time.perf_counter()
-        logits = engine.feed(t.ids, first=True)
-        for n in range(max_steps):
+        try:
+            logits = engine.feed(t.ids, first=True)
+        except CacheFull as e:  # the prompt alone outgrows the cache: no turn can start
+            logits, ended, reason = None, "token_limit", str(e)
+        for n in range(max_steps if logits is not None else 0):
             out = engine.decode(logits, max_new_tokens, policy, lambda ids: emit("token", ids))
             t.sampled(out)
             step = Step("invalid", tokens=out, latency_s=time.perf_counter() - t0)
             steps.append(step)
+            if engine.bad_logits:
+                ended, reason = "bad_logits", engine.bad_logits
+                break
             if not out or out[-1] not in engine.stop:  # the turn ran out of tokens or of cache
                 ended = "token_limit"
                 reason = "the cache is full" if engine.full else f"no stop token within {max_new_tokens} tokens"
@@ -368,8 +388,8 @@ def stream_episode(agent: Agent, prompt: str, seed: int, split: str, engine: Eng
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = ArgumentParser(prog="infer.py", description=__doc__.split("\n")[0],
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--agent", required=True, help="compiled agent directory (or a train.py --out directory)")
     ap.add_argument("--workflow", default=None, help="which of the agent's workflows (default: its first); "
                     "with --eval, 'all' evaluates each of them and reports success per workflow")
@@ -394,7 +414,26 @@ def main(argv=None):
                     "CPU they share the threads, which suits small models whose decoding is Python-bound")
     ap.add_argument("--out", default=None, help="summary JSON (default AGENT/eval_SPLIT_MODE.json)")
     ap.add_argument("--traces", default=None, help="one JSON line per episode (default AGENT/traces_SPLIT_MODE.jsonl)")
+    ap.add_argument("--unsafe-sandbox", action="store_true",
+                    help="run model-written code (the code workflow) even where no OS isolation works")
     args = ap.parse_args(argv)
+    if args.unsafe_sandbox:
+        sandbox.allow_unsafe()
+    for name, low in (("episodes", 1), ("max_steps", 1), ("max_new_tokens", 1), ("max_len", 2),
+                      ("observation_tokens", 1), ("threads", 0), ("workers", 1), ("temperature", 0)):
+        if getattr(args, name) < low:
+            ap.error(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
+    if not args.tool_timeout > 0:
+        ap.error(f"--tool-timeout must be positive, got {args.tool_timeout}")
+    if not 0 < args.top_p <= 1:
+        ap.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    for name in ("out", "traces"):
+        if getattr(args, name) and os.path.isdir(getattr(args, name)):
+            ap.error(f"--{name} {getattr(args, name)} is a directory; give a file to write")
+    kind = args.device.split(":")[0]
+    if kind not in ("cpu", "cuda") or (kind == "cuda" and not torch.cuda.is_available()):
+        ap.error(f"--device {args.device}: " + ("no CUDA GPU is available here" if kind == "cuda"
+                                                else "expected cpu or cuda"))
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.eval and args.task is None:
@@ -439,4 +478,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "infer.py")

@@ -46,7 +46,8 @@ from agentc.model.transformer import (BACKENDS, LOSSES, PRESETS, ModelConfig, Tr
                                       peak_flops, resolve_backend)
 from agentc.runtime import agent as agent_dir
 from agentc.runtime.evaluate import combine, evaluate as evaluate_agent
-from agentc.util import atomic_write, parse_kv, write_text
+from agentc.util import ArgumentParser, atomic_write, parse_kv, read_json, report_errors, write_text
+from agentc.workflows import sandbox
 from infer import play_episode
 
 # ----------------------------------------------------------------------------- flags
@@ -69,8 +70,9 @@ def duration(s: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a duration like 3600, 90s, 45m or 2h, got {s!r}") from None
 
 
-ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+report_errors("train.py")  # an error that reaches the top is one line on stderr (--debug: its traceback)
+ap = ArgumentParser(prog="train.py", description=__doc__.split("\n")[0], allow_abbrev=False,
+                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
 def flag(name: str, default, help: str, **kw):
@@ -121,6 +123,8 @@ flag("eval-every", 100, "steps between validation losses (0: only at the end)")
 flag("eval-batches", 0, "micro-batches per rank per validation (0: all validation rows)")
 flag("eval-episodes", 16, "agent episodes on fresh test tasks at each validation, run by infer.py's runtime "
      "on rank 0 (eval/success_rate; 0: none)")
+flag("unsafe-sandbox", False, "let --eval-episodes run model-written code (the code workflow) even where no "
+     "OS isolation works")
 flag("save-every", 500, "steps between checkpoints (0: only at the end)")
 flag("keep", 2, "checkpoints kept in --out (older ones are deleted)")
 flag("resume", False, "continue from the newest checkpoint in --out (starts fresh if there is none)")
@@ -170,6 +174,41 @@ def latest_checkpoint(out: str) -> str | None:
     return path
 
 
+def resumable_checkpoint(out: str) -> tuple[str | None, dict]:
+    """The newest checkpoint of OUT (not past the one `latest` names) whose files match the
+    checksums its meta.json recorded, and that meta.json. A damaged newer one (a torn write, a
+    corrupted disk) is skipped with a warning; checkpoints older than the checksums are trusted."""
+    try:
+        newest = agent_dir.latest(out)
+    except FileNotFoundError:  # `latest` names a checkpoint that is gone: look at what is there
+        newest = None
+    steps = sorted((int(d[5:]) for d in os.listdir(out) if re.fullmatch(r"step_\d+", d)), reverse=True) \
+        if os.path.isdir(out) else []
+    if newest:
+        steps = [s for s in steps if s <= int(os.path.basename(newest)[5:])]
+    own_optim = f"optim_rank{os.environ.get('RANK', '0')}.pt"
+    skipped = []
+    for s in steps:
+        path = os.path.join(out, f"step_{s:06d}")
+        try:
+            meta = read_json(os.path.join(path, "meta.json"))
+            if not isinstance(meta.get("args"), dict) or not isinstance(meta.get("step"), int):
+                raise ValueError("meta.json is not the state of a train.py checkpoint (no \"args\" and \"step\")")
+            why = checkpoint.damage(path, meta.get("files", {}),  # other nodes' optimizer shards may live elsewhere
+                                    optional=lambda name: name.startswith("optim_rank") and name != own_optim)
+        except (OSError, ValueError) as e:
+            why = str(e)
+        if why is None:
+            for bad, reason in skipped:
+                print(f"warning: {bad} cannot be resumed: {reason}; resuming {path}", file=sys.stderr, flush=True)
+            return path, meta
+        skipped.append((path, why))
+    if steps or newest:
+        raise SystemExit(f"train.py: --resume: no checkpoint in {out} is intact: "
+                         + "; ".join(f"{os.path.basename(p)}: {why}" for p, why in skipped))
+    return None, {}
+
+
 # Where the run lives. Under a W&B sweep agent every run gets its own directory, OUT/<run id>.
 _known, _ = ap.parse_known_args()
 out = _known.out
@@ -178,11 +217,8 @@ if run_id and os.path.basename(os.path.normpath(out)) != run_id:
     out = os.path.join(out, run_id)
 # --resume takes the flags the run was started with as defaults; flags given now override them,
 # except the ones that define the model. --max-time is a budget for this launch, not the run.
-resume_dir = latest_checkpoint(out) if _known.resume else None
-saved = {}
+resume_dir, saved = resumable_checkpoint(out) if _known.resume else (None, {})
 if resume_dir:
-    with open(os.path.join(resume_dir, "meta.json")) as f:
-        saved = json.load(f)
     ap.set_defaults(**{k: v for k, v in saved["args"].items() if k not in ("resume", "out", "max_time")})
 args = ap.parse_args()
 args.out = out
@@ -210,6 +246,17 @@ if args.copy_init == "true" and args.init_from != "scratch":
     ap.error("--copy-init builds a circuit into a model trained from scratch; --init-from loads trained weights")
 if args.batch_size < 1:
     ap.error(f"--batch-size must be at least 1, got {args.batch_size}")
+for _name in ("total_batch_tokens", "max_steps", "eval_every", "eval_batches", "eval_episodes", "save_every", "keep",
+              "max_time", "grad_clip", "weight_decay", "muon_weight_decay"):
+    if getattr(args, _name) < 0:
+        ap.error(f"--{_name.replace('_', '-')} must be at least 0, got {getattr(args, _name)}")
+for _name in ("warmup_frac", "min_lr_ratio"):
+    if not 0 <= getattr(args, _name) <= 1:
+        ap.error(f"--{_name.replace('_', '-')} must be between 0 and 1, got {getattr(args, _name)}")
+if args.epochs <= 0:
+    ap.error(f"--epochs must be positive, got {args.epochs}")
+if args.log_every < 1:
+    ap.error(f"--log-every must be at least 1, got {args.log_every}")
 
 # ----------------------------------------------------------------------------- compute
 
@@ -217,6 +264,10 @@ ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
 rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
 master = rank == 0
 device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+_kind = device.split(":")[0]
+if _kind not in ("cpu", "cuda") or (_kind == "cuda" and not torch.cuda.is_available()):
+    ap.error(f"--device={args.device}: " + ("no CUDA GPU is available here" if _kind == "cuda"
+                                            else "expected auto, cpu or cuda"))
 if device == "cuda":
     device = f"cuda:{local_rank}"
     torch.cuda.set_device(device)
@@ -278,8 +329,7 @@ warmup = int(args.warmup_frac * max_steps)
 data_meta = {}  # agentc.data.pack's summary, for the tokenizer it used
 _summary = args.data if args.data.endswith(".json") else args.data + ".json"
 if os.path.exists(_summary):
-    with open(_summary) as f:
-        data_meta = json.load(f)
+    data_meta = read_json(_summary)
 # the tokenizer the shards were made with: copied into every checkpoint (the compiled agent) and
 # used by the agent evaluation. Its path is as agentc.data.pack was given it, so also try it next to the
 # summary; the fingerprint must match.
@@ -407,9 +457,24 @@ def barrier():
 
 def save_checkpoint(step: int, extra: dict) -> None:
     """Write step_NNNNNN/ under a temporary name and rename it when complete, then point `latest`
-    at it: a crash at any moment leaves the previous checkpoint intact and `latest` valid."""
+    at it: a crash at any moment leaves the previous checkpoint intact and `latest` valid. meta.json,
+    written last, holds the SHA-256 of every other file, which --resume checks. A failed write (a
+    full disk) removes the partial directory and stops the run; the previous checkpoint stays."""
+    tmp = os.path.join(args.out, f".step_{step:06d}.tmp")
+    try:
+        write_checkpoint(step, extra, tmp)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous, free = agent_dir.latest(args.out), shutil.disk_usage(args.out).free
+        raise SystemExit(f"train.py: writing the checkpoint of step {step} to {args.out} failed ({type(e).__name__}: "
+                         f"{str(e).strip()}; {free / 2**20:.1f} MB free on that disk); "
+                         + (f"{previous} is intact: make room, then continue with --resume" if previous
+                            else "there is no earlier checkpoint")) from None
+
+
+def write_checkpoint(step: int, extra: dict, tmp: str) -> None:
     name = f"step_{step:06d}"
-    final, tmp = os.path.join(args.out, name), os.path.join(args.out, f".{name}.tmp")
+    final = os.path.join(args.out, name)
     if master:
         for d in os.listdir(args.out):  # half-written checkpoints of a crash
             if d.startswith(".step_") and d.endswith(".tmp"):
@@ -423,16 +488,24 @@ def save_checkpoint(step: int, extra: dict) -> None:
     barrier()
     os.makedirs(tmp, exist_ok=True)  # on other nodes, without a shared file system
     state = optimizer.state_dict()
-    atomic_write(os.path.join(tmp, f"optim_rank{rank}.pt"), lambda path: torch.save(state, path))
-    rngs = [None] * world
+    optim_name = f"optim_rank{rank}.pt"
+    atomic_write(os.path.join(tmp, optim_name), lambda path: torch.save(state, path))
+    own = (rng_state(), {optim_name: checkpoint.sha256(os.path.join(tmp, optim_name))})
+    gathered = [None] * world
     if ddp:
-        dist.all_gather_object(rngs, rng_state())
+        dist.all_gather_object(gathered, own)
     else:
-        rngs = [rng_state()]
+        gathered = [own]
     barrier()
     if master:
+        rngs = [g[0] for g in gathered]
+        files = {n: checkpoint.sha256(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))
+                 if not n.startswith("optim_rank")}
+        for g in gathered:
+            files.update(g[1])
         meta = {"step": step, "data": train_loader.state_dict(), "rng": rngs, "world_size": world,
-                "model": cfg.to_dict(), "args": vars(args), "tokenizer": data_meta.get("tokenizer"), **extra}
+                "model": cfg.to_dict(), "args": vars(args), "tokenizer": data_meta.get("tokenizer"), "files": files,
+                **extra}
         write_text(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -451,7 +524,11 @@ if resume_dir:
     optim_file = os.path.join(resume_dir, f"optim_rank{rank}.pt")
     if not os.path.exists(optim_file):  # a different world size: DDP ranks hold identical optimizer states
         optim_file = os.path.join(resume_dir, "optim_rank0.pt")
-    optimizer.load_state_dict(torch.load(optim_file, map_location=device, weights_only=True))
+    try:
+        optim_state = torch.load(optim_file, map_location=device, weights_only=True)
+    except Exception as e:  # torch raises EOFError, RuntimeError, KeyError... for a damaged file
+        raise SystemExit(f"train.py: {optim_file}: truncated or not an optimizer state ({type(e).__name__})") from None
+    optimizer.load_state_dict(optim_state)
     if hidden:  # load_state_dict restores the saved groups; Muon's flags may have changed since
         muon_group = optimizer.optimizers[1].param_groups[0]
         muon_group.update(lr_scale=args.muon_lr / args.lr, momentum=args.muon_momentum,
@@ -463,6 +540,11 @@ if resume_dir:
     if len(meta["rng"]) == world:
         set_rng_state(meta["rng"][rank])
     step, wandb_id, tokens_seen = meta["step"], meta.get("wandb_id"), meta.get("tokens_seen", 0)
+    if ddp:  # each rank chose by itself (nodes without a shared file system check their own files)
+        chosen = [None] * world
+        dist.all_gather_object(chosen, step)
+        if len(set(chosen)) > 1:
+            raise SystemExit(f"train.py: --resume: the ranks found different intact checkpoints (steps {chosen})")
     changed = {k: (meta["args"].get(k), v) for k, v in vars(args).items()
                if k not in ("resume", "max_time", "wandb") and meta["args"].get(k) != v}
     log(f"resuming {resume_dir} at step {step}" +
@@ -555,6 +637,8 @@ def evaluate() -> float:
 
 
 eval_agents = []  # one per workflow of the data (a mixture evaluates each)
+if args.unsafe_sandbox:
+    sandbox.allow_unsafe()
 if args.eval_episodes and master:
     flows = data_meta.get("workflows") or []
     try:
@@ -564,7 +648,7 @@ if args.eval_episodes and master:
         eval_agents = [agent_dir.Agent(raw_model, eval_tok, agent_dir.workflow_of(f),
                                        [t["function"]["name"] for t in f["tools"]],
                                        {"system": data_meta.get("system", "keep")}) for f in flows]
-    except (ValueError, ImportError) as e:
+    except (ValueError, ImportError, sandbox.SandboxUnavailable) as e:
         log(f"note: no agent evaluation (--eval-episodes): {e}")
 
 

@@ -1,14 +1,18 @@
-"""Small helpers every layer shares: atomic files, key=value arguments, an ordered worker pool.
+"""Small helpers every layer shares: atomic files, key=value arguments, an ordered worker pool,
+and the command-line plumbing every command uses (one-line errors, --debug).
 
 Nothing here knows about workflows, tokens or models, so anything in agentc may import it.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import multiprocessing as mp
 import os
+import sys
 import tempfile
+import traceback
 from typing import Callable, Iterable, Iterator
 
 # ----------------------------------------------------------------------------- files
@@ -55,6 +59,27 @@ def write_json(path: str, obj, indent: int | None = 2) -> None:
     write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
 
 
+def read_json(path: str, kind: type | None = dict):
+    """The JSON value in `path`. ValueError naming the file when it is not UTF-8 JSON, or when the
+    value is not a `kind` (dict: a JSON object; None: anything). OSError (missing file, a directory)
+    as open() raises it: it names the file already."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not valid JSON (not UTF-8 text)") from None
+    if kind is not None and not isinstance(value, kind):
+        raise ValueError(f"{path}: expected a JSON {_JSON_NAMES.get(kind, kind.__name__)}, "
+                         f"got {_JSON_NAMES.get(type(value), type(value).__name__)}")
+    return value
+
+
+_JSON_NAMES = {dict: "object", list: "array", str: "string", int: "number", float: "number",
+               bool: "boolean", type(None): "null"}
+
+
 def dump_json(obj) -> str:
     """The one JSON serialisation of tool-call arguments and structured observations: what the
     workflows write and the token layout (agentc/data/format.py) renders."""
@@ -76,6 +101,90 @@ def parse_kv(item: str, what: str) -> tuple[str, object]:
         return key, json.loads(value.lower() if value.lower() in ("true", "false") else value)
     except json.JSONDecodeError:
         return key, value
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the conventions of every agentc command: a --debug flag (show the full
+    traceback of an error, see run_main) and usage errors as one line, `PROG: error: MESSAGE`
+    (--help shows the usage), exit status 2."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                          help="on an error, show the full traceback instead of one line")
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
+
+
+def one_line(text: str) -> str:
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def error_line(e: BaseException) -> str:
+    """An exception as one line: an OSError as `FILE: what happened`; a plain ValueError (how our
+    code reports a bad input, naming it) as its message; anything else with its type in front."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        names = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 is not None else "")
+        return f"{names}: {e.strerror}"
+    text = one_line(e)
+    if type(e) is ValueError and text:
+        return text
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def debug_requested(argv: list[str]) -> bool:
+    return "--debug" in argv
+
+
+def run_main(main: Callable, prog: str, argv: list[str] | None = None):
+    """main(argv) as a command: an error becomes one line on stderr, `PROG: what went wrong`, and
+    exit status 1 (130 for Ctrl-C) instead of a traceback; with --debug among the arguments the
+    exception propagates with its traceback, and an error message that main raised as SystemExit
+    while handling an exception comes after that exception's traceback. SystemExit (usage errors,
+    our own error messages) passes through as it is, except that a message is made one line.
+
+        if __name__ == "__main__":
+            run_main(main, "agentc.data.pack")
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if debug_requested(argv):
+        try:
+            return main(argv)
+        except SystemExit as e:
+            if e.code not in (0, None) and e.__context__ is not None:
+                traceback.print_exception(e.__context__)  # the error behind the message
+            raise
+    try:
+        return main(argv)
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            raise SystemExit(one_line(e.code)) from None
+        raise
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as e:
+        print(f"{prog}: {error_line(e)}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def report_errors(prog: str, argv: list[str] | None = None) -> None:
+    """run_main for a flat script (train.py), which has no main() to wrap: an exception that
+    reaches the top is printed as one line (with --debug in argv: with its traceback). Python then
+    exits with status 1, or dies of SIGINT after Ctrl-C (status 130 in a shell)."""
+    if debug_requested(sys.argv[1:] if argv is None else argv):
+        return
+
+    def hook(kind, e, tb):
+        if issubclass(kind, KeyboardInterrupt):
+            print(f"{prog}: interrupted", file=sys.stderr)
+        else:
+            print(f"{prog}: {error_line(e)}", file=sys.stderr)
+    sys.excepthook = hook
 
 
 # ----------------------------------------------------------------------------- processes

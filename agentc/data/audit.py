@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from agentc.data.format import SOURCES, SRC_MODEL
 from agentc.data.pack import Shard, find_shards
+from agentc.util import ArgumentParser, run_main
 
 
 def audit(paths: list[str], show: int = 10, progress: bool = True) -> dict:
@@ -70,12 +71,15 @@ def audit(paths: list[str], show: int = 10, progress: bool = True) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog="python -m agentc.data.audit", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("shards", nargs="+", help="agentc.data.pack --out prefixes (or their .json, or shard files)")
     ap.add_argument("--show", type=int, default=10, help="violations listed per kind")
     ap.add_argument("--json", default=None, help="also write the report here")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
+    if args.show < 0:
+        ap.error(f"--show must be at least 0, got {args.show}")
     try:
         report = audit(args.shards, args.show, progress=not args.quiet)
     except (OSError, ValueError) as e:
@@ -103,4 +107,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "agentc.data.audit")

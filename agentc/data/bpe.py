@@ -20,7 +20,6 @@ compiled agent carries as `tokenizer.bpe.json`:
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -29,7 +28,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from agentc.data.format import SPECIAL_TOKENS
-from agentc.util import write_text
+from agentc.util import ArgumentParser, run_main, write_text
 
 FORMAT = "agentc-bpe-v1"
 # GPT-2's word rule: contractions, letters, numbers, punctuation runs, whitespace not before a word
@@ -95,10 +94,15 @@ def write(content: dict, path: str) -> None:
 
 def from_gguf(gguf_path: str, out_path: str) -> str:
     """Write the tokenizer of a GGUF file (or a known name, e.g. smollm2-135m) to out_path."""
-    import gguf
-
-    from agentc.data.gguf_file import find_gguf, read_metadata
-    write(build_from_gguf(read_metadata(gguf.GGUFReader(find_gguf(gguf_path)))), out_path)
+    from agentc.data.gguf_file import open_gguf, read_metadata
+    meta = read_metadata(open_gguf(gguf_path))
+    try:
+        content = build_from_gguf(meta)
+    except KeyError as e:
+        raise ValueError(f"{gguf_path}: its metadata lacks {e}") from None
+    except ValueError as e:
+        raise ValueError(f"{gguf_path}: {e}") from None
+    write(content, out_path)
     return out_path
 
 
@@ -114,10 +118,16 @@ class BPETokenizer:
         with open(path, "rb") as f:
             blob = f.read()
         self.fingerprint = hashlib.sha256(blob).hexdigest()[:16]
-        self.data = json.loads(blob)
-        if self.data.get("format") != FORMAT:
+        try:
+            self.data = json.loads(blob)
+        except ValueError:  # not JSON, or not UTF-8
+            self.data = None
+        if not isinstance(self.data, dict) or self.data.get("format") != FORMAT:
             raise ValueError(f"{path} is not an agentc BPE tokenizer file ({FORMAT})")
-        self.tk = HFTokenizer.from_str(json.dumps(self.data["tokenizer"]))
+        try:
+            self.tk = HFTokenizer.from_str(json.dumps(self.data["tokenizer"]))
+        except Exception as e:  # a KeyError, or the tokenizers library's own Exception
+            raise ValueError(f"{path}: the tokenizer inside does not load ({type(e).__name__}: {e})") from None
         self.tk.encode_special_tokens = True  # text never becomes a special id (module docstring)
         self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
         self.special_ids = {t: self.tk.token_to_id(t) for t in SPECIAL_TOKENS}
@@ -157,7 +167,7 @@ class BPETokenizer:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m agentc.data.bpe", description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog="python -m agentc.data.bpe", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("from-gguf", help="write the tokenizer of a GGUF file with our special tokens added")
     g.add_argument("gguf", help="a .gguf file or a known name (smollm2-135m)")
@@ -177,4 +187,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "agentc.data.bpe")

@@ -307,6 +307,20 @@ def render(record: dict, tok: TokenizerLike, name: str | None = None) -> Rendere
 
 # ----------------------------------------------------------------------------- parsing
 
+MAX_CALL_DEPTH = 32  # lists and objects nested in a call: real ones use a few; Python recurses on each
+
+
+def _depth(value: Any) -> int:
+    """How deep lists and objects nest in a parsed JSON value (a scalar: 0), without recursion."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        x, d = todo.pop()
+        if isinstance(x, (list, dict)):
+            deepest = max(deepest, d)
+            todo.extend((v, d + 1) for v in (x.values() if isinstance(x, dict) else x))
+    return deepest
+
+
 @dataclass
 class ModelStep:
     """One stretch of model output, up to and including a stop token."""
@@ -336,10 +350,21 @@ def parse_model_output(ids: Sequence[int], tok: TokenizerLike) -> ModelStep:
             obj = json.loads(body)
         except json.JSONDecodeError as e:
             raise FormatError(f"tool call is not valid JSON ({e.msg} at position {e.pos}): {body[:120]!r}") from None
+        except RecursionError:
+            raise FormatError(f"tool call JSON is nested deeper than {MAX_CALL_DEPTH} levels: {body[:120]!r}") from None
+        except ValueError:  # json.loads raises no other ValueError: an integer of over 4300 digits
+            raise FormatError(f"tool call holds an integer with too many digits to read: {body[:120]!r}") from None
         if not isinstance(obj, dict) or set(obj) != {"name", "arguments"}:
             raise FormatError(f'tool call must be {{"name": ..., "arguments": {{...}}}}, got {body[:120]!r}')
         if not isinstance(obj["name"], str) or not isinstance(obj["arguments"], dict):
             raise FormatError(f"tool call needs a string name and an object of arguments: {body[:120]!r}")
+        if _depth(obj) > MAX_CALL_DEPTH:
+            raise FormatError(f"tool call JSON is nested deeper than {MAX_CALL_DEPTH} levels: {body[:120]!r}")
+        try:
+            dump_json(obj).encode("utf-8")
+        except UnicodeEncodeError:  # "\ud800" is valid JSON, yet no text: no tokenizer or file can hold it
+            raise FormatError(f"tool call escapes half a surrogate pair (\\ud800-\\udfff), which is no text: "
+                              f"{body[:120]!r}") from None
         return ModelStep(tok.decode(ids[:p]), call=obj)
     if kinds == [ans, end] and positions[1][0] == len(ids) - 1:
         p = positions[0][0]

@@ -23,7 +23,8 @@ from collections import Counter
 
 from tqdm import tqdm
 
-from agentc.util import ordered_map, parse_kv, write_json
+from agentc.util import ArgumentParser, ordered_map, parse_kv, read_json, run_main, write_json
+from agentc.workflows import sandbox
 from agentc.workflows.base import SPLITS, Workflow, load_workflow, run_teacher, task_seed
 
 _WF: Workflow | None = None  # one workflow object per worker process
@@ -77,14 +78,17 @@ def _read_jsonl(path: str) -> list[dict]:
     """Complete lines of a file that may end in a half-written line (a crash mid-write)."""
     out = []
     with open(path, encoding="utf-8") as f:
-        for line in f:
+        for lineno, line in enumerate(f, 1):
             if line.endswith("\n"):
-                out.append(json.loads(line))
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
     return out
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m agentc.data.generate", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m agentc.data.generate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--workflow", required=True, help="workflow name (workflows/NAME.py) or a dotted module")
     ap.add_argument("--split", required=True, choices=SPLITS)
     ap.add_argument("--n", type=int, required=True, help="number of tasks (before sharding)")
@@ -107,9 +111,17 @@ def main(argv: list[str] | None = None) -> dict:
                          "database) that the teacher answers by retrying the same call")
     ap.add_argument("--resume", action="store_true", help="continue OUT.partial after a crash")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument("--unsafe-sandbox", action="store_true",
+                    help="run the teachers' code (the code workflow) even where no OS isolation works")
     args = ap.parse_args(argv)
-    if args.n < 1 or args.max_attempts < 1 or args.workers < 1:
-        ap.error("--n, --max-attempts and --workers must be positive")
+    if args.unsafe_sandbox:
+        sandbox.allow_unsafe()
+    for name in ("n", "max_attempts", "workers"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("test_share", "heldout_template_share", "mistake_rate", "fault_rate"):
+        if not 0 <= getattr(args, name) <= 1:
+            ap.error(f"--{name.replace('_', '-')} must be between 0 and 1, got {getattr(args, name)}")
     wf_kwargs = {"test_share": args.test_share, "heldout_template_share": args.heldout_template_share}
     if args.mistake_rate:
         wf_kwargs["mistake_rate"] = args.mistake_rate
@@ -125,6 +137,10 @@ def main(argv: list[str] | None = None) -> dict:
         wf = load_workflow(args.workflow, **wf_kwargs)  # fail here, not in a worker, on a bad name
     except TypeError as e:  # an argument the workflow's constructor does not take
         ap.error(f"workflow {args.workflow!r}: {e}")
+    except (ValueError, ImportError) as e:  # no such workflow, or its module does not import
+        raise ValueError(f"--workflow {args.workflow}: {e}") from None
+    if os.path.isdir(args.out):
+        ap.error(f"--out {args.out} is a directory; give the .jsonl file to write")
 
     shard_i, shard_n = args.shard
     indices = list(range(shard_i, args.n, shard_n))
@@ -137,11 +153,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.resume and os.path.exists(partial):
         saved = None
         if os.path.exists(run_path):
-            with open(run_path) as f:
-                saved = json.load(f)
+            saved = read_json(run_path)
         if saved != run:
             raise SystemExit(f"error: {partial} was made by a different run ({saved}); these arguments "
-                             f"give {run}. Rerun with the original arguments, or without --resume.")
+                             f"give {run}: rerun with the original arguments, or without --resume")
         kept, rejects = _read_jsonl(partial), (_read_jsonl(rejects_path) if os.path.exists(rejects_path) else [])
         # Continue after the last kept record; rejects of later tasks are redone (same seeds, same result).
         done = max((r["meta"]["index"] for r in kept), default=-1)
@@ -150,6 +165,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"resuming {partial}: {len(kept)} trajectories kept so far, continuing after index {done}")
     elif os.path.exists(partial):
         print(f"note: overwriting an earlier {partial} (pass --resume to continue it)", file=sys.stderr)
+    if not args.resume:  # an earlier output must not pass for this run's if this one is killed
+        for path in (args.out, args.out + ".stats.json"):
+            if os.path.exists(path):
+                os.remove(path)
     write_json(run_path, run)
     # Rewrite the partial files from what was read, so a torn last line is dropped.
     with open(partial, "w", encoding="utf-8") as f:
@@ -184,8 +203,6 @@ def main(argv: list[str] | None = None) -> dict:
         finally:
             bar.close()
     elapsed = time.time() - t0
-    os.replace(partial, args.out)
-    os.remove(run_path)
     all_rejects = _read_jsonl(rejects_path)
     lost = len(range(shard_i, args.n, shard_n)) - n_kept  # every task was tried: kept or lost
     stats = {"workflow": wf.name, "split": args.split, "n": args.n, "shard": f"{shard_i}/{shard_n}",
@@ -197,6 +214,8 @@ def main(argv: list[str] | None = None) -> dict:
              "workers": args.workers, "test_share": args.test_share,
              "heldout_template_share": args.heldout_template_share}
     write_json(args.out + ".stats.json", stats)
+    os.replace(partial, args.out)  # last: OUT exists only complete, with its stats
+    os.remove(run_path)
     print(f"wrote {args.out}: {n_kept} trajectories kept, {n_rej} rejected attempts"
           f"{' ' + str(stats['reject_kinds']) if n_rej else ''}, {lost} tasks lost; "
           f"{stats['kept_per_s']} trajectories/s with {args.workers} workers; "
@@ -214,4 +233,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "agentc.data.generate")

@@ -40,6 +40,17 @@ def find_gguf(name: str) -> str:
     raise ValueError(f"{name!r} is neither a known GGUF model ({', '.join(KNOWN_GGUF)}) nor a .gguf file")
 
 
+def open_gguf(name: str):
+    """A gguf.GGUFReader of find_gguf(name); ValueError naming the file when it does not read as GGUF
+    (empty, truncated, another kind of file)."""
+    path = find_gguf(name)
+    gguf = gguf_module()
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises ValueError, struct or numpy errors, OSError from mmap
+        raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+
 def is_gguf(name: str) -> bool:
     return name in KNOWN_GGUF or name.endswith(".gguf")
 

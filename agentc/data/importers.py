@@ -32,6 +32,7 @@ import sys
 from typing import Any, Callable, Iterator
 
 from agentc.data.format import SPECIAL_TOKENS, FormatError, dump_json, render
+from agentc.util import ArgumentParser
 
 
 class Malformed(ValueError):
@@ -414,8 +415,8 @@ def convert(records: Iterator[tuple[int, Any]], fmt: str, source: str) -> Iterat
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m agentc.data.import", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog="python -m agentc.data.import", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--format", required=True, choices=sorted(FORMATS))
     ap.add_argument("input", help="JSONL (one record per line) or a JSON array")
     ap.add_argument("out", help="canonical JSONL; skipped records go to OUT.skipped.jsonl")
@@ -438,8 +439,12 @@ def main(argv: list[str] | None = None) -> dict:
                 n_out += 1
     except OSError as e:
         raise SystemExit(f"data.import: {e}") from None
+    except UnicodeDecodeError:
+        raise SystemExit(f"data.import: {args.input}: not UTF-8 text") from None
     print(f"{args.format}: {n_in} records read, {n_out} written to {args.out}, {len(skipped)} skipped"
           + (f" (listed in {args.out}.skipped.jsonl)" if skipped else ""))
-    if n_in and not n_out:
-        raise SystemExit("data.import: no record converted; is --format right?")
+    if not n_in:
+        raise SystemExit(f"data.import: {args.input} holds no records")
+    if not n_out:
+        raise SystemExit(f"data.import: {args.input}: no record converted; is --format right?")
     return {"read": n_in, "written": n_out, "skipped": skipped}

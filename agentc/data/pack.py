@@ -25,7 +25,6 @@ Shard files (little-endian, all arrays C-contiguous, written atomically):
 """
 from __future__ import annotations
 
-import argparse
 import bisect
 import glob
 import json
@@ -42,7 +41,7 @@ from tqdm import tqdm
 
 from agentc.data.format import LAYOUT_VERSION, PAD, SOURCES, SRC_PAD, FormatError, render
 from agentc.data.tokenizer import Tokenizer, load_tokenizer
-from agentc.util import atomic_write, ordered_map, parse_kv, write_json
+from agentc.util import ArgumentParser, atomic_write, ordered_map, parse_kv, read_json, run_main, write_json
 
 SHARD_VERSION = 1
 BIN_MAGIC, IDX_MAGIC = b"AGCTOKS\0", b"AGCIDX\0\0"
@@ -139,15 +138,19 @@ def find_shards(path: str) -> list[str]:
     if os.path.isdir(path):
         raise ValueError(f"{path} is a directory; pass the --out prefix given to agentc.data.pack (e.g. data/sql/train)")
     if os.path.isfile(path + ".json"):  # the summary is the authority: stray files never sneak in
-        with open(path + ".json") as f:
-            names = json.load(f)["shards"]
+        names = read_json(path + ".json").get("shards")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"{path}.json is not an agentc.data.pack summary (no list of \"shards\")")
         return [os.path.join(os.path.dirname(path), n) for n in names]
     if os.path.isfile(path + ".bin"):
         return [path]
     if any(c in path for c in "*?["):
         prefixes = sorted(p[:-4] for p in glob.glob(path + ".bin"))
-    else:
+    else:  # OUT.json is written last: numbered shards without it are a pack that did not finish
         prefixes = _numbered_shards(path)
+        if prefixes:
+            raise ValueError(f"{path}.json is missing: the pack that wrote {path}_000.bin... did not finish; "
+                             "run agentc.data.pack again")
     if not prefixes:
         raise FileNotFoundError(f"no shards found for {path!r} (no {path}.json, {path}.bin or {path}_NNN.bin)")
     return prefixes
@@ -224,7 +227,7 @@ def _render_line(job: tuple[str, int, str]) -> tuple[_Doc | None, str | None, st
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m agentc.data.pack", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m agentc.data.pack", description=__doc__.split("\n\n")[0])
     ap.add_argument("inputs", nargs="+", help="trajectory .jsonl files")
     ap.add_argument("--tokenizer", required=True, help="sentencepiece .model with the agentc special tokens, or a .bpe.json (python -m agentc.data.bpe from-gguf)")
     ap.add_argument("--seq-len", type=int, required=True, help="tokens per training row (the model's context)")
@@ -242,7 +245,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     if args.seq_len < 2:
-        ap.error("--seq-len must be at least 2")
+        ap.error(f"--seq-len must be at least 2, got {args.seq_len}")
+    if args.shard_tokens < 1:
+        ap.error(f"--shard-tokens must be at least 1, got {args.shard_tokens}")
+    if args.workers < 1:
+        ap.error(f"--workers must be at least 1, got {args.workers}")
     mix = {}
     for item in args.weight:
         try:
@@ -253,22 +260,28 @@ def main(argv: list[str] | None = None) -> dict:
             ap.error(f"--weight {item!r}: expected WORKFLOW=W with W >= 0")
         mix[name] = float(w)
     row_len = args.seq_len + 1
-    tok = load_tokenizer(args.tokenizer)
+    try:
+        tok = load_tokenizer(args.tokenizer)
+    except (OSError, ValueError) as e:
+        ap.error(f"--tokenizer: {e}")
     t0 = time.time()
 
     jobs, inputs = [], []
     for path in args.inputs:
         if not os.path.isfile(path):
-            ap.error(f"no such file: {path}")
-        n = 0
+            ap.error(f"{path}: {'a directory, not a file' if os.path.isdir(path) else 'no such file'}")
+        n = lineno = 0
         with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    jobs.append((path, lineno, line))
-                    n += 1
+            try:
+                for lineno, line in enumerate(f, 1):
+                    if line.strip():
+                        jobs.append((path, lineno, line))
+                        n += 1
+            except UnicodeDecodeError:
+                ap.error(f"{path}:{lineno + 1}: not UTF-8 text")
         inputs.append({"path": path, "records": n})
     if not jobs:
-        ap.error("the inputs hold no records")
+        ap.error(f"{', '.join(args.inputs)}: no records (the inputs are empty)")
 
     docs: list[_Doc | None] = []
     names: list[str] = []
@@ -283,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict:
                 bar.update(1)
                 if err is not None:
                     if not args.skip_bad:
-                        raise SystemExit(f"error: {err}\n(fix the record, or pass --skip-bad to skip it)")
+                        raise SystemExit(f"error: {err} (fix the record, or pass --skip-bad to skip it)")
                     print(f"skipping malformed record: {err}", file=sys.stderr)
                     bad.append(err)
                 docs.append(doc)
@@ -299,8 +312,8 @@ def main(argv: list[str] | None = None) -> dict:
     dropped = set(overlong) | set(untrained)
     keep = [i for i, d in enumerate(docs) if d is not None and i not in dropped]
     if not keep:
-        raise SystemExit(f"error: no record fits in a row of {row_len} tokens and has a trained token "
-                         f"({len(overlong)} overlong, {len(untrained)} untrained, {len(bad)} malformed)")
+        raise SystemExit(f"error: no record of {', '.join(args.inputs)} fits in a row of {row_len} tokens and has "
+                         f"a trained token ({len(overlong)} overlong, {len(untrained)} untrained, {len(bad)} malformed)")
     lengths = [len(d.ids) if d is not None else 0 for d in docs]
     rng = np.random.default_rng(args.seed)
     unknown = set(mix) - set(flows)
@@ -319,7 +332,11 @@ def main(argv: list[str] | None = None) -> dict:
     rows = best_fit_decreasing(lengths, row_len, rng.permutation(np.array(keep)))
     rows = [rows[i] for i in rng.permutation(len(rows))]  # shards mix short and long documents
 
-    stale = _numbered_shards(args.out)  # an earlier pack into the same prefix must not leave shards behind
+    # an earlier pack into the same prefix must not leave shards behind, nor a summary that would
+    # make a pack killed half-way look complete: the summary goes first, and is written last
+    if os.path.exists(args.out + ".json"):
+        os.remove(args.out + ".json")
+    stale = _numbered_shards(args.out)
     for prefix in stale:
         for ext in (".bin", ".idx"):
             if os.path.exists(prefix + ext):
@@ -398,4 +415,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "agentc.data.pack")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -39,7 +40,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from agentc.data.format import SPECIAL_TOKENS, dump_json
-from agentc.util import write_bytes
+from agentc.util import ArgumentParser, run_main, write_bytes
 
 SPACE_MARK = "\u2581"  # sentencepiece's whitespace symbol
 PRESPLIT = "<|presplit:words-v1|>"  # marks a model trained on WORDS chunks (see the module docstring)
@@ -65,7 +66,10 @@ class Tokenizer:
         with open(path, "rb") as f:
             blob = f.read()
         self.fingerprint = hashlib.sha256(blob).hexdigest()[:16]
-        self.sp = spm.SentencePieceProcessor(model_proto=blob)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_proto=blob)
+        except RuntimeError:  # sentencepiece says only that the bytes do not parse
+            raise ValueError(f"{path}: not a sentencepiece model (empty, truncated or another kind of file)") from None
         removed = [kind for piece, kind in REMOVED_KINDS.items() if self.sp.piece_to_id(piece) != self.sp.unk_id()]
         if removed:
             flags = " ".join(f"--{k}" for k in removed)
@@ -136,6 +140,7 @@ def load_tokenizer(path: str):
     return Tokenizer(path)
 
 
+MIN_VOCAB_SIZE = 256 + 1 + len(SPECIAL_TOKENS) + 2  # byte pieces, <unk>, specials, PRESPLIT, one learned piece
 AGENT_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.bpe.json")  # what a compiled agent carries
 
 
@@ -167,25 +172,46 @@ def gguf_metadata(tok: Tokenizer, writer) -> None:
 
 def corpus_lines(paths: Iterable[str], presplit: bool = True) -> Iterator[str]:
     """Every text a trajectory renders (contents, reasoning, call JSON, observations), one line at
-    a time: sentencepiece treats each input as a sentence, and newlines become byte pieces."""
+    a time: sentencepiece treats each input as a sentence, and newlines become byte pieces.
+    ValueError naming FILE:LINE for a line that is not a trajectory."""
     for path in paths:
+        lineno = 0
         with open(path, encoding="utf-8") as f:
-            for line in f:
-                if not line.strip():
-                    continue
-                for m in json.loads(line).get("messages", []):
-                    texts = [m.get("content"), m.get("reasoning")]
-                    for tc in m.get("tool_calls") or []:
-                        fn = tc.get("function", {})
-                        args = fn.get("arguments")
-                        args = json.loads(args) if isinstance(args, str) and args.strip() else args or {}
-                        texts.append(dump_json({"name": fn.get("name"), "arguments": args}))
+            try:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                    try:
+                        texts = _record_texts(record)
+                    except (ValueError, TypeError, AttributeError):
+                        raise ValueError(f"{path}:{lineno}: not a trajectory (a JSON object with a list of chat "
+                                         "messages, tool-call arguments in JSON)") from None
                     for text in texts:
-                        if not isinstance(text, str):
-                            continue
                         lines = (s for s in text.split("\n") if s)
                         # what Tokenizer.encode will see: chunk by chunk, or whole lines
                         yield from (w for s in lines for w in words(s)) if presplit else lines
+            except UnicodeDecodeError:
+                raise ValueError(f"{path}:{lineno + 1}: not UTF-8 text") from None
+
+
+def _record_texts(record: dict) -> list[str]:
+    """The texts of a trajectory record; TypeError, AttributeError or ValueError when it is not one."""
+    messages = record.get("messages", [])
+    if not isinstance(messages, list):
+        raise TypeError(messages)
+    texts = []
+    for m in messages:
+        texts += [m.get("content"), m.get("reasoning")]
+        for tc in m.get("tool_calls") or []:
+            fn = tc.get("function", {})
+            args = fn.get("arguments")
+            args = json.loads(args) if isinstance(args, str) and args.strip() else args or {}
+            texts.append(dump_json({"name": fn.get("name"), "arguments": args}))
+    return [t for t in texts if isinstance(t, str)]
 
 
 def train(paths: Sequence[str], out_prefix: str, vocab_size: int = 8192,
@@ -193,12 +219,34 @@ def train(paths: Sequence[str], out_prefix: str, vocab_size: int = 8192,
     """Train a BPE model on trajectory JSONL files; writes OUT.model and OUT.vocab. presplit:
     words first, so a name is the same tokens in every context (see the module docstring);
     False gives plain BPE over whole lines."""
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(f"vocab_size must be at least {MIN_VOCAB_SIZE} (256 byte pieces, <unk>, the specials)")
+    bad = []  # sentencepiece turns an error of the iterator into its own RuntimeError: keep ours
+
+    def lines():
+        try:
+            yield from corpus_lines(paths, presplit)
+        except ValueError as e:
+            bad.append(e)
+            raise
+    it = lines()
+    first = next(it, None)  # sentencepiece fails on an empty corpus with an internal error
+    if first is None:
+        raise ValueError(f"{', '.join(paths)}: no text to train on (no trajectory with a message)")
     os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
-    min_vocab = 256 + 1 + len(SPECIAL_TOKENS) + 2  # + PRESPLIT + one learned piece
-    if vocab_size < min_vocab:
-        raise ValueError(f"vocab_size must be at least {min_vocab} (256 byte pieces, <unk>, the specials)")
+    try:
+        _train_sentencepiece(itertools.chain([first], it), out_prefix, vocab_size, max_sentences, threads, presplit)
+    except RuntimeError:
+        if bad:
+            raise bad[0] from None
+        raise
+    return out_prefix + ".model"
+
+
+def _train_sentencepiece(sentences: Iterator[str], out_prefix: str, vocab_size: int, max_sentences: int,
+                         threads: int | None, presplit: bool) -> None:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=corpus_lines(paths, presplit), model_prefix=out_prefix, model_type="bpe",
+        sentence_iterator=sentences, model_prefix=out_prefix, model_type="bpe",
         vocab_size=vocab_size, hard_vocab_limit=False,  # a tiny corpus gives a smaller vocab, not an error
         byte_fallback=True, character_coverage=0.9999, split_digits=True,
         control_symbols=list(SPECIAL_TOKENS) + [PRESPLIT] * presplit,
@@ -208,7 +256,6 @@ def train(paths: Sequence[str], out_prefix: str, vocab_size: int = 8192,
         split_by_unicode_script=False,  # lets identifiers such as "_id" and "'}}" merge
         input_sentence_size=max_sentences, shuffle_input_sentence=True,
         num_threads=threads or os.cpu_count() or 1, minloglevel=2)
-    return out_prefix + ".model"
 
 
 def extend(base_path: str, out_path: str) -> list[int]:
@@ -216,7 +263,13 @@ def extend(base_path: str, out_path: str) -> list[int]:
     appended as CONTROL pieces. Existing ids, and so the pretrained embeddings, keep their
     meaning; returns the new ids (the model's embedding grows to cover them)."""
     with open(base_path, "rb") as f:
-        proto = sp_pb2.ModelProto.FromString(f.read())
+        blob = f.read()
+    try:
+        proto = sp_pb2.ModelProto.FromString(blob)
+    except Exception:  # protobuf's DecodeError: the bytes are not a ModelProto
+        proto = None
+    if proto is None or not proto.pieces:
+        raise ValueError(f"{base_path}: not a sentencepiece model (empty, truncated or another kind of file)")
     pieces = {p.piece: (i, p.type) for i, p in enumerate(proto.pieces)}
     new_ids = []
     for t in SPECIAL_TOKENS:
@@ -232,7 +285,7 @@ def extend(base_path: str, out_path: str) -> list[int]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m agentc.data.tokenizer", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m agentc.data.tokenizer", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train a BPE tokenizer on trajectory JSONL files")
     t.add_argument("inputs", nargs="+", help="trajectory .jsonl files")
@@ -252,7 +305,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.cmd == "train":
         for p in args.inputs:
             if not os.path.isfile(p):
-                ap.error(f"no such file: {p}")
+                ap.error(f"{p}: {'a directory, not a file' if os.path.isdir(p) else 'no such file'}")
+        if args.vocab_size < MIN_VOCAB_SIZE:
+            ap.error(f"--vocab-size must be at least {MIN_VOCAB_SIZE} (256 byte pieces, <unk>, the specials), "
+                     f"got {args.vocab_size}")
+        if args.max_sentences < 1:
+            ap.error(f"--max-sentences must be at least 1, got {args.max_sentences}")
         t0 = time.time()
         path = train(args.inputs, args.out, args.vocab_size, args.max_sentences, presplit=args.presplit)
         tok = Tokenizer(path)
@@ -269,4 +327,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "agentc.data.tokenizer")

@@ -29,18 +29,19 @@ config last, so a directory whose config.json exists holds complete weights even
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
-import json
+import hashlib
 import os
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from agentc.model.transformer import ModelConfig, Transformer
-from agentc.util import atomic_write, write_json
+from agentc.util import atomic_write, read_json, write_json
 
 HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
@@ -58,8 +59,40 @@ def _read_config(directory: str) -> dict:
         raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no config.json in {directory}; is this a checkpoint directory?")
-    with open(path) as f:
-        return json.load(f)
+    return read_json(path)
+
+
+@contextlib.contextmanager
+def _open_safetensors(path: str):
+    """safe_open(path), with a damaged file's error naming the file."""
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            yield f
+    except SafetensorError as e:
+        raise ValueError(f"{path}: truncated or not a safetensors file ({e})") from None
+
+
+def sha256(path: str) -> str:
+    """The SHA-256 of a file, read in 16 MB pieces."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def damage(directory: str, files: dict[str, str], optional=lambda name: False) -> str | None:
+    """What is wrong with `directory` against the digests `files` recorded when it was written
+    (None: nothing). Files `optional` accepts may be absent (another node's optimizer shard)."""
+    for name, want in files.items():
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            if optional(name):
+                continue
+            return f"{name} is missing"
+        if sha256(path) != want:
+            return f"{name} does not match its checksum (a torn or corrupted write)"
+    return None
 
 
 def unwrap(model: nn.Module) -> Transformer:
@@ -139,11 +172,14 @@ def load(directory: str, device="cpu", dtype: torch.dtype | None = torch.float32
     meta = _read_config(directory)
     if meta.get("format") != "agentc":
         raise ValueError(f"{directory}/config.json is not an agentc checkpoint (format={meta.get('format')!r})")
-    cfg = ModelConfig.from_dict(meta["model"])
+    try:
+        cfg = ModelConfig.from_dict(meta["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{directory}/config.json: not a model config ({type(e).__name__}: {e})") from None
     path = os.path.join(directory, "model.safetensors")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no model.safetensors in {directory}")
-    with safe_open(path, framework="pt", device="cpu") as f:
+    with _open_safetensors(path) as f:
         sd = {k: _cast(f.get_tensor(k), device, dtype) for k in f.keys()}
     return build(cfg, sd, path)
 
@@ -264,8 +300,10 @@ def _hf_weight_files(directory: str) -> list[str]:
     Mistral's own names, is skipped)."""
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: no \"weight_map\" object")
+        files = sorted(set(weight_map.values()))
         return [os.path.join(directory, name) for name in files]
     single = os.path.join(directory, "model.safetensors")
     if os.path.isfile(single):
@@ -283,7 +321,7 @@ def import_hf(directory: str, device="cpu", dtype: torch.dtype | None = torch.fl
     ours = {hf: o for o, hf in hf_key_map(cfg).items()}  # HF key -> our key
     where = {}                                            # HF key -> file
     for path in _hf_weight_files(directory):
-        with safe_open(path, framework="pt", device="cpu") as f:
+        with _open_safetensors(path) as f:
             for k in f.keys():
                 if k in where:
                     raise ValueError(f"tensor {k} is in both {where[k]} and {path}")
@@ -300,7 +338,7 @@ def import_hf(directory: str, device="cpu", dtype: torch.dtype | None = torch.fl
                          f"unexpected: [{describe(unexpected)}]")
     sd = {}
     for path in sorted(set(where.values())):  # one file open at a time; tensors cast as they come
-        with safe_open(path, framework="pt", device="cpu") as f:
+        with _open_safetensors(path) as f:
             for k in f.keys():
                 if k in ours:
                     sd[ours[k]] = _cast(f.get_tensor(k), device, dtype)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from agentc.data.gguf_file import find_gguf, gguf_module, read_metadata
+from agentc.data.gguf_file import gguf_module, open_gguf, read_metadata
 from agentc.model.transformer import ModelConfig, Transformer
 from agentc.util import atomic_write
 
@@ -121,8 +121,7 @@ def load_gguf(path: str, device="cpu", dtype: torch.dtype = torch.float32) -> tu
     """(model, metadata) from a Llama-family GGUF file: every tensor dequantized, q and k rows put
     back in our rotary order, names mapped, the config built from the metadata."""
     from agentc.model.checkpoint import build, describe
-    gguf = gguf_module()
-    reader = gguf.GGUFReader(find_gguf(path))
+    reader = open_gguf(path)
     meta = read_metadata(reader)
     tensors = {t.name: t for t in reader.tensors}
     cfg = config_from_gguf(meta, set(tensors))

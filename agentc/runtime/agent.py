@@ -27,7 +27,7 @@ import torch
 from agentc.data.format import LAYOUT_VERSION
 from agentc.data.tokenizer import AGENT_TOKENIZER_FILES, Tokenizer, agent_tokenizer_name, load_tokenizer
 from agentc.model import checkpoint
-from agentc.util import write_json
+from agentc.util import read_json, write_json
 from agentc.workflows.base import Workflow, load_workflow
 
 REQUIRED = ("model.safetensors", "config.json", "agent.json")
@@ -65,14 +65,17 @@ def read_meta(path: str) -> dict:
     """agent.json of the agent at `path` (resolved), after checking the directory is a whole agent
     whose token layout this code speaks."""
     path = resolve(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path} is not a compiled agent: "
+                                f"{'a file, not a directory' if os.path.exists(path) else 'no such directory'}")
     for name in REQUIRED:
         if not os.path.isfile(os.path.join(path, name)):
             raise FileNotFoundError(f"{path} is not a compiled agent: {name} is missing")
-    try:
-        with open(os.path.join(path, "agent.json")) as f:
-            meta = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}/agent.json is not valid JSON: {e}") from None
+    meta = read_json(os.path.join(path, "agent.json"))
+    flows = meta.get("workflows") or []
+    if not isinstance(flows, list) or not all(isinstance(w, dict) and isinstance(w.get("name"), str)
+                                              and isinstance(w.get("tools"), list) for w in flows):
+        raise ValueError(f"{path}/agent.json: \"workflows\" is not a list of objects with a name and tools")
     if meta.get("layout_version") != LAYOUT_VERSION:
         raise ValueError(f"{path} was trained on token layout {meta.get('layout_version')}; this runtime "
                          f"speaks {LAYOUT_VERSION}")
@@ -130,10 +133,13 @@ def load(path: str, device="cpu", workflow: str | None = None, attention: str = 
         raise ValueError(f"{path}/agent.json names no workflow")
     pick = next((w for w in flows if w["name"] == workflow), None) if workflow else flows[0]
     if pick is None:
-        raise ValueError(f"the agent knows workflows {[w['name'] for w in flows]}, not {workflow!r}")
+        raise ValueError(f"{path} knows the workflows {[w['name'] for w in flows]}, not {workflow!r}")
     model = checkpoint.load(path, device=device).eval()
     model.cfg.attention = attention
-    wf = workflow_of(pick)
+    try:
+        wf = workflow_of(pick)
+    except (ValueError, ImportError, TypeError) as e:
+        raise ValueError(f"{path}/agent.json: workflow {pick['name']!r}: {e}") from None
     env = wf.make_env(wf.sample_task("test", 0, 0))
     try:
         live = [t.schema() for t in env.tools()]

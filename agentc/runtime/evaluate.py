@@ -29,7 +29,9 @@ from agentc.util import ordered_map
 from agentc.workflows.base import Workflow, task_seed
 
 FAILURE_KINDS = ("invalid_format", "unknown_tool", "bad_arguments", "tool_timeout", "step_limit", "token_limit",
-                 "wrong_answer")  # token_limit: a turn without a stop token, or the cache full
+                 "wrong_answer", "bad_logits")
+# token_limit: a turn without a stop token, or the cache full (the prompt alone, too);
+# bad_logits: the model's logits were NaN or +inf, or -inf for every token it may write
 
 
 @dataclass
@@ -52,7 +54,7 @@ class EpisodeResult:
     prompt: str
     success: bool
     failure: str | None          # one of FAILURE_KINDS: the first thing that went wrong
-    ended: str                   # answer | step_limit | token_limit | invalid_format | tool_timeout
+    ended: str                   # answer | step_limit | token_limit | invalid_format | tool_timeout | bad_logits
     answer: str | None
     reason: str                  # the checker's verdict, or why the episode stopped
     steps: list[Step]

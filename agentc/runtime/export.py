@@ -9,13 +9,12 @@ The GGUF file holds both (agentc/model/gguf_io.export_gguf). Our special tokens 
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 
 from agentc.model import checkpoint, gguf_io
 from agentc.runtime import agent as agent_dir
-from agentc.util import write_json
+from agentc.util import ArgumentParser, run_main, write_json
 
 
 def export_hf_agent(path: str, out: str, arch: str = "llama") -> None:
@@ -37,7 +36,7 @@ def export_gguf_agent(path: str, out: str, out_type: str = "f16") -> None:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m agentc.runtime.export", description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog="python -m agentc.runtime.export", description=__doc__.split("\n")[0])
     ap.add_argument("agent", help="compiled agent directory (or a train.py --out directory: its newest checkpoint)")
     ap.add_argument("--hf", default=None, help="write a Hugging Face directory here")
     ap.add_argument("--arch", default="llama", choices=list(checkpoint.HF_ARCHITECTURES), help="HF model_type")
@@ -46,6 +45,10 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if not args.hf and not args.gguf:
         ap.error("give --hf DIR and/or --gguf FILE")
+    if args.gguf and os.path.isdir(args.gguf):
+        ap.error(f"--gguf {args.gguf} is a directory; give the .gguf file to write")
+    if args.hf and os.path.isfile(args.hf):
+        ap.error(f"--hf {args.hf} is a file; give the directory to write")
     try:
         agent = agent_dir.resolve(args.agent)
         if args.hf:
@@ -59,4 +62,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "agentc.runtime.export")

@@ -234,12 +234,15 @@ class Environment:
             return Observation(f"Error: invalid arguments for {name}: " + "; ".join(errors), "bad_arguments")
         try:
             value = tools[name].fn(self, **arguments)
-            text = value if isinstance(value, str) else dump_json(value)
+            text = cut_observation(value if isinstance(value, str) else dump_json(value))
+            text.encode("utf-8")  # half a surrogate pair (an undecodable file name, say) is no text
         except ToolError as e:
             return Observation(cut_observation(f"Error: {e}"), "tool_error")
-        except Exception as e:  # a bug in the tool (or a return value JSON cannot hold), not the agent's fault
-            return Observation(f"Error: internal error in {name}: {type(e).__name__}: {e}", "crash")
-        return Observation(cut_observation(text), "ok", value)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # a bug in the tool (or output JSON or UTF-8 cannot hold), not the agent's fault
+            return Observation(cut_observation(f"Error: internal error in {name}: {type(e).__name__}: {e}"), "crash")
+        return Observation(text, "ok", value)
 
 
 # ----------------------------------------------------------------------------- tasks and splits
