@@ -44,11 +44,16 @@ def run_command(capsys, name: str, argv: list[str]):
         run_main(COMMANDS[name], name, [str(a) for a in argv])
         code = 0
     except SystemExit as e:
-        code = e.code
-        if isinstance(code, str):
-            print(code, file=sys.stderr)
-            code = 1
+        code = exit_status(e)
     return code, capsys.readouterr().err
+
+
+def exit_status(e: SystemExit) -> int:
+    """What Python makes of SystemExit at the top level: a message goes to stderr, status 1."""
+    if isinstance(e.code, str):
+        print(e.code, file=sys.stderr)
+        return 1
+    return e.code
 
 
 def run_train(capsys, monkeypatch, flags: list[str]):
@@ -62,10 +67,7 @@ def run_train(capsys, monkeypatch, flags: list[str]):
         runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
         code = 0
     except SystemExit as e:
-        code = e.code
-        if isinstance(code, str):
-            print(code, file=sys.stderr)
-            code = 1
+        code = exit_status(e)
     except Exception as e:
         sys.excepthook(type(e), e, e.__traceback__)
         code = 1

@@ -317,14 +317,17 @@ def fuzz(tok, seeds) -> list:
     return results
 
 
+N_FAST, N_SLOW = 60, 1000  # episodes (experiments/reliability.py counts them)
+
+
 def test_fuzzed_episodes_never_crash(calc_corpus):
-    results = fuzz(calc_corpus["tok"], range(60))
+    results = fuzz(calc_corpus["tok"], range(N_FAST))
     assert len({r.failure for r in results}) >= 4  # the fuzz reaches several ways of failing
 
 
 @pytest.mark.slow
 def test_a_thousand_fuzzed_episodes_never_crash(calc_corpus):
-    results = fuzz(calc_corpus["tok"], range(1000))
+    results = fuzz(calc_corpus["tok"], range(N_SLOW))
     assert set(ev.FAILURE_KINDS) <= {r.failure for r in results}  # every way of failing, reached
 
 

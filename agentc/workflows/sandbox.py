@@ -49,7 +49,8 @@ ERROR_BYTES = 64 << 10     # ... and to stderr
 BACKENDS = ("bwrap", "unshare")
 
 # The child's program: standard library only, run as `python -I -S`. It reads
-# {"source", "function", "calls", "hook", "cwd"} from stdin.
+# {"source", "function", "calls", "hook", "cwd", "limits"} from stdin, lowers its rlimits and
+# installs its seccomp filter before it compiles the solution.
 RUNNER = r'''
 import ctypes, io, json, os, resource, signal, struct, sys, traceback
 
@@ -88,6 +89,11 @@ def seccomp():
 request = json.loads(sys.stdin.read())
 if request["cwd"]:
     os.chdir(request["cwd"])
+cpu, memory, file_size = request["limits"]  # lowered by the child itself: no hard limit can rise again
+for what, soft, hard in ((resource.RLIMIT_CPU, cpu, cpu + 1), (resource.RLIMIT_AS, memory, memory),
+                         (resource.RLIMIT_FSIZE, file_size, file_size), (resource.RLIMIT_NOFILE, 64, 64),
+                         (resource.RLIMIT_CORE, 0, 0)):
+    resource.setrlimit(what, (soft, hard))
 report = {"error": None, "outputs": [], "stdout": "", "seccomp": seccomp()}
 out, real = io.StringIO(), os.fdopen(os.dup(1), "w")
 
@@ -258,15 +264,6 @@ def require() -> str:
     return backend or "none"
 
 
-def _limits() -> None:  # runs in the child before exec (inherited through bwrap/unshare)
-    import resource
-    resource.setrlimit(resource.RLIMIT_CPU, (CPU_S, CPU_S + 1))
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_BYTES, MEMORY_BYTES))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_BYTES, FILE_BYTES))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-
 def _feed(pipe, data: bytes) -> None:
     try:
         pipe.write(data)
@@ -317,7 +314,8 @@ def _communicate(p: subprocess.Popen, data: bytes, timeout: float) -> tuple[byte
 def _run(source: str, function: str, calls: list[list], backend: str | None, hook: bool,
          timeout: float) -> Outputs:
     request = json.dumps({"source": source, "function": function, "calls": calls, "hook": hook,
-                          "cwd": "/tmp" if backend == "unshare" else None}).encode()
+                          "cwd": "/tmp" if backend == "unshare" else None,
+                          "limits": [CPU_S, MEMORY_BYTES, FILE_BYTES]}).encode()
     with tempfile.TemporaryDirectory(prefix="agentc-sandbox-") as work:
         if backend is None:
             argv, cwd, env = [_python()[0], "-I", "-S", "-c", RUNNER], work, {}
@@ -326,7 +324,7 @@ def _run(source: str, function: str, calls: list[list], backend: str | None, hoo
             if backend == "unshare":
                 env = {"PY": _python()[0], "RUNNER": RUNNER, "PATH": "/usr/bin:/bin:/usr/sbin:/sbin"}
         p = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, preexec_fn=_limits, start_new_session=True)
+                             stderr=subprocess.PIPE, start_new_session=True)
         out, err, why = _communicate(p, request, timeout)
     name = backend or "none"
     if why == "timeout":
