@@ -85,12 +85,20 @@ def corrupt(path, how: str) -> None:
         os.remove(path)
 
 
+@pytest.fixture(scope="module")
+def saved(calc_shards, tmp_path_factory):
+    """A finished run with checkpoints at steps 16, 32 and 48, to be copied and damaged."""
+    out = tmp_path_factory.mktemp("crash") / "saved"
+    train(*tiny_run(calc_shards, out, f"--max-steps={STEPS}", "--save-every=16", "--keep=3"))
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name, how", [("model.safetensors", "flip a byte"), ("optim_rank0.pt", "truncate"),
                                        ("config.json", "remove"), ("meta.json", "truncate")])
-def test_corrupted_newest_checkpoint_falls_back_to_the_previous(calc_shards, whole, tmp_path, name, how):
+def test_corrupted_newest_checkpoint_falls_back_to_the_previous(saved, whole, tmp_path, name, how):
     out = tmp_path / "run"
-    train(*tiny_run(calc_shards, out, f"--max-steps={STEPS}", "--save-every=16", "--keep=3"))
+    shutil.copytree(saved, out)
     meta = json.loads((out / "step_000048" / "meta.json").read_text())
     assert {"model.safetensors", "config.json", "optim_rank0.pt", "agent.json"} <= set(meta["files"])
     corrupt(out / "step_000048" / name, how)
@@ -98,7 +106,12 @@ def test_corrupted_newest_checkpoint_falls_back_to_the_previous(calc_shards, who
     assert f"{out}/step_000048 cannot be resumed" in p.stderr and "resuming" in p.stdout, p.stderr
     assert f"resuming {out}/step_000032 at step 32" in p.stdout
     assert_same_weights(weights(out), whole["weights"])
-    # every checkpoint damaged: a clear error, not a traceback
+
+
+@pytest.mark.slow
+def test_every_checkpoint_damaged_is_one_clear_line(saved, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(saved, out)
     for d in ("step_000016", "step_000032", "step_000048"):
         corrupt(out / d / "model.safetensors", "flip a byte")
     p = train("--out=" + str(out), "--resume", check=False)
@@ -115,11 +128,8 @@ def can_mount_tmpfs() -> bool:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not can_mount_tmpfs(), reason="needs unshare to mount a small tmpfs")
-def test_full_disk_during_a_checkpoint_leaves_the_previous_intact(calc_shards, whole, tmp_path):
-    # how much one checkpoint takes
-    probe = tmp_path / "probe"
-    train(*tiny_run(calc_shards, probe, "--max-steps=1", "--save-every=1"))
-    size = sum(f.stat().st_size for f in (probe / "step_000001").iterdir())
+def test_full_disk_during_a_checkpoint_leaves_the_previous_intact(calc_shards, saved, whole, tmp_path):
+    size = sum(f.stat().st_size for f in (saved / "step_000016").iterdir())  # one checkpoint
     # a disk with room for the first checkpoint (and the logs), not for a second one
     disk = tmp_path / "disk"
     disk.mkdir()
