@@ -64,8 +64,10 @@ def main() -> None:
     errors = count(results, "test_errors::test_")
     fuzz = {"test_fuzz::test_fuzzed_episodes_never_crash": N_FAST,
             "test_fuzz::test_a_thousand_fuzzed_episodes_never_crash": N_SLOW}
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
     summary = {
-        "date": str(datetime.date.today()), "exit_status": p.returncode,
+        "date": str(datetime.date.today()), "commit": commit, "exit_status": p.returncode,
         "hostile_solutions": {"kinds": len(NAMES), "backends": AVAILABLE, "contained": hostile, "tried": hostile_run,
                               "note": "each kind under each backend, with and without the audit hook"},
         "bad_inputs": {"handled": errors[0], "tried": errors[1]},

@@ -181,6 +181,15 @@ def test_battery_is_not_vacuous(host, unsafe):
         assert want in outs.outputs[0]["value"], (name, outs)
 
 
+@needs_isolation
+def test_threads_are_capped():
+    src = "import threading, time\ndef f(x):\n    n = 0\n    try:\n        while n < 500:\n" \
+          "            threading.Thread(target=time.sleep, args=(5,), daemon=True).start()\n            n += 1\n" \
+          "    except RuntimeError:\n        pass\n    return n\n"
+    outs = run_calls(src, "f", [[1]], isolate=AVAILABLE[0])
+    assert outs.error is None and 0 < outs.outputs[0]["value"] < 32, outs
+
+
 def test_messages_for_honest_mistakes(unsafe):
     backend = AVAILABLE[0] if AVAILABLE else None
     loop = run_tests("def f(x):\n    while True:\n        pass\n", "f", CASES, isolate=backend)

@@ -15,8 +15,9 @@ The layers, outermost first:
 2. seccomp (x86-64, installed by the child before it reads the solution): no sockets, no new
    processes or programs, no ptrace or other processes' memory, no mounts or namespaces, no
    keyrings, bpf, perf or io_uring. Threads stay allowed.
-3. rlimits: CPU seconds, address space, file size, open files; a wall clock here, and a cap on
-   what the child may write to its pipes.
+3. rlimits: CPU seconds, address space, file size, open files, threads (counted in the user
+   namespace; a root process outside one is exempt); a wall clock here, and a cap on what the
+   child may write to its pipes.
 4. An audit hook that refuses sockets, processes, ctypes and writes outside the working directory
    with a readable message: a courtesy to honest code (the model reads the message), not part of
    the boundary.
@@ -92,7 +93,7 @@ if request["cwd"]:
 cpu, memory, file_size = request["limits"]  # lowered by the child itself: no hard limit can rise again
 for what, soft, hard in ((resource.RLIMIT_CPU, cpu, cpu + 1), (resource.RLIMIT_AS, memory, memory),
                          (resource.RLIMIT_FSIZE, file_size, file_size), (resource.RLIMIT_NOFILE, 64, 64),
-                         (resource.RLIMIT_CORE, 0, 0)):
+                         (resource.RLIMIT_NPROC, 32, 32), (resource.RLIMIT_CORE, 0, 0)):
     resource.setrlimit(what, (soft, hard))
 report = {"error": None, "outputs": [], "stdout": "", "seccomp": seccomp()}
 out, real = io.StringIO(), os.fdopen(os.dup(1), "w")
