@@ -362,22 +362,27 @@ def test_interrupt_and_unexpected_errors_are_one_line(capsys):
         "a/b.json: No such file or directory"
 
 
-def test_entry_points(calc_corpus, tmp_path):
-    """The real `python -m` entry points: generate with an unknown workflow, the tokenizer on an
-    empty file, pack with a missing tokenizer."""
-    empty = jsonl(tmp_path, "")
-    for argv, expect in (
-            (["agentc.data.generate", "--workflow", "nosuch", *GEN, "--out", tmp_path / "x.jsonl"],
-             "--workflow nosuch"),
-            (["agentc.data.tokenizer", "train", "--out", tmp_path / "tok", empty], empty),
-            (["agentc.data.pack", calc_corpus["jsonl"], "--tokenizer", tmp_path / "no.model", "--seq-len", "64",
-              "--out", tmp_path / "p"], "--tokenizer")):
-        p = subprocess.run([sys.executable, "-m", *map(str, argv)], cwd=ROOT, env=ENV, capture_output=True, text=True)
-        one_line_error(p.returncode, p.stderr, expect)
+ENTRY_POINTS = {  # the real `python -m` entry points on the failures they used to show a traceback for
+    "generate, unknown workflow": (["agentc.data.generate", "--workflow", "nosuch", *GEN, "--out", "{tmp}/x.jsonl"],
+                                   "--workflow nosuch"),
+    "tokenizer, empty file": (["agentc.data.tokenizer", "train", "--out", "{tmp}/tok", "{empty}"], "{empty}"),
+    "pack, missing tokenizer": (["agentc.data.pack", "{jsonl}", "--tokenizer", "{tmp}/no.model", "--seq-len", "64",
+                                 "--out", "{tmp}/p"], "--tokenizer"),
+}
+
+
+@pytest.mark.parametrize("case", list(ENTRY_POINTS))
+def test_entry_points(case, calc_corpus, tmp_path):
+    paths = {"tmp": tmp_path, "empty": jsonl(tmp_path, ""), "jsonl": calc_corpus["jsonl"]}
+    argv, expect = ENTRY_POINTS[case]
+    p = subprocess.run([sys.executable, "-m", *(str(a).format(**paths) for a in argv)], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True)
+    one_line_error(p.returncode, p.stderr, expect.format(**paths))
 
 
 @pytest.mark.slow
-def test_scripts_entry_points(run, tmp_path):
+@pytest.mark.parametrize("script", ["train.py", "infer.py"])
+def test_scripts_entry_points(script, run, tmp_path):
     """train.py --resume and infer.py on a truncated model.safetensors, as real processes (the
     checkpoint's meta.json without checksums, as older runs wrote it, so the weights are read);
     --debug gives train.py's traceback."""
@@ -386,10 +391,10 @@ def test_scripts_entry_points(run, tmp_path):
         meta = json.load(f)
     meta.pop("files", None)
     put(os.path.join(ck, "meta.json"), json.dumps(meta))
-    for argv in (["train.py", f"--out={out}", "--resume", "--max-steps=2"],
-                 ["infer.py", "--agent", out, "--task", "What is 2 + 2?"]):
-        p = subprocess.run([sys.executable, *argv], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-        one_line_error(p.returncode, p.stderr, os.path.join(ck, "model.safetensors"))
-    p = subprocess.run([sys.executable, "train.py", f"--out={out}", "--resume", "--max-steps=2", "--debug"],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    argv = {"train.py": ["train.py", f"--out={out}", "--resume", "--max-steps=2"],
+            "infer.py": ["infer.py", "--agent", out, "--task", "What is 2 + 2?"]}[script]
+    p = subprocess.run([sys.executable, *argv], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    one_line_error(p.returncode, p.stderr, os.path.join(ck, "model.safetensors"))
+    p = subprocess.run([sys.executable, *argv, "--debug"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=600)
     assert p.returncode != 0 and "Traceback" in p.stderr and "model.safetensors" in p.stderr
