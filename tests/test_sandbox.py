@@ -90,6 +90,16 @@ def battery(host_file: str, host_dir: str) -> dict[str, str]:
             attempt("assert ctypes.CDLL(None).socket(2, 1, 0) >= 0", "raw socket") +
             attempt("assert ctypes.CDLL(None).syscall(101, 16, 1, 0, 0) == 0", "ptrace attach") +
             attempt("assert ctypes.CDLL(None).unshare(0x10000000) == 0", "unshare")),
+        "kernel settings and devices": hostile(
+            "import os\n" + "".join(attempt(f"os.close(os.open({p!r}, os.O_WRONLY | os.O_CREAT))", p) for p in
+                                    ("/proc/sys/kernel/core_pattern", "/proc/sys/vm/drop_caches", "/proc/sysrq-trigger",
+                                     "/proc/self/oom_score_adj", "/dev/shm/fill", "/dev/fill"))),
+        "outlive the run": "import ctypes, os, time\n"
+            "def f(x):\n    ctypes.CDLL(None).prctl(1, 0, 0, 0, 0)\n    try:\n        os.setsid()\n"
+            "    except OSError:\n        pass\n    time.sleep(30)\n",
+        "an empty error string": "import __main__\n__main__.report['error'] = ''\ndef f(x):\n    return 0\n",
+        "a report the parent cannot read": "import os\n"
+            "def f(x):\n    os.write(1, b'\\n' + b'[' * 100000 + b'\\n')\n    os._exit(0)\n",
         "kill the parent": "import os, signal\n"
             "def f(x):\n    for pid in (os.getppid(), 1):\n        try:\n            os.kill(pid, signal.SIGKILL)\n"
             "        except BaseException:\n            pass\n    return 0\n",
@@ -133,8 +143,8 @@ def check_contained(name: str, source: str, backend: str, hook: bool, host_dir: 
     assert not os.path.exists("/usr/escape.txt") and not os.path.exists("/etc/escape.txt")
     for d in ("/tmp", "/dev/shm", host_dir, os.getcwd()):  # what the disk filler wrote stayed inside
         assert not [f for f in os.listdir(d) if f.startswith("fill")], (name, d)
-    # no process of the child survives it
-    left = subprocess.run(["pgrep", "-f", "agentc-sandbox-marker"], capture_output=True, text=True).stdout
+    # no process of the child survives it (the runner's program is on its command line)
+    left = subprocess.run(["pgrep", "-f", "request = json.loads"], capture_output=True, text=True).stdout
     assert not left.strip(), (name, left)
 
 
@@ -145,7 +155,7 @@ NAMES = list(battery("/x", "/y"))
 @pytest.mark.parametrize("name", NAMES)
 def test_hostile_solution_is_contained(name, host):
     """The first backend that works here, without the audit hook: the boundary alone."""
-    check_contained(name, battery(*host)[name] + "\n# agentc-sandbox-marker\n", AVAILABLE[0], False, host[1])
+    check_contained(name, battery(*host)[name], AVAILABLE[0], False, host[1])
 
 
 @pytest.mark.slow
@@ -154,7 +164,7 @@ def test_hostile_solution_is_contained(name, host):
 @pytest.mark.parametrize("backend", AVAILABLE)
 def test_every_backend_contains_every_hostile_solution(backend, hook, host):
     for name, source in battery(*host).items():
-        check_contained(name, source + "\n# agentc-sandbox-marker\n", backend, hook, host[1])
+        check_contained(name, source, backend, hook, host[1])
 
 
 @needs_isolation
@@ -181,13 +191,14 @@ def test_battery_is_not_vacuous(host, unsafe):
         assert want in outs.outputs[0]["value"], (name, outs)
 
 
-@needs_isolation
-def test_threads_are_capped():
-    src = "import threading, time\ndef f(x):\n    n = 0\n    try:\n        while n < 500:\n" \
-          "            threading.Thread(target=time.sleep, args=(5,), daemon=True).start()\n            n += 1\n" \
-          "    except RuntimeError:\n        pass\n    return n\n"
-    outs = run_calls(src, "f", [[1]], isolate=AVAILABLE[0])
-    assert outs.error is None and 0 < outs.outputs[0]["value"] < 32, outs
+def test_comparison_counts_types(unsafe):
+    backend = AVAILABLE[0] if AVAILABLE else None
+    cases = [{"args": [1], "expected": 1}, {"args": [0], "expected": [0, {"a": 1, "b": 2}]}]
+    assert not run_tests("def f(x):\n    return True if x else [False, {'b': 2, 'a': 1}]\n", "f", cases,
+                         isolate=backend).passed
+    assert not run_tests("def f(x):\n    return 1.0 if x else [0.0, {'b': 2, 'a': 1}]\n", "f", cases,
+                         isolate=backend).passed
+    assert run_tests("def f(x):\n    return 1 if x else (0, {'b': 2, 'a': 1})\n", "f", cases, isolate=backend).ok
 
 
 def test_messages_for_honest_mistakes(unsafe):

@@ -15,9 +15,9 @@ The layers, outermost first:
 2. seccomp (x86-64, installed by the child before it reads the solution): no sockets, no new
    processes or programs, no ptrace or other processes' memory, no mounts or namespaces, no
    keyrings, bpf, perf or io_uring. Threads stay allowed.
-3. rlimits: CPU seconds, address space, file size, open files, threads (counted in the user
-   namespace; a root process outside one is exempt); a wall clock here, and a cap on what the
-   child may write to its pipes.
+3. rlimits: CPU seconds, address space, file size, open files, processes (the kernel exempts a
+   caller that is root: there threads are bounded by memory and time); a wall clock here, and a
+   cap on what the child may write to its pipes.
 4. An audit hook that refuses sockets, processes, ctypes and writes outside the working directory
    with a readable message: a courtesy to honest code (the model reads the message), not part of
    the boundary.
@@ -67,7 +67,10 @@ def seccomp():
             248, 249, 250, 321, 298, 323,       # add_key request_key keyctl bpf perf_event_open userfaultfd
             425, 426, 427, 246, 320,            # io_uring_* kexec_load kexec_file_load
             175, 313, 176, 169, 167, 168, 163,  # init/finit/delete_module reboot swapon swapoff acct
-            135, 133, 259]                      # personality mknod mknodat
+            135, 133, 259,                      # personality mknod mknodat
+            112, 109,                           # setsid setpgid: stay in the group the parent kills
+            428, 429, 430, 431, 432, 433, 442,  # the new mount API
+            304, 312, 434, 438, 440]            # open_by_handle_at kcmp pidfd_open pidfd_getfd process_madvise
     LD, JEQ, JGE, JSET, RET = 0x20, 0x15, 0x35, 0x45, 0x06
     ALLOW, KILL, EPERM, ENOSYS = 0x7FFF0000, 0x80000000, 0x00050000 | 1, 0x00050000 | 38
     n = len(deny)
@@ -120,7 +123,7 @@ def hook(event, args):
         mode, flags = args[1], args[2] or 0
         writes = set(mode) & set("wax+") if isinstance(mode, str) else flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
         path = os.fsdecode(args[0])
-        if writes and not os.path.abspath(path).startswith(HERE + os.sep):
+        if writes and not os.path.realpath(path).startswith(HERE + os.sep):
             raise PermissionError(f"sandbox: writing {path} is not allowed")
 
 if request["hook"]:
@@ -157,7 +160,7 @@ for d in "$@"; do
   else mkdir -p "$R$d" && mount --rbind "$d" "$R$d" && mount -o remount,bind,ro "$R$d"; fi
 done
 mkdir -p $R/proc $R/dev $R/tmp
-mount -t proc proc $R/proc
+mount -t proc -o ro proc $R/proc
 for f in null zero urandom random; do touch $R/dev/$f && mount --bind /dev/$f $R/dev/$f; done
 mount -t tmpfs -o size=TMPFS_BYTES,mode=1777 agentc-tmp $R/tmp
 mount -o remount,ro $R
@@ -204,8 +207,8 @@ def allow_unsafe(on: bool = True) -> None:
     _unsafe = on
     os.environ["AGENTC_UNSAFE_SANDBOX"] = "1" if on else "0"
     if on:
-        warnings.warn("--unsafe-sandbox: model-written code runs without OS isolation; it can read "
-                      "this machine's files and environment", stacklevel=2)
+        warnings.warn("--unsafe-sandbox: model-written code runs without OS isolation; it can read and "
+                      "write this machine's files as this user, and read its environment", stacklevel=2)
 
 
 def _python() -> tuple[str, str]:
@@ -231,7 +234,10 @@ def _argv(backend: str) -> list[str]:
                 "--uid", "65534", "--gid", "65534", "--clearenv", "--cap-drop", "ALL"]
         for p in _host_paths():
             argv += ["--symlink", os.readlink(p), p] if os.path.islink(p) else ["--ro-bind", p, p]
-        return argv + ["--proc", "/proc", "--dev", "/dev", "--size", str(TMPFS_BYTES), "--tmpfs", "/tmp",
+        # /proc and /dev read-only: the child's user maps to the caller's, root if we are root, and
+        # procfs lets root's uid write kernel settings (/proc/sys) whatever its capabilities
+        return argv + ["--proc", "/proc", "--remount-ro", "/proc", "--dev", "/dev", "--remount-ro", "/dev",
+                       "--size", str(TMPFS_BYTES), "--tmpfs", "/tmp",
                        "--remount-ro", "/", "--chdir", "/tmp", exe, "-I", "-S", "-c", RUNNER]
     if backend == "unshare":
         script = UNSHARE_SETUP.replace("TMPFS_BYTES", str(TMPFS_BYTES))
@@ -300,7 +306,7 @@ def _communicate(p: subprocess.Popen, data: bytes, timeout: float) -> tuple[byte
     try:
         p.wait(max(deadline - time.monotonic(), 0) if why is None else 0)
     except subprocess.TimeoutExpired:
-        why = "timeout"
+        why = why or "timeout"
     if p.returncode is None:
         try:
             os.killpg(p.pid, signal.SIGKILL)
@@ -337,6 +343,9 @@ def _run(source: str, function: str, calls: list[list], backend: str | None, hoo
         report = json.loads(text.rsplit("\n", 1)[-1]) if text else None
     except json.JSONDecodeError:
         report = None
+    except (ValueError, RecursionError):  # an integer past 4,300 digits, nesting past this stack
+        return Outputs("the test run returned a value that cannot be read here (an integer too long, or "
+                       "nested too deeply)", [], isolation=name)
     if not _well_formed(report, len(calls)):
         if isinstance(report, dict) and report.get("error") is None and isinstance(report.get("outputs"), list):
             return Outputs(f"the test run returned {len(report['outputs'])} results for {len(calls)} calls", [],
@@ -345,15 +354,30 @@ def _run(source: str, function: str, calls: list[list], backend: str | None, hoo
         how = ("ran out of memory" if b"MemoryError" in err else
                "ran out of CPU time" if p.returncode in died else f"exit status {p.returncode}")
         return Outputs(f"the test run died: {how}", [], isolation=name)
-    return Outputs(report["error"], report["outputs"] if report["error"] is None else [],
-                   str(report["stdout"])[-2000:], report["seccomp"] is True, name)
+    error = None if report["error"] is None else _text(report["error"])
+    outputs = [] if error is not None else [{"raised": _text(o["raised"])} if "raised" in o else o
+                                            for o in report["outputs"]]
+    return Outputs(error, outputs, _text(str(report["stdout"]))[-2000:], report["seccomp"] is True, name)
+
+
+def _same(got, expected) -> bool:
+    """Equal as JSON texts: types count (True is not 1, 1.0 is not 1), dict order does not."""
+    try:
+        return json.dumps(got, sort_keys=True) == json.dumps(expected, sort_keys=True)
+    except (TypeError, ValueError, RecursionError):
+        return False
+
+
+def _text(s: str) -> str:
+    """A string from the child as UTF-8 text: half a surrogate pair becomes its escape."""
+    return s.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _well_formed(report, n: int) -> bool:
     if not isinstance(report, dict) or set(report) != {"error", "outputs", "stdout", "seccomp"}:
         return False
     if report["error"] is not None:
-        return isinstance(report["error"], str)
+        return isinstance(report["error"], str) and report["error"] != ""
     outs = report["outputs"]
     return (isinstance(outs, list) and len(outs) == n and
             all(isinstance(o, dict) and (set(o) == {"value"} or set(o) == {"raised"} and isinstance(o["raised"], str))
@@ -378,12 +402,12 @@ def run_tests(source: str, function: str, cases: list[dict], timeout: float = TI
     """Run `function` on every case ({"args": [...], "expected": value}) in the sandbox and compare
     here, after a JSON round trip of both sides."""
     out = run_calls(source, function, [c["args"] for c in cases], timeout, isolate, hook)
-    if out.error:
+    if out.error is not None:
         return Report(out.error, [], out.stdout)
     results = []
     for case, o in zip(cases, out.outputs):
         if "raised" in o:
             results.append({"ok": False, "raised": o["raised"]})
         else:
-            results.append({"ok": o["value"] == json.loads(json.dumps(case["expected"])), "got": o["value"]})
+            results.append({"ok": _same(o["value"], case["expected"]), "got": o["value"]})
     return Report(None, results, out.stdout)
