@@ -476,9 +476,13 @@ def write_checkpoint(step: int, extra: dict, tmp: str) -> None:
     name = f"step_{step:06d}"
     final = os.path.join(args.out, name)
     if master:
-        for d in os.listdir(args.out):  # half-written checkpoints of a crash
-            if d.startswith(".step_") and d.endswith(".tmp"):
-                shutil.rmtree(os.path.join(args.out, d), ignore_errors=True)
+        for d in os.listdir(args.out):  # half-written checkpoints (and `latest` pointers) of a crash
+            if d.startswith((".step_", ".latest.")) and d.endswith(".tmp"):
+                path = os.path.join(args.out, d)
+                if os.path.isdir(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.remove(path)
         os.makedirs(tmp)
         checkpoint.save(raw_model, tmp)
         # the compiled agent: with its tokenizer and agent.json this directory is all infer.py needs

@@ -102,7 +102,10 @@ def test_corrupted_newest_checkpoint_falls_back_to_the_previous(saved, whole, tm
     meta = json.loads((out / "step_000048" / "meta.json").read_text())
     assert {"model.safetensors", "config.json", "optim_rank0.pt", "agent.json"} <= set(meta["files"])
     corrupt(out / "step_000048" / name, how)
+    (out / ".latest.x1y2.tmp").write_text("step_0")   # what a kill during a save leaves
+    (out / ".step_000040.tmp").mkdir()
     p = train("--out=" + str(out), "--resume")
+    assert not [d for d in os.listdir(out) if d.endswith(".tmp")]   # the next save clears them
     assert f"{out}/step_000048 cannot be resumed" in p.stderr and "resuming" in p.stdout, p.stderr
     assert f"resuming {out}/step_000032 at step 32" in p.stdout
     assert_same_weights(weights(out), whole["weights"])
