@@ -26,6 +26,7 @@ commands' `--unsafe-sandbox`, or AGENTC_UNSAFE_SANDBOX=1): then only layers 2-4 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -323,13 +324,12 @@ def _run(source: str, function: str, calls: list[list], backend: str | None, hoo
     request = json.dumps({"source": source, "function": function, "calls": calls, "hook": hook,
                           "cwd": "/tmp" if backend == "unshare" else None,
                           "limits": [CPU_S, MEMORY_BYTES, FILE_BYTES]}).encode()
-    with tempfile.TemporaryDirectory(prefix="agentc-sandbox-") as work:
-        if backend is None:
-            argv, cwd, env = [_python()[0], "-I", "-S", "-c", RUNNER], work, {}
-        else:
-            argv, cwd, env = _argv(backend), "/", {}
-            if backend == "unshare":
-                env = {"PY": _python()[0], "RUNNER": RUNNER, "PATH": "/usr/bin:/bin:/usr/sbin:/sbin"}
+    # unisolated, the child works in a temporary directory of the host; isolated, in its own tmpfs
+    with (tempfile.TemporaryDirectory(prefix="agentc-sandbox-") if backend is None
+          else contextlib.nullcontext("/")) as cwd:
+        argv = [_python()[0], "-I", "-S", "-c", RUNNER] if backend is None else _argv(backend)
+        env = {"PY": _python()[0], "RUNNER": RUNNER, "PATH": "/usr/bin:/bin:/usr/sbin:/sbin"} \
+            if backend == "unshare" else {}
         p = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, start_new_session=True)
         out, err, why = _communicate(p, request, timeout)
@@ -400,7 +400,7 @@ def run_calls(source: str, function: str, calls: list[list], timeout: float = TI
 def run_tests(source: str, function: str, cases: list[dict], timeout: float = TIMEOUT_S,
               isolate: str | None = "auto", hook: bool = True) -> Report:
     """Run `function` on every case ({"args": [...], "expected": value}) in the sandbox and compare
-    here, after a JSON round trip of both sides."""
+    here, as JSON texts (_same)."""
     out = run_calls(source, function, [c["args"] for c in cases], timeout, isolate, hook)
     if out.error is not None:
         return Report(out.error, [], out.stdout)
