@@ -48,7 +48,6 @@ from agentc.runtime import agent as agent_dir
 from agentc.runtime.evaluate import combine, evaluate as evaluate_agent
 from agentc.util import ArgumentParser, atomic_write, parse_kv, read_json, report_errors, write_text
 from agentc.workflows import sandbox
-from infer import play_episode
 
 # ----------------------------------------------------------------------------- flags
 
@@ -651,7 +650,7 @@ if args.eval_episodes and master:
         eval_tok = load_tokenizer(data_tokenizer)
         eval_agents = [agent_dir.Agent(raw_model, eval_tok, agent_dir.workflow_of(f),
                                        [t["function"]["name"] for t in f["tools"]],
-                                       {"system": data_meta.get("system", "keep")}) for f in flows]
+                                       {"system": data_meta.get("system", "keep")}, "", f["tools"]) for f in flows]
     except (ValueError, ImportError, sandbox.SandboxUnavailable) as e:
         log(f"note: no agent evaluation (--eval-episodes): {e}")
 
@@ -661,8 +660,9 @@ def agent_eval() -> dict:
     """Episodes on fresh test tasks through the runtime, for each workflow (rank 0; the others
     wait at the next step): the summaries combined (agentc/runtime/evaluate.py combine)."""
     raw_model.eval()
-    play = functools.partial(play_episode, engine_kw={"max_len": max(seq_len, 2048)})
-    per = {a.workflow.name: evaluate_agent(a, play, args.eval_episodes, "test", seed=1, progress=False)
+    per = {a.workflow.name: evaluate_agent(a, args.eval_episodes, "test", seed=1, progress=False,
+                                           batch=min(16, args.eval_episodes),
+                                           engine_kw={"max_len": max(seq_len, 2048), "constrain": True})
            for a in eval_agents}
     raw_model.train()
     return combine(per)

@@ -109,8 +109,8 @@ def test_bad_calls_become_observations(agent):
 def test_random_model_fails_cleanly_and_summarises(agent, tmp_path):
     """An untrained model samples garbage: every episode ends with a failure kind, none crashes."""
     traces = tmp_path / "t.jsonl"
-    play = functools.partial(infer.play_episode, episode_kw={"max_new_tokens": 24, "max_steps": 3})
-    s = ev.evaluate(agent, play, episodes=4, traces=str(traces), progress=False)
+    s = ev.evaluate(agent, episodes=4, traces=str(traces), progress=False,
+                    episode_kw={"max_new_tokens": 24, "max_steps": 3})
     assert s["episodes"] == 4 and s["success_rate"] == 0
     lines = [json.loads(x) for x in open(traces)]
     assert len(lines) == 4 and all(x["steps"] and x["steps"][0]["tokens"] for x in lines)

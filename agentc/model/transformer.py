@@ -174,17 +174,10 @@ class Documents:
     positions: torch.Tensor       # (B, T) int64, restarting at 0 at every document
     ids: torch.Tensor | None      # (B, T) int64 index of each token's document
     window: int | None            # sliding window (keys a query may see), None for all
-    q_offset: int = 0             # with a KV cache: position of the first query among the keys
+    q_offset: int = 0             # with a KV cache of one bound row: position of the first query among its keys
     _mask: torch.Tensor | None = field(default=None, repr=False)
     _spans: list | None = field(default=None, repr=False)
     _cache: dict = field(default_factory=dict, repr=False)  # per-forward objects the backends build once
-
-    @classmethod
-    def for_cache(cls, start: int, B: int, T: int, window: int | None, device) -> "Documents":
-        """T new tokens at positions [start, start + T) of one document per row, whose first
-        `start` keys and values are already cached."""
-        pos = torch.arange(start, start + T, device=device).expand(B, T)
-        return cls(None, pos, None, window, q_offset=start)
 
     @classmethod
     def from_offsets(cls, doc_offsets: torch.Tensor | None, B: int, T: int, window: int | None,
@@ -402,9 +395,10 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, KV, D)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:  # keys and values of the cached prefix, then these T
-            k, v = cache.update(self.layer, k, v)                  # (B, pos + T, KV, D)
-        out = attend(q, k, v, docs, self.cfg.attention)            # (B, T, H, D)
+        if cache is None:
+            out = attend(q, k, v, docs, self.cfg.attention)        # (B, T, H, D)
+        else:  # the cache stores k and v, then attends over each row's cached keys and these T
+            out = cache.attend(self.layer, q, k, v, docs, self.cfg.attention)
         return self.wo(out.reshape(B, T, -1))
 
 
@@ -442,6 +436,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.fast_head = None  # inference only: a module head() calls instead (model/quant.py's int8 head)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -466,13 +461,17 @@ class Transformer(nn.Module):
 
     def hidden(self, tokens: torch.Tensor, doc_offsets: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         """tokens (B, T) -> final normalised hidden states (B, T, dim). With a KV cache
-        (model/kv_cache.py) the tokens continue the cached sequence and are appended to it."""
+        (model/kv_cache.py) row i of the tokens continues the cache row bound as its i-th (each at
+        its own offset) and is appended to it."""
         B, T = tokens.shape
         if cache is not None:
             if doc_offsets is not None:
                 raise ValueError("a KV cache holds one document per row; doc_offsets are for training")
+            if B != len(cache.rows):
+                raise ValueError(f"{B} rows of tokens for {len(cache.rows)} bound cache rows")
             cache.check_room(T)
-            docs = Documents.for_cache(cache.pos, B, T, self.cfg.sliding_window, tokens.device)
+            pos = cache.positions(T, self.cfg.sliding_window, tokens.device)
+            docs = Documents(None, pos, None, self.cfg.sliding_window, q_offset=cache.pos)
         else:
             docs = Documents.from_offsets(doc_offsets, B, T, self.cfg.sliding_window, tokens.device)
         cos, sin = rope_cos_sin(docs.positions, rope_frequencies(self.cfg, tokens.device))
@@ -485,6 +484,8 @@ class Transformer(nn.Module):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Hidden states (..., dim) -> logits (..., vocab)."""
+        if self.fast_head is not None:
+            return self.fast_head(h)
         return F.linear(h, self.output_weight)
 
     def forward(self, tokens, doc_offsets=None, targets=None, loss_weights=None):
@@ -493,7 +494,7 @@ class Transformer(nn.Module):
         sum over a whole global batch, to get the mean)."""
         h = self.hidden(tokens, doc_offsets)
         if targets is None:
-            return F.linear(h, self.output_weight)
+            return self.head(h)
         return lm_loss(h, self.output_weight, targets, loss_weights, self.cfg.loss)
 
     def num_params(self, embeddings: bool = True) -> int:

@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -118,6 +118,7 @@ class Agent:
     tools: list[str]           # the allowlist: tool names the agent may call
     meta: dict                 # agent.json
     path: str = ""
+    schemas: list[dict] = field(default_factory=list)  # the tools' OpenAI entries (for constrained calls)
 
 
 def load(path: str, device="cpu", workflow: str | None = None, attention: str = "auto") -> Agent:
@@ -148,4 +149,4 @@ def load(path: str, device="cpu", workflow: str | None = None, attention: str = 
     if json.dumps(live, sort_keys=True) != json.dumps(pick["tools"], sort_keys=True):
         print(f"WARNING: the tools of workflow {pick['name']!r} changed since this agent was trained; it runs "
               "with today's code and schemas", file=sys.stderr)
-    return Agent(model, tok, wf, [t["function"]["name"] for t in pick["tools"]], meta, path)
+    return Agent(model, tok, wf, [t["function"]["name"] for t in pick["tools"]], meta, path, pick["tools"])

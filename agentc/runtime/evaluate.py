@@ -1,23 +1,25 @@
 """Evaluation: a compiled agent on fresh tasks, with the workflow's real tools and checker.
 
-    summary = evaluate(agent, play, episodes=200, split="test", workers=2, traces="traces.jsonl")
+    summary = evaluate(agent, episodes=200, split="test", batch=16, traces="traces.jsonl")
     print_summary(summary)
 
-`play(agent, task, index) -> EpisodeResult` runs one episode; infer.py's play_episode is the one
-everything uses (the engine and the episode loop live there). It is passed in, not imported, so
-that this library never imports a script; with workers > 1 it must be a module-level function
-(or a functools.partial of one) that the worker processes can import.
+Episodes run through the runtime (agentc/runtime/episode.py): `batch` of them at a time on one
+batched engine (continuous batching, the default of infer.py --eval), or one at a time on a
+one-row engine in each of `workers` processes. Every episode is the same either way, its sampling
+seed included (in float32 greedy decoding its tokens are identical; tests/test_batch.py).
 
 Tasks are fresh: seed 1 by default, while agentc.data.generate makes training data with seed 0.
 A summary holds the success rate, the first failure of every episode by kind, the errors the
-agent's calls met, latency, prefill and decode counts, and success by question family and by
-question template (seen in training or held out). A mixture agent is evaluated per workflow and
-the summaries combined (combine).
+agent's calls met, latency, prefill and decode counts, throughput, and success by question family
+and by question template (seen in training or held out). A mixture agent is evaluated per workflow
+and the summaries combined (combine).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -99,16 +101,27 @@ def _worker_episode(job):
     return play(agent, task, i)
 
 
-def evaluate(agent: agent_dir.Agent, play: Callable, episodes: int = 200, split: str = "test", seed: int = 1,
-             traces: str | None = None, progress: bool = True, workers: int = 1) -> dict:
-    """Run `episodes` fresh tasks of `split` through play(agent, task, i); write one trace line per
-    episode (in task order) to `traces`; return the summary. workers > 1 runs episodes in that many
-    processes, each loading the agent from agent.path (on a CPU they share torch's threads); every
-    episode is the same as with one worker, its sampling seed included."""
+def evaluate(agent: agent_dir.Agent, episodes: int = 200, split: str = "test", seed: int = 1,
+             traces: str | None = None, progress: bool = True, workers: int = 1, batch: int = 1,
+             engine_kw: dict | None = None, episode_kw: dict | None = None) -> dict:
+    """Run `episodes` fresh tasks of `split`; write one trace line per episode (in task order) to
+    `traces`; return the summary. batch > 1: that many episodes at a time on one batched engine.
+    workers > 1 (with batch 1): episodes in that many processes, each loading the agent from
+    agent.path (on a CPU they share torch's threads). engine_kw: Engine's options (and
+    `constrain`), episode_kw: the episode's (agentc/runtime/episode.py)."""
+    import functools
     from tqdm import tqdm
+    from agentc.runtime.episode import play_episode, run_batch, make_engine
+    if batch > 1 and workers > 1:
+        raise ValueError("run a batched engine in one process: give batch > 1 or workers > 1, not both")
+    engine_kw, episode_kw = dict(engine_kw or {}), dict(episode_kw or {})
     tasks = eval_tasks(agent.workflow, split, episodes, seed)
     jobs = [(task, i) for i, task in enumerate(tasks)]
-    if workers > 1:
+    play = functools.partial(play_episode, seed=seed, engine_kw=engine_kw, episode_kw=episode_kw)
+    if batch > 1:
+        engine = make_engine(agent, rows=min(batch, len(jobs)), **engine_kw)
+        pool = _unordered(run_batch(agent, jobs, engine, seed, **episode_kw))
+    elif workers > 1:
         if not agent.path:
             raise ValueError("workers > 1 needs an agent loaded from a directory (each worker loads it)")
         device = str(next(agent.model.parameters()).device)
@@ -121,6 +134,7 @@ def evaluate(agent: agent_dir.Agent, play: Callable, episodes: int = 200, split:
     results = []
     trace_file = open(traces, "w") if traces else None
     bar = tqdm(total=len(tasks), desc=f"eval {agent.workflow.name} {split}", unit="ep", disable=not progress)
+    t0 = time.perf_counter()
     try:
         with pool as stream:
             for r in stream:
@@ -133,7 +147,31 @@ def evaluate(agent: agent_dir.Agent, play: Callable, episodes: int = 200, split:
         bar.close()
         if trace_file:
             trace_file.close()
-    return {**summarize(results, split, seed), "workers": max(1, workers)}
+    wall = time.perf_counter() - t0
+    summary = summarize(results, split, seed)
+    summary.update(workers=max(1, workers), batch=max(1, batch), wall_s=wall,
+                   episodes_per_min=60 * len(results) / max(1e-9, wall),
+                   decode_tokens_per_s_wall=summary["decode_tokens"] / max(1e-9, wall))
+    return summary
+
+
+@contextlib.contextmanager
+def _unordered(stream):
+    """(index, result) pairs as episodes finish -> results in index order, each as soon as every
+    earlier one is in (so a trace file is in task order and nothing finished waits long)."""
+    def ordered():
+        held, nxt = {}, 0
+        for i, r in stream:
+            held[i] = r
+            while nxt in held:
+                yield held.pop(nxt)
+                nxt += 1
+    gen = ordered()
+    try:
+        yield gen
+    finally:
+        gen.close()
+        stream.close()
 
 
 # ----------------------------------------------------------------------------- summaries

@@ -1,0 +1,291 @@
+"""The runtime's engine: a model, a static KV cache of B rows, and the decoding state of each row.
+
+    engine = Engine(model, tok, max_len=4096)                  # one row: one episode at a time
+    logits = engine.feed(prompt_ids, first=True)               # prefill in chunks at the row's offset
+    out = engine.decode(logits, max_new=512)                   # sample up to <|/call|> or <|end|>
+
+    engine = Engine(model, tok, max_len=4096, rows=16)         # 16 episodes advance together
+    engine.start(row, seed); logits = engine.feed(ids, row=row)   # a prefill touches one row
+    engine.begin_turn(row, logits, max_new); engine.step()      # one token for every decoding row
+
+Injected tokens (a prompt, an observation) are prefilled in one forward per chunk at the row's
+offset; nothing is re-encoded. Sampled tokens are decoded one per step, for every row that is in
+a turn, in one batched forward; the runtime's scheduler (agentc/runtime/episode.py) prefills an
+observation into its row between two such steps, so a row whose tool is running leaves the decode
+batch and the others go on. A row's decoding depends only on its own tokens: in float32 greedy
+decoding an episode's tokens are the same in a batch as alone (tests/test_batch.py).
+
+Sampling follows the token layout's grammar (reasoning, then <|call|> JSON <|/call|> or
+<|answer|> text <|end|>): tokens only the runtime writes are never sampled, and with a CallGrammar
+(agentc/runtime/constrain.py) the JSON inside <|call|> follows the agent's tool schemas.
+A fixed prefix (the system prompt and tool manifest) is prefilled once per engine: `feed(...,
+prefix=n)` copies the cached keys and values of the first n tokens into the row when they match.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from agentc.data.format import ANSWER, CALL, CALL_END, END
+from agentc.model.kv_cache import CacheFull, KVCache
+
+MODES = ("incremental", "reprefill", "tokenwise")
+
+
+class BadLogits(ValueError):
+    """Logits no token can be sampled from: NaN, +inf, or -inf for every token the layout allows
+    (a numerically broken model; the runtime reports it as a bad_logits failure)."""
+
+
+def new_stats() -> dict:
+    # prefill: injected tokens run in chunks (a sampled stop token rides with the next chunk);
+    # reencode: what an orchestration loop would prefill; forward: every token through the model;
+    # prefix: tokens whose keys and values came from the cached prefix
+    return {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0,
+            "reencode_tokens": 0, "forward_tokens": 0, "prefix_tokens": 0}
+
+
+@dataclass
+class Row:
+    """The state of one cache row: the sequence it holds and the turn it is decoding."""
+    gen: torch.Generator
+    ids: list[int] = field(default_factory=list)      # the sequence the cache row holds
+    pending: list[int] = field(default_factory=list)  # a sampled stop token, fed with whatever follows it
+    stats: dict = field(default_factory=new_stats)
+    # the turn being decoded
+    logits: torch.Tensor | None = None  # next-token logits, not yet sampled from
+    out: list[int] = field(default_factory=list)
+    max_new: int = 0
+    opened: int | None = None           # the <|call|> or <|answer|> this turn has opened
+    grammar_state: object = None        # inside <|call|>: where the JSON is
+    policy: object = None               # policy(logits) -> token replaces sampling (tests force transcripts)
+    on_token: object = None
+    full: bool = False                  # the turn stopped because the cache is full
+    bad_logits: str | None = None       # why the turn stopped on logits it cannot sample from
+    decoding: bool = False
+
+
+class Engine:
+    """A model with a static KV cache of `rows` rows and each row's decoding state.
+
+    mode: how injected tokens reach the model (one row only). "incremental" is the runtime. The
+    other two are baselines, kept for experiments/bench_runtime.py and the tests, which measure what
+    the design saves: "reprefill" re-encodes the whole context at every step (an orchestration
+    loop), "tokenwise" feeds an observation one token at a time (a plain generate() loop).
+    `record=True` keeps (position, logits) of every forward chunk (one row only)."""
+
+    def __init__(self, model, tok, max_len: int = 4096, mode: str = "incremental", prefill_chunk: int = 1024,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, record: bool = False,
+                 rows: int = 1, grammar=None):
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
+        if rows > 1 and (mode != "incremental" or record):
+            raise ValueError("a batched engine runs the incremental mode without recording")
+        self.model, self.tok, self.mode = model, tok, mode
+        self.max_len, self.prefill_chunk = max_len, max(1, prefill_chunk)
+        self.temperature, self.top_p, self.grammar = temperature, top_p, grammar
+        p = next(model.parameters())
+        self.device = p.device
+        dtype = p.dtype if p.dtype.is_floating_point else torch.float32  # quantized weights: float32 cache
+        self.cache = KVCache(model.cfg, max_len, rows, p.device, getattr(model, "cache_dtype", dtype))
+        # The runtime's own tokens are never sampled, and the model's follow the layout's grammar:
+        # reasoning, then <|call|> JSON <|/call|> or <|answer|> text <|end|>. Training data always
+        # does, so the constraint removes no mass a well-trained model would give a valid token.
+        sid = tok.special_ids
+        own = {sid[t] for t in (CALL, CALL_END, ANSWER, END)}
+        never = [i for i in tok.unsampled_ids() if i not in own]  # other specials, <unk>, PRESPLIT
+        never += list(range(tok.vocab_size, model.cfg.vocab_size))  # embedding rows with no piece
+        ban = lambda *names: torch.tensor(never + [sid[t] for t in names], device=p.device)  # noqa: E731
+        self.banned = {None: ban(CALL_END, END), sid[CALL]: ban(CALL, ANSWER, END),
+                       sid[ANSWER]: ban(CALL, ANSWER, CALL_END)}
+        self.call_id = sid[CALL]
+        self.openers = {sid[CALL], sid[ANSWER]}
+        self.stop = {sid[CALL_END], sid[END]}
+        self.record, self.logits = record, []
+        self.prefixes: dict[tuple, tuple] = {}  # prefix token ids -> its keys and values
+        self.rows = [Row(torch.Generator().manual_seed(seed)) for _ in range(rows)]
+        self.step_s = 0.0  # wall time of batched decode steps (all rows together)
+
+    # ----------------------------------------------------------------- one row's state
+
+    def start(self, row: int, seed: int) -> None:
+        """Empty `row` for a new episode whose sampling seed is `seed`."""
+        self.cache.reset(row)
+        self.rows[row] = Row(torch.Generator().manual_seed(seed))
+
+    # the one-row API's view of row 0
+    ids = property(lambda self: self.rows[0].ids)
+    pending = property(lambda self: self.rows[0].pending)
+    stats = property(lambda self: self.rows[0].stats)
+    full = property(lambda self: self.rows[0].full)
+    bad_logits = property(lambda self: self.rows[0].bad_logits)
+
+    # ----------------------------------------------------------------- forward passes
+
+    @torch.no_grad()
+    def _forward(self, row: int, ids: list[int]) -> torch.Tensor:
+        """Run ids through the model at `row`'s offset, in chunks of prefill_chunk; the logits
+        (vocab,) of the last one."""
+        last = None
+        self.rows[row].stats["forward_tokens"] += len(ids)
+        self.cache.bind([row])
+        for s in range(0, len(ids), self.prefill_chunk):
+            x = torch.tensor([ids[s:s + self.prefill_chunk]], device=self.device)
+            start = self.cache.pos
+            h = self.model.hidden(x, cache=self.cache)
+            if self.record:
+                self.logits.append((start, self.model.head(h[0]).float()))
+            last = h[0, -1]
+        return self.model.head(last).float()
+
+    def _prefix(self, row: int, ids: list[int], n: int) -> int:
+        """Put the keys and values of ids[:n] into the empty `row` from the prefix cache,
+        computing them once; the number of tokens now in the row."""
+        key = tuple(ids[:n])
+        if key not in self.prefixes:
+            self._forward(row, ids[:n])
+            self.prefixes = {key: self.cache.copy_out(row, n)}  # one agent, one prefix: keep the last
+        else:
+            self.cache.copy_in(row, *self.prefixes[key])
+        self.rows[row].stats["prefix_tokens"] += n
+        return n
+
+    def feed(self, ids: list[int], first: bool = False, row: int = 0, prefix: int = 0) -> torch.Tensor:
+        """Append injected tokens (the prompt, an observation) to `row`; the next-token logits.
+        prefix: on the first feed, how many leading tokens are the agent's fixed prefix (their
+        keys and values are computed once per engine and copied). Raises CacheFull, before any
+        chunk runs, if they do not fit."""
+        r = self.rows[row]
+        t0 = time.perf_counter()
+        ids, r.pending = r.pending + list(ids), []
+        if len(r.ids) + len(ids) > self.max_len:  # before any chunk runs: all or nothing
+            raise CacheFull(f"{len(r.ids)} tokens + {len(ids)} new exceed the cache of {self.max_len}")
+        r.stats["reencode_tokens"] += len(r.ids) + len(ids)  # what re-encoding would have run
+        if self.mode == "reprefill" and not first:
+            self.cache.reset(row)
+            r.ids = r.ids + list(ids)
+            n, logits = len(r.ids), self._forward(row, r.ids)
+        elif self.mode == "tokenwise" and not first:
+            r.ids.extend(ids)
+            n = len(ids)
+            for i in ids:
+                logits = self._forward(row, [i])
+        else:
+            skip = self._prefix(row, ids, prefix) if first and 0 < prefix < len(ids) and not self.record else 0
+            r.ids.extend(ids)
+            n, logits = len(ids) - skip, self._forward(row, list(ids[skip:]))
+        r.stats["prefill_tokens"] += n
+        r.stats["prefill_s"] += time.perf_counter() - t0
+        return logits
+
+    # ----------------------------------------------------------------- sampling
+
+    def sample(self, logits: torch.Tensor, opened: int | None = None, row: int = 0, state=None) -> int:
+        """A token from the next-token logits; `opened`: the <|call|> or <|answer|> this turn has
+        opened, if any (it decides which special tokens may come); `state`: inside a call with a
+        grammar, where its JSON is. Raises BadLogits."""
+        logits = logits.clone()
+        logits[self.banned[opened]] = -math.inf
+        top = logits.max()  # NaN if any allowed logit is NaN
+        if not torch.isfinite(top):
+            raise BadLogits(f"the model's logits are not finite numbers (the largest allowed is {top.item()})")
+        gen = self.rows[row].gen
+        if state is not None:
+            return self.grammar.pick(state, logits, self.temperature, self.top_p, gen)
+        if self.temperature <= 0:
+            return int(logits.argmax())
+        probs = torch.softmax((logits - top) / self.temperature, dim=-1).cpu()  # largest 0: nothing overflows
+        if self.top_p < 1:  # nucleus: the smallest set of tokens whose mass reaches top_p
+            p, order = probs.sort(descending=True)
+            keep = p.cumsum(0) - p < self.top_p
+            probs = torch.zeros_like(probs).scatter(0, order[keep], p[keep])
+        return int(torch.multinomial(probs, 1, generator=gen))
+
+    def _next(self, row: int) -> int | None:
+        """Sample `row`'s next token of its turn and record it; None when the turn is over."""
+        r = self.rows[row]
+        try:
+            nxt = r.policy(r.logits) if r.policy else self.sample(r.logits, r.opened, row, r.grammar_state)
+        except BadLogits as e:
+            r.bad_logits = str(e)
+            return None
+        r.out.append(nxt)
+        if nxt in self.openers:
+            r.opened = nxt
+            if nxt == self.call_id and self.grammar is not None:
+                r.grammar_state = self.grammar.start()
+        elif r.grammar_state is not None and nxt not in self.stop and not r.policy:
+            r.grammar_state = self.grammar.advance(r.grammar_state, nxt)
+        if r.on_token:
+            r.on_token(r.out)
+        return nxt
+
+    # ----------------------------------------------------------------- turns
+
+    def begin_turn(self, row: int, logits: torch.Tensor, max_new: int, policy=None, on_token=None) -> None:
+        """`row` decodes from `logits` until a stop token, max_new tokens, a full cache or logits it
+        cannot sample from; step() advances it with the other decoding rows."""
+        r = self.rows[row]
+        r.logits, r.out, r.max_new, r.opened, r.grammar_state = logits, [], max_new, None, None
+        r.policy, r.on_token, r.full, r.bad_logits, r.decoding = policy, on_token, False, None, True
+
+    def _finish(self, row: int) -> None:
+        r = self.rows[row]
+        r.decoding, r.logits = False, None
+        r.stats["decode_tokens"] += len(r.out)
+        if r.out and r.out[-1] in self.stop:
+            r.pending = [r.out[-1]]
+
+    @torch.no_grad()
+    def step(self) -> list[int]:
+        """One token for every row in a turn: sample from its logits, then one forward of all rows
+        whose turn goes on. Returns the rows whose turn ended (their tokens are rows[i].out)."""
+        t0 = time.perf_counter()
+        done, go, tokens = [], [], []
+        for i, r in enumerate(self.rows):
+            if not r.decoding:
+                continue
+            nxt = self._next(i)
+            if nxt is None or nxt in self.stop:
+                done.append(i)
+            elif len(r.ids) + 1 > self.max_len:
+                r.full = True
+                done.append(i)
+            else:
+                go.append(i)
+                tokens.append(nxt)
+        if go:
+            self.cache.bind(go)
+            h = self.model.hidden(torch.tensor(tokens, device=self.device)[:, None], cache=self.cache)
+            logits = self.model.head(h[:, 0]).float()
+            for j, i in enumerate(go):
+                r = self.rows[i]
+                r.ids.append(tokens[j])
+                r.stats["forward_tokens"] += 1
+                r.logits = logits[j]
+                if self.record:
+                    self.logits.append((len(r.ids) - 1, logits[j][None]))
+                if len(r.out) >= r.max_new:  # the last token is in the cache, as every sampled one is
+                    done.append(i)
+        dt = time.perf_counter() - t0
+        self.step_s += dt
+        for i in set(go + done):
+            self.rows[i].stats["decode_s"] += dt
+        for i in done:
+            self._finish(i)
+        return done
+
+    def decode(self, logits: torch.Tensor, max_new: int, policy=None, on_token=None, row: int = 0) -> list[int]:
+        """One row's turn on its own: sample (or take from `policy(logits)`) up to max_new tokens,
+        stopping after a stop token; every token but the last is fed back through the cache."""
+        if any(r.decoding for i, r in enumerate(self.rows) if i != row):
+            raise RuntimeError("decode() runs one row alone; with other rows in a turn, use step()")
+        self.begin_turn(row, logits, max_new, policy, on_token)
+        if max_new < 1:
+            self._finish(row)
+        while self.rows[row].decoding:
+            self.step()
+        return self.rows[row].out
