@@ -3,7 +3,7 @@
 # mix made-up names into their pools; 10% of calls start with a deliberate, untrained mistake and
 # its fix) -> the (presplit) tokenizer -> 2,048-token rows without the constant system prompt,
 # which the agent learns instead -> the `mini` preset with its copy circuit, 1,700 steps of 4k
-# tokens -> 200 fresh held-out test episodes through the runtime, two worker processes.
+# tokens -> 200 fresh held-out test episodes through the runtime, 16 at a time.
 # Figures: experiments/RESULTS.md. Running it again continues the same run (or, when it is done,
 # evaluates it again). N=... and train.py flags after the script's name change the run (the last
 # value of a flag wins): N=48000 bash runs/quickstart.sh --max-steps=6800 is four times the compute.
@@ -21,4 +21,4 @@ python -m agentc.data.pack --tokenizer $D/tok.model --seq-len 2048 --system drop
 python -m agentc.data.audit --quiet $D/train $D/val  # only the model's own tokens are trained
 python train.py --data=$D/train --val-data=$D/val --model=mini --batch-size=2 --max-steps=1700 --lr=5e-3 \
     --eval-every=425 --eval-batches=8 --eval-episodes=0 --log-every=25 --out=$OUT --resume "$@"
-python infer.py --agent=$OUT --eval --split test --episodes 200 --workers 2
+python infer.py --agent=$OUT --eval --split test --episodes 200
