@@ -149,3 +149,41 @@ def test_cache_rows_attend_only_to_themselves():
 def test_batched_engine_refuses_baseline_modes(agent):
     with pytest.raises(ValueError, match="incremental"):
         Engine(agent.model, agent.tok, rows=2, mode="reprefill")
+
+
+class Biased(torch.nn.Module):
+    """A model whose logits get a fixed bias (here: towards opening and closing calls)."""
+
+    def __init__(self, model, bias):
+        super().__init__()
+        self.m, self.cfg, self.bias = model, model.cfg, bias
+
+    def hidden(self, x, cache=None):
+        return self.m.hidden(x, cache=cache)
+
+    def head(self, h):
+        return self.m.head(h) + self.bias
+
+
+def test_constrained_calls_never_fail_on_format(agent):
+    """An untrained model pushed to write calls, sampling at temperature 1: unconstrained, its calls
+    are broken JSON; with the schema constraint, no episode fails on format, an unknown tool or bad
+    arguments, and the calls reach the tools (which may still reject a value)."""
+    from agentc.runtime import evaluate as ev
+    tok, wf = agent.tok, agent.workflow
+    env = wf.make_env(wf.sample_task("test", 0, 0))
+    schemas = [t.schema() for t in env.tools()]
+    env.close()
+    bias = torch.zeros(agent.model.cfg.vocab_size)
+    bias[[tok.special_ids["<|call|>"], tok.special_ids["<|/call|>"]]] = 30.0
+    bias[[i for i in range(tok.vocab_size) if tok.decode([i]) and set(tok.decode([i])) <= set('"}{, :')]] = 3.0
+    pushed = Agent(Biased(agent.model, bias), tok, wf, agent.tools, {}, "", schemas)
+    run = lambda constrain: ev.evaluate(pushed, episodes=12, progress=False, batch=6,  # noqa: E731
+                                        engine_kw={"constrain": constrain, "temperature": 1.0},
+                                        episode_kw={"max_new_tokens": 64, "max_steps": 3})
+    free, constrained = run(False), run(True)
+    assert free["failures"]["invalid_format"] > 0
+    assert constrained["failures"]["invalid_format"] == constrained["failures"]["unknown_tool"] == 0
+    assert constrained["failures"]["bad_arguments"] == 0
+    assert not {"invalid_format", "unknown_tool", "bad_arguments"} & set(constrained["errors_in_calls"])
+    assert constrained["mean_steps"] > 1  # calls ran: under the constraint only a call lets an episode go on
