@@ -111,6 +111,7 @@ def quantize(model: nn.Module, kind: str) -> nn.Module:
     if is_quantized(model):
         raise ValueError("this model is already int8-quantized; quantize a freshly loaded float model")
     model.eval()
+    model.quant_kind = kind  # what the runtime's worker processes apply to their own copy (runtime/evaluate.py)
     if kind == "fp32":
         return model.float()
     if kind == "bf16":

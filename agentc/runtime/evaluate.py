@@ -88,11 +88,16 @@ def eval_tasks(workflow: Workflow, split: str, n: int, seed: int) -> list:
 _WORKER: tuple | None = None  # (agent, play) in a worker process
 
 
-def _init_worker(path: str, device: str, workflow: str, attention: str, threads: int, play: Callable) -> None:
+def _init_worker(path: str, device: str, workflow: str, attention: str, threads: int, play: Callable,
+                 quant: str | None = None) -> None:
     global _WORKER
     if threads:
         torch.set_num_threads(threads)
-    _WORKER = (agent_dir.load(path, device, workflow, attention), play)
+    agent = agent_dir.load(path, device, workflow, attention)
+    if quant:  # the weights the parent runs (agentc/model/quant.py)
+        from agentc.model.quant import quantize
+        quantize(agent.model, quant)
+    _WORKER = (agent, play)
 
 
 def _worker_episode(job):
@@ -127,7 +132,8 @@ def evaluate(agent: agent_dir.Agent, episodes: int = 200, split: str = "test", s
         device = str(next(agent.model.parameters()).device)
         threads = max(1, torch.get_num_threads() // workers) if device == "cpu" else 0
         pool = ordered_map(_worker_episode, jobs, workers, _init_worker,
-                           (agent.path, device, agent.workflow.name, agent.model.cfg.attention, threads, play),
+                           (agent.path, device, agent.workflow.name, agent.model.cfg.attention, threads, play,
+                            getattr(agent.model, "quant_kind", None)),
                            start="spawn")  # spawn: no inherited torch threads or CUDA context
     else:
         pool = ordered_map(lambda job: play(agent, *job), jobs)
@@ -245,7 +251,10 @@ def print_summary(s: dict) -> None:
                                  f"p95 {1e3 * s['p95_step_latency_s']:.1f} ms"),
             ("prefill tokens", f"{s['prefill_tokens']:,} (re-encoding would run {s['prefill_tokens_if_reencoded']:,}: "
                                f"{s['prefill_tokens_saved']:,} saved)"),
-            ("decode", f"{s['decode_tokens']:,} tokens, {s['decode_tokens_per_s']:.0f} tokens/s")]
+            ("decode", f"{s['decode_tokens']:,} tokens, {s['decode_tokens_per_s']:.0f} tokens/s per episode")]
+    if "episodes_per_min" in s:
+        rows.append(("throughput", f"{s['episodes_per_min']:.0f} episodes/min, {s['decode_tokens_per_s_wall']:.0f} "
+                                   f"tokens/s decoded (batch {s['batch']}, {s['workers']} process(es))"))
     if s.get("by_template", {}).get("heldout", [0, 0])[1]:
         rows.append(("question templates", ", ".join(f"{k} {a}/{n}" for k, (a, n) in s["by_template"].items())))
     if len(s.get("by_family", {})) > 1:
