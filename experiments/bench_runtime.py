@@ -24,6 +24,7 @@ a plot of each part.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import multiprocessing as mp
@@ -41,6 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from agentc.data.format import SRC_MODEL, render  # noqa: E402
 from agentc.model import checkpoint  # noqa: E402
 from agentc.model.quant import quantize  # noqa: E402
+from agentc.model.transformer import PRESETS, ModelConfig, Transformer  # noqa: E402
 from agentc.runtime.agent import Agent  # noqa: E402
 from agentc.runtime.engine import Engine  # noqa: E402
 from agentc.runtime.episode import run_batch, run_episode  # noqa: E402
@@ -65,6 +67,18 @@ def smollm2(device):
     tok = BPETokenizer(from_gguf(path, os.path.join(d, "smol.bpe.json")))
     checkpoint.resize_vocab(model, tok.vocab_size)
     return model.to(device).eval(), tok, path
+
+
+class FakeTok:
+    """Just enough of a tokenizer for the engine (a preset's random weights): special ids at the end."""
+
+    def __init__(self, vocab: int):
+        from agentc.data.format import SPECIAL_TOKENS
+        self.special_ids = {t: vocab - 1 - i for i, t in enumerate(SPECIAL_TOKENS)}
+        self.vocab_size = vocab
+
+    def unsampled_ids(self):
+        return list(self.special_ids.values())
 
 
 def random_ids(tok, n, seed):
@@ -276,6 +290,9 @@ def plot(path, result):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--parts", default="latency,decode,eval")
+    ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m, or a preset of random weights "
+                    "(agentc/model/transformer.py PRESETS; latency and decode only, no llama.cpp)")
+    ap.add_argument("--vocab-size", type=int, default=8192, help="a preset's vocabulary")
     ap.add_argument("--contexts", default="512,1024,2048,4096,8192,16384")
     ap.add_argument("--obs", type=int, default=64, help="observation tokens per step (SQL mean: ~20)")
     ap.add_argument("--decode", type=int, default=32, help="model tokens per step (SQL mean: ~29)")
@@ -301,7 +318,17 @@ def main():
               "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
               "transformers": transformers.__version__, "python": platform.python_version(),
               "model": "SmolLM2-135M-Instruct", "date": str(datetime.date.today())}
-    model, tok, gguf_path = smollm2(args.device)
+    if args.model == "smollm2-135m":
+        model, tok, gguf_path = smollm2(args.device)
+        fresh = lambda: smollm2(args.device)[0]  # noqa: E731
+    elif args.model in PRESETS:
+        torch.manual_seed(0)
+        model = Transformer(ModelConfig.preset(args.model, vocab_size=args.vocab_size)).to(args.device).eval()
+        tok, gguf_path, parts = FakeTok(args.vocab_size), None, [p for p in parts if p != "eval"]
+        result["model"] = f"{args.model} (random weights)"
+        fresh = lambda: copy.deepcopy(model)  # noqa: E731
+    else:
+        raise SystemExit(f"bench_runtime.py: --model {args.model}: expected smollm2-135m or one of {', '.join(PRESETS)}")
     base = args.out or os.path.join(RESULTS, f"{datetime.date.today()}-runtime-{'cuda' if cuda else 'cpu'}.json")
 
     def save():
@@ -313,21 +340,20 @@ def main():
         prompt = random_ids(tok, 256, 1)
         speeds = {}
         for q in args.quants.split(","):
-            m, _, _ = smollm2(args.device)
-            quantize(m, q)
+            m = quantize(fresh(), q)
             speeds[f"agentc {q}"] = ours_decode(m, tok, prompt, args.decode_tokens, args.device, args.repeats)
             print(f"decode agentc {q}: {speeds[f'agentc {q}']:.1f} tokens/s", flush=True)
             del m
         speeds["HF generate fp32"] = hf_decode(model, prompt, args.decode_tokens, args.device, args.repeats)
         print(f"decode HF generate fp32: {speeds['HF generate fp32']:.1f} tokens/s", flush=True)
         llama = None
-        if args.llama_python:
+        if args.llama_python and gguf_path:
             llama = llama_decode(args.llama_python, gguf_path, prompt, args.decode_tokens,
                                  torch.get_num_threads(), args.repeats)
             speeds["llama.cpp Q4_1"] = llama["tokens_per_s"]
             print(f"decode llama.cpp Q4_1: {llama['tokens_per_s']:.1f} tokens/s", flush=True)
         result["decode"] = {"tokens_per_s": speeds, "prompt_tokens": 256, "decoded": args.decode_tokens,
-                            "gguf": os.path.basename(gguf_path), "llama_cpp": llama}
+                            "gguf": gguf_path and os.path.basename(gguf_path), "llama_cpp": llama}
         save()
     if "latency" in parts or "eval" in parts:
         quantize(model, args.eval_quant)

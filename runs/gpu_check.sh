@@ -78,7 +78,7 @@ if [ $MODE = dry ]; then
     step train $LIMIT $PY experiments/bench_train.py --model=tiny --seq-len=256 --batch-size=1 --steps=2 --warmup=1 \
         --vocab-size=512 --device=cpu --dtype=float32 --out "$RESULTS/train_dry.json"
     step runtime $LIMIT $PY experiments/bench_runtime.py --model=tiny --vocab-size=512 --contexts=64,128 --obs=8 \
-        --decode=4 --decode-speed-tokens=8 --repeats=1 --device=cpu --out "$RESULTS/runtime_dry.json"
+        --decode=4 --decode-tokens=8 --repeats=1 --parts=latency,decode --device=cpu --out "$RESULTS/runtime_dry.json"
 else
     $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'; print(torch.cuda.get_device_name())" || exit 1
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv > "$LOGS/nvidia-smi.txt" 2>&1
@@ -92,7 +92,8 @@ else
         --out "$RESULTS/$DATE-gpu-ce.json"
     step train 90 $PY experiments/bench_train.py --model=125m --seq-len=4096 --batch-size=8 --steps=10 --warmup=3 \
         --out "$RESULTS/$DATE-gpu-train-125m.json"
-    step runtime 90 $PY experiments/bench_runtime.py --model=125m --device=cuda --out "$RESULTS/$DATE-gpu-runtime-125m.json"
+    step runtime 90 $PY experiments/bench_runtime.py --device=cuda --parts=latency,decode,eval --contexts=512,2048,8192 \
+        --eval-runs=16:32 --eval-quant=bf16 --quants=fp32,bf16 --out "$RESULTS/$DATE-gpu-runtime.json"
 fi
 
 # the summary: one JSON with the machine, the versions, and each step's status and log tail

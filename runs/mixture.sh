@@ -23,4 +23,4 @@ python -m agentc.data.pack --tokenizer $D/tok.model --seq-len 2048 --system drop
 python -m agentc.data.audit --quiet $D/train $D/val
 python train.py --data=$D/train --val-data=$D/val --model=mini --batch-size=2 --max-steps=5000 \
     --lr=5e-3 --eval-every=1000 --eval-batches=8 --eval-episodes=0 --log-every=50 --out=$OUT --resume "$@"
-python infer.py --agent=$OUT --eval --workflow all --split test --episodes 100 --workers 2
+python infer.py --agent=$OUT --eval --workflow all --split test --episodes 100

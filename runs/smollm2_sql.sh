@@ -23,8 +23,8 @@ python train.py --data=$D/smol_train --val-data=$D/smol_val --init-from=smollm2-
 # experiments/compare_runs.py), skipping those already done.
 if [ "${EVAL_ALL:-0}" = 1 ]; then
     for CK in $OUT/step_*; do
-        [ -f $CK/eval_test_incremental.json ] || python infer.py --agent=$CK --eval --split test --episodes $EPISODES --workers 2
+        [ -f $CK/eval_test_incremental.json ] || python infer.py --agent=$CK --eval --split test --episodes $EPISODES
     done
 else
-    python infer.py --agent=$OUT --eval --split test --episodes $EPISODES --workers 2
+    python infer.py --agent=$OUT --eval --split test --episodes $EPISODES
 fi

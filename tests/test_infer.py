@@ -180,7 +180,7 @@ def test_compiled_agent_runs_from_the_command_line(sql_corpus, tmp_path):
     assert summary["episodes"] == 2 and (ck / "traces_test_incremental.jsonl").exists()
     # two worker processes run the same episodes, and the traces keep task order
     p = run("infer.py", f"--agent={ck}", "--eval", "--episodes=3", "--max-new-tokens=16", "--max-steps=2",
-            "--workers=2", f"--out={tmp_path / 'w2.json'}", f"--traces={tmp_path / 'w2.jsonl'}")
+            "--batch=1", "--workers=2", f"--out={tmp_path / 'w2.json'}", f"--traces={tmp_path / 'w2.jsonl'}")
     assert p.returncode == 0, p.stderr[-2000:]
     p = run("infer.py", f"--agent={ck}", "--eval", "--episodes=3", "--max-new-tokens=16", "--max-steps=2",
             f"--out={tmp_path / 'w1.json'}", f"--traces={tmp_path / 'w1.jsonl'}")
