@@ -21,7 +21,7 @@ from agentc.model.transformer import BACKENDS, resolve_backend
 from agentc.runtime import agent as agent_dir
 from agentc.runtime.agent import Agent
 from agentc.runtime.engine import MODES, BadLogits, Engine  # noqa: F401  (the runtime's names, for scripts)
-from agentc.runtime.episode import cut_tokens, make_engine, play_episode, run_batch, run_episode  # noqa: F401
+from agentc.runtime.episode import cut_tokens, make_engine, play_episode, run_episode  # noqa: F401
 from agentc.runtime.evaluate import EpisodeResult, combine, eval_tasks, evaluate, print_summary  # noqa: F401
 from agentc.util import ArgumentParser, run_main, write_json
 from agentc.workflows import sandbox

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import base64
 import datetime
-import functools
 import json
 import math
 import os

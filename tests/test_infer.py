@@ -2,7 +2,6 @@
 its token stream is what agentc/data/format.py renders (no drift), bad calls become observations,
 evaluation summarises and traces every episode, and the compiled agent directory runs from the
 command line."""
-import functools
 import json
 import os
 import subprocess

@@ -89,8 +89,8 @@ class Engine:
         self.temperature, self.top_p, self.grammar = temperature, top_p, grammar
         p = next(model.parameters())
         self.device = p.device
-        dtype = p.dtype if p.dtype.is_floating_point else torch.float32  # quantized weights: float32 cache
-        self.cache = KVCache(model.cfg, max_len, rows, p.device, getattr(model, "cache_dtype", dtype))
+        # the first parameter is the float embedding (an int8 model's weights are buffers): the cache's dtype
+        self.cache = KVCache(model.cfg, max_len, rows, p.device, p.dtype)
         # The runtime's own tokens are never sampled, and the model's follow the layout's grammar:
         # reasoning, then <|call|> JSON <|/call|> or <|answer|> text <|end|>. Training data always
         # does, so the constraint removes no mass a well-trained model would give a valid token.
