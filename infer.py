@@ -71,6 +71,9 @@ def main(argv=None):
     ap.add_argument("--tool-timeout", type=float, default=10.0, help="seconds per tool call")
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--pass-k", type=int, default=1, metavar="K",
+                    help="--eval: K sampled attempts at every task, reporting pass^1..pass^K (the share of tasks "
+                         "that j attempts all solve); needs --temperature > 0")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--attn", default="auto", choices=BACKENDS, help="attention backend (auto: triton on CUDA, sdpa on CPU)")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: its default)")
@@ -91,7 +94,8 @@ def main(argv=None):
     if args.unsafe_sandbox:
         sandbox.allow_unsafe()
     for name, low in (("episodes", 1), ("max_steps", 1), ("max_new_tokens", 1), ("max_len", 2),
-                      ("observation_tokens", 1), ("threads", 0), ("workers", 1), ("batch", 1), ("temperature", 0)):
+                      ("observation_tokens", 1), ("threads", 0), ("workers", 1), ("batch", 1), ("temperature", 0),
+                      ("pass_k", 1)):
         if getattr(args, name) < low:
             ap.error(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
     if not args.tool_timeout > 0:
@@ -113,6 +117,8 @@ def main(argv=None):
         ap.error("--workers runs one-row engines in processes: give --batch 1 with it")
     if args.batch > 1 and args.mode != "incremental":
         ap.error(f"--mode {args.mode} is a one-row baseline: give --batch 1 with it")
+    if args.pass_k > 1 and args.temperature == 0:
+        ap.error("--pass-k needs --temperature > 0: greedy attempts at one task are identical")
     if args.workflow == "all" and not args.eval:
         ap.error("--workflow all is for --eval; name one workflow for --task")
     try:
@@ -144,7 +150,8 @@ def main(argv=None):
         per[agent.workflow.name] = s = evaluate(agent, args.episodes, args.split, args.seed,
                                                 traces=(len(agents) == 1 and args.traces) or
                                                 base.replace("eval_", "traces_") + ".jsonl", workers=args.workers,
-                                                batch=args.batch, engine_kw=engine_kw, episode_kw=episode_kw)
+                                                batch=args.batch, engine_kw=engine_kw, episode_kw=episode_kw,
+                                                repeats=args.pass_k)
         s["mode"] = args.mode
         print_summary(s)
     summary = per[agents[0].workflow.name] if len(agents) == 1 else combine(per)

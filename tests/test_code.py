@@ -133,8 +133,8 @@ def test_splits_share_no_function_names(episodes):
     assert train and test and not train & test
     for split, names in (("train", train), ("test", test)):
         assert all(ep.task.gold["function"] in names for ep in episodes[split])
-    assert sum(ep.task.heldout_template for ep in episodes["test"]) >= 10
-    assert not any(ep.task.heldout_template for ep in episodes["train"])
+    assert sum(ep.task.heldout == "template" for ep in episodes["test"]) >= 10
+    assert all(ep.task.heldout == "seen" for ep in episodes["train"])
 
 
 def test_same_seed_same_task(wf):

@@ -276,7 +276,8 @@ def test_infer_names_the_damaged_file(case, run, tmp_path, capsys):
     (["--episodes", "-1"], "--episodes"), (["--top-p", "high"], "--top-p"), (["--max-len", "0"], "--max-len"),
     (["--agent", "nowhere"], "nowhere"), (["--device", "tpu"], "--device"), (["--workflow", "chess"], "chess"),
     (["--batch", "0"], "--batch"), (["--batch", "4", "--workers", "2"], "--workers"),
-    (["--mode", "reprefill"], "--mode"), (["--quant", "int3"], "--quant"),
+    (["--mode", "reprefill"], "--mode"), (["--quant", "int3"], "--quant"), (["--pass-k", "4"], "--pass-k"),
+    (["--pass-k", "0", "--temperature", "1"], "--pass-k"),
 ])
 def test_infer_flags(flags, expect, run, capsys):
     code, err = run_command(capsys, "infer", ["--agent", run["out"], "--eval", *flags])

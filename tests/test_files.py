@@ -101,8 +101,8 @@ def test_heldout_templates_only_in_test(episodes, wf):
             for f, fam in FAMILIES.items()}
     assert all(held.values())
     for ep in episodes["train"]:
-        assert not ep.task.heldout_template and ep.task.params["template"] not in held[ep.task.family]
-    assert sum(ep.task.heldout_template for ep in episodes["test"]) >= 30
+        assert ep.task.heldout == "seen" and ep.task.params["template"] not in held[ep.task.family]
+    assert sum(ep.task.heldout == "template" for ep in episodes["test"]) >= 30
 
 
 def small_tree():

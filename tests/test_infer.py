@@ -123,6 +123,28 @@ def test_random_model_fails_cleanly_and_summarises(agent, tmp_path):
     assert both["mean_steps"] == s["mean_steps"] * 4 / 6
 
 
+def test_repeats_report_pass_k_and_intervals(agent):
+    """Every task runs `repeats` times with its own sampling seeds; pass^k counts tasks all k solve."""
+    s = ev.evaluate(agent, episodes=3, progress=False, batch=3, repeats=2, engine_kw={"temperature": 1.0},
+                    episode_kw={"max_new_tokens": 8, "max_steps": 2})
+    assert s["episodes"] == 6 and s["repeats"] == 2 and {"pass^1", "pass^2"} <= set(s)
+    assert s["success"]["n"] == 6 and sum(r["n"] for r in s["by_wording"].values()) == 6
+    assert s["by_family"] and all(0 <= r["ci95"][0] <= r["rate"] <= r["ci95"][1] <= 1 for r in s["by_family"].values())
+
+
+def test_wilson_and_pass_k():
+    lo, hi = ev.wilson(0, 10)
+    assert lo == 0 and abs(hi - 0.2775) < 1e-3              # the usual 0/10 upper bound
+    lo, hi = ev.wilson(50, 100)
+    assert abs(lo - 0.4038) < 1e-3 and abs(hi - 0.5962) < 1e-3
+    R = ev.EpisodeResult
+    rs = [R(t, "", ok, None, "answer", "", "", [], [], [], {}) for t, ok in
+          [("a", True), ("a", True), ("a", True), ("a", True), ("b", True), ("b", False), ("b", True), ("b", False)]]
+    p = ev.pass_k(rs, 4)
+    assert p["pass^1"] == 0.75 and p["pass^4"] == 0.5        # b solves 2 of 4: pass^2 = C(2,2)/C(4,2) = 1/6
+    assert abs(p["pass^2"] - (1 + 1 / 6) / 2) < 1e-12
+
+
 def test_sampling_and_limits(agent):
     sid = agent.tok.special_ids
     banned = [sid[t] for t in sid if t not in (CALL, CALL_END, ANSWER, END)]

@@ -253,10 +253,10 @@ def test_heldout_templates_only_in_test(episodes, wf):
             for f, fam in FAMILIES.items()}
     assert all(held.values())
     for ep in episodes["train"]:
-        assert not ep.task.heldout_template and ep.task.params["template"] not in held[ep.task.family]
+        assert ep.task.heldout == "seen" and ep.task.params["template"] not in held[ep.task.family]
     test_tasks = [ep.task for ep in episodes["test"]]
-    assert all(t.heldout_template == (t.params["template"] in held[t.family]) for t in test_tasks)
-    assert sum(t.heldout_template for t in test_tasks) >= 20
+    assert all((t.heldout == "template") == (t.params["template"] in held[t.family]) for t in test_tasks)
+    assert sum(t.heldout == "template" for t in test_tasks) >= 20
 
 
 # ----------------------------------------------------------------------------- databases

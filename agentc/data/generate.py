@@ -55,7 +55,7 @@ def generate_one(job: tuple[int, int, int, str]) -> tuple[dict | None, list[dict
             meta = {"workflow": wf.name, "workflow_module": _WF_SPEC["module"],
                     "workflow_kwargs": _WF_SPEC["kwargs"], "task_id": task.id, "split": split, "seed": task.seed,
                     "success": True, "index": index, "attempt": attempt, "family": task.family,
-                    "heldout_template": task.heldout_template,
+                    "heldout": task.heldout, "wording": task.wording,
                     "n_calls": sum(1 for m in ep.messages if m.get("tool_calls"))}
             return {"messages": ep.messages, "tools": ep.tools, "meta": meta}, rejects
         rejects.append({"task_id": task.id, "index": index, "attempt": attempt, "family": task.family,
@@ -180,6 +180,10 @@ def main(argv: list[str] | None = None) -> dict:
     n_kept_before = n_kept
     calls = sum(r["meta"]["n_calls"] for r in kept)
     families = Counter(r["meta"]["family"] for r in kept)
+    wordings: dict[str, set] = {}   # family -> distinct prompt skeletons (workflows/phrasing.py)
+    heldout = Counter(r["meta"].get("heldout", "seen") for r in kept)
+    for r in kept:
+        wordings.setdefault(r["meta"]["family"], set()).add(r["meta"].get("wording", ""))
     jobs = [(i, args.seed, args.max_attempts, args.split) for i in indices]
     t0 = time.time()
     bar = tqdm(total=len(jobs), desc=f"{wf.name}/{args.split}", unit="task", disable=args.quiet, smoothing=0.05)
@@ -196,6 +200,8 @@ def main(argv: list[str] | None = None) -> dict:
                     n_kept += 1
                     calls += record["meta"]["n_calls"]
                     families[record["meta"]["family"]] += 1
+                    wordings.setdefault(record["meta"]["family"], set()).add(record["meta"]["wording"])
+                    heldout[record["meta"]["heldout"]] += 1
                 out.flush()
                 rej.flush()
                 bar.update(1)
@@ -209,6 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
              "seed": args.seed, "kept": n_kept, "rejected_attempts": n_rej, "lost_tasks": lost,
              "reject_kinds": dict(Counter(r["kind"] for r in all_rejects)),
              "mean_calls": calls / max(n_kept, 1), "families": dict(sorted(families.items())),
+             "distinct_wordings": {f: len(w) for f, w in sorted(wordings.items())}, "wordings": dict(heldout),
              "seconds": round(elapsed, 2), "tasks_per_s": round(len(jobs) / max(elapsed, 1e-9), 1),
              "kept_per_s": round((n_kept - n_kept_before) / max(elapsed, 1e-9), 1),
              "workers": args.workers, "test_share": args.test_share,
@@ -219,7 +226,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"wrote {args.out}: {n_kept} trajectories kept, {n_rej} rejected attempts"
           f"{' ' + str(stats['reject_kinds']) if n_rej else ''}, {lost} tasks lost; "
           f"{stats['kept_per_s']} trajectories/s with {args.workers} workers; "
-          f"{stats['mean_calls']:.1f} tool calls per trajectory")
+          f"{stats['mean_calls']:.1f} tool calls per trajectory; "
+          f"{sum(stats['distinct_wordings'].values())} distinct wordings over {len(families)} families")
     if n_rej:
         print(f"rejected attempts are listed in {rejects_path}")
     bugs = [r for r in all_rejects if r["kind"] in ("teacher_error", "tool_crash")]

@@ -239,7 +239,7 @@ def episode(agent: Agent, task, max_steps: int = 16, max_new_tokens: int = 512, 
     if success:
         failure = None
     return EpisodeResult(task.id, task.prompt, success, failure, ended, answer, reason, steps, messages,
-                         list(t.ids), {}, canonical(messages, t.ids, tok), task.family, task.heldout_template)
+                         list(t.ids), {}, canonical(messages, t.ids, tok), task.family, task.heldout)
 
 
 # ----------------------------------------------------------------------------- drivers

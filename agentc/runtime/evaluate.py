@@ -11,8 +11,10 @@ seed included (in float32 greedy decoding its tokens are identical; tests/test_b
 Tasks are fresh: seed 1 by default, while agentc.data.generate makes training data with seed 0.
 A summary holds the success rate, the first failure of every episode by kind, the errors the
 agent's calls met, latency, prefill and decode counts, throughput, and success by question family
-and by question template (seen in training or held out). A mixture agent is evaluated per workflow
-and the summaries combined (combine).
+and by wording (seen in training, or a held-out template or combination; workflows/phrasing.py),
+each with a 95% Wilson interval. `repeats=k` runs every task k times with other sampling seeds
+and reports pass^k, the share of tasks all k attempts solve. A mixture agent is evaluated per
+workflow and the summaries combined (combine).
 """
 from __future__ import annotations
 
@@ -65,7 +67,8 @@ class EpisodeResult:
     stats: dict
     canonical: bool = True       # render(messages) == ids
     family: str = ""             # the task's question family (workflows draw tasks from families)
-    heldout_template: bool = False  # its question was phrased by a template the train split never uses
+    heldout: str = "seen"        # "template" / "combination": the question's wording never occurs in training
+    repeat: int = 0              # which of an evaluation's `repeats` attempts at this task (pass^k)
 
 
 def canonical(messages: list[dict], ids: list[int], tok) -> bool:
@@ -108,19 +111,22 @@ def _worker_episode(job):
 
 def evaluate(agent: agent_dir.Agent, episodes: int = 200, split: str = "test", seed: int = 1,
              traces: str | None = None, progress: bool = True, workers: int = 1, batch: int = 1,
-             engine_kw: dict | None = None, episode_kw: dict | None = None) -> dict:
+             engine_kw: dict | None = None, episode_kw: dict | None = None, repeats: int = 1) -> dict:
     """Run `episodes` fresh tasks of `split`; write one trace line per episode (in task order) to
     `traces`; return the summary. batch > 1: that many episodes at a time on one batched engine.
     workers > 1 (with batch 1): episodes in that many processes, each loading the agent from
     agent.path (on a CPU they share torch's threads). engine_kw: Engine's options (and
-    `constrain`), episode_kw: the episode's (agentc/runtime/episode.py)."""
+    `constrain`), episode_kw: the episode's (agentc/runtime/episode.py). repeats: attempts per task;
+    attempt r of task i is episode i + r * episodes, which fixes its sampling seed."""
     import functools
     from tqdm import tqdm
     from agentc.runtime.episode import play_episode, run_batch, make_engine
     if batch > 1 and workers > 1:
         raise ValueError("run a batched engine in one process: give batch > 1 or workers > 1, not both")
     engine_kw, episode_kw = dict(engine_kw or {}), dict(episode_kw or {})
-    tasks = eval_tasks(agent.workflow, split, episodes, seed)
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    tasks = eval_tasks(agent.workflow, split, episodes, seed) * repeats
     jobs = [(task, i) for i, task in enumerate(tasks)]
     play = functools.partial(play_episode, seed=seed, engine_kw=engine_kw, episode_kw=episode_kw)
     if batch > 1:
@@ -144,6 +150,7 @@ def evaluate(agent: agent_dir.Agent, episodes: int = 200, split: str = "test", s
     try:
         with pool as stream:
             for r in stream:
+                r.repeat = len(results) // episodes
                 results.append(r)
                 bar.update()
                 if trace_file:
@@ -154,7 +161,7 @@ def evaluate(agent: agent_dir.Agent, episodes: int = 200, split: str = "test", s
         if trace_file:
             trace_file.close()
     wall = time.perf_counter() - t0
-    summary = summarize(results, split, seed)
+    summary = summarize(results, split, seed, repeats)
     summary.update(workers=max(1, workers), batch=max(1, batch), wall_s=wall,
                    episodes_per_min=60 * len(results) / max(1e-9, wall),
                    decode_tokens_per_s_wall=summary["decode_tokens"] / max(1e-9, wall))
@@ -190,7 +197,35 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, math.ceil(q * len(xs)) - 1))]
 
 
-def summarize(results: list[EpisodeResult], split: str, seed: int) -> dict:
+def wilson(successes: int, n: int, z: float = 1.96) -> list[float]:
+    """The 95% Wilson score interval of a success rate: honest at 0/n and n/n, unlike p +- 2 sd."""
+    if n == 0:
+        return [0.0, 1.0]
+    p = successes / n
+    mid, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return [max(0.0, (mid - half) / (1 + z * z / n)), min(1.0, (mid + half) / (1 + z * z / n))]
+
+
+def rate(results: list, keep=lambda r: True) -> dict:
+    """{"rate", "n", "ci95"} of the results `keep` selects."""
+    sel = [r for r in results if keep(r)]
+    k = sum(r.success for r in sel)
+    return {"rate": k / max(1, len(sel)), "successes": k, "n": len(sel), "ci95": wilson(k, len(sel))}
+
+
+def pass_k(results: list, repeats: int) -> dict:
+    """pass^j for j = 1..repeats (tau-bench's reliability measure): the chance that j attempts at a
+    task, drawn without replacement from its `repeats`, all succeed, averaged over tasks."""
+    by_task: dict[str, list[bool]] = {}
+    for r in results:
+        by_task.setdefault(r.task_id, []).append(r.success)
+    out = {}
+    for j in range(1, repeats + 1):
+        out[f"pass^{j}"] = sum(math.comb(sum(s), j) / math.comb(len(s), j) for s in by_task.values()) / len(by_task)
+    return out
+
+
+def summarize(results: list[EpisodeResult], split: str, seed: int, repeats: int = 1) -> dict:
     n = len(results)
     latencies = [s.latency_s for r in results for s in r.steps]
     tot = {k: sum(r.stats[k] for r in results) for k in results[0].stats} if results else {}
@@ -216,12 +251,10 @@ def summarize(results: list[EpisodeResult], split: str, seed: int) -> dict:
         "non_canonical_episodes": sum(not r.canonical for r in results),
         # [successes, episodes] per question family, and for questions phrased by a template the
         # train split never saw against the others: where an agent fails, and whether it generalises
-        "by_family": {f: [sum(r.success for r in results if r.family == f), sum(r.family == f for r in results)]
-                      for f in sorted({r.family for r in results})},
-        "by_template": {k: [sum(r.success for r in results if r.heldout_template == held),
-                            sum(r.heldout_template == held for r in results)]
-                        for k, held in (("seen", False), ("heldout", True))},
-    }
+        "success": rate(results),
+        "by_family": {f: rate(results, lambda r: r.family == f) for f in sorted({r.family for r in results})},
+        "by_wording": {k: rate(results, lambda r: r.heldout == k) for k in ("seen", "combination", "template")},
+    } | ({"repeats": repeats, **pass_k(results, repeats)} if repeats > 1 else {})
 
 
 def combine(per: dict[str, dict]) -> dict:
@@ -255,9 +288,15 @@ def print_summary(s: dict) -> None:
     if "episodes_per_min" in s:
         rows.append(("throughput", f"{s['episodes_per_min']:.0f} episodes/min, {s['decode_tokens_per_s_wall']:.0f} "
                                    f"tokens/s decoded (batch {s['batch']}, {s['workers']} process(es))"))
-    if s.get("by_template", {}).get("heldout", [0, 0])[1]:
-        rows.append(("question templates", ", ".join(f"{k} {a}/{n}" for k, (a, n) in s["by_template"].items())))
+    def cell(r: dict) -> str:
+        return f"{r['successes']}/{r['n']} ({100 * r['ci95'][0]:.0f}-{100 * r['ci95'][1]:.0f}%)"
+    rows.append(("success, 95% interval", cell(s["success"])))
+    if s["by_wording"]["template"]["n"] or s["by_wording"]["combination"]["n"]:
+        rows.append(("by wording", ", ".join(f"{k} {cell(r)}" for k, r in s["by_wording"].items() if r["n"])))
     if len(s.get("by_family", {})) > 1:
-        rows.append(("by family", ", ".join(f"{f} {a}/{n}" for f, (a, n) in s["by_family"].items())))
+        rows.append(("by family", ", ".join(f"{f} {r['successes']}/{r['n']}" for f, r in s["by_family"].items())))
+    if "repeats" in s:
+        rows.append((f"pass^k ({s['repeats']} attempts)", ", ".join(f"{k} {100 * s[k]:.1f}%" for k in s
+                                                                   if k.startswith("pass^"))))
     for k, v in rows:
         print(f"  {k:<22} {v}")

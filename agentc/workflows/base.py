@@ -6,8 +6,9 @@ A workflow is five things:
                (OpenAI function-tool format) is derived from type hints and the docstring, and
                arguments are checked against it with a real JSON-Schema validator before a call.
   environment  built per task from the task's seed: fresh state for every episode.
-  task sampler `train` and `test` splits disjoint in what matters: entity values, numbers and
-               a configurable share of question templates (see split_pool / heldout_templates).
+  task sampler `train` and `test` splits disjoint in what matters: entity values, numbers, a
+               configurable share of question templates (see split_pool / heldout_templates) and
+               of (template, register) combinations; prompts are worded by phrasing.py's grammar.
   teacher      a coroutine: it yields Call / Answer steps and is sent the real Observation of
                each call, so trajectories hold real tool outputs.
   checker      scores the final answer and/or the final environment state.
@@ -33,6 +34,7 @@ from typing import Any, Callable, Generator, Literal, Union
 import jsonschema
 
 from agentc.util import dump_json
+from agentc.workflows.phrasing import COMBINATION_SHARE, REGISTERS, Phrasing, heldout_combinations
 
 # Observations longer than this are cut with a visible marker. The runtime calls tools through
 # Environment.call too, so training data and deployment see the same policy.
@@ -297,7 +299,8 @@ class Task:
     prompt: str            # the user's message
     gold: dict             # what the checker compares against (JSON-serialisable)
     params: dict = field(default_factory=dict)  # the family's parameters, for traces
-    heldout_template: bool = False
+    heldout: str = "seen"  # "template" or "combination" when training never words a question so (phrasing.py)
+    wording: str = ""      # the prompt's skeleton: its wording with the slots unfilled (phrasing.py)
 
     @property
     def id(self) -> str:
@@ -415,14 +418,17 @@ class Workflow:
 
     name: str = "base"
     instructions: str = ""  # the system prompt's prose; the tool manifest is appended
+    grammar: Phrasing = Phrasing()  # how prompts are worded: the shared synonyms; a workflow adds its own
 
     def __init__(self, test_share: float = 0.3, heldout_template_share: float = 0.25, mistake_rate: float = 0.0,
-                 fault_rate: float = 0.0):
+                 fault_rate: float = 0.0, phrasing: str = "rich"):
         """mistake_rate: the chance, per teacher call, that a deliberate mistake comes first (if
         the workflow knows one for that call; see `mistake`). fault_rate: the chance, per attempt
         of a call, that the tool fails transiently instead of running (TRANSIENT_FAULTS: a timeout,
         a rate limit, a locked database); the teacher retries the same call, trained, at most
-        MAX_CONSECUTIVE_FAULTS times in a row. Every workflow gets both from this class."""
+        MAX_CONSECUTIVE_FAULTS times in a row. phrasing: "rich" words train prompts through the
+        workflow's paraphrase grammar (`grammar`, phrasing.py), "plain" as the templates are
+        written; test prompts are always rich. Every workflow gets these from this class."""
         if not 0 < test_share < 1:
             raise ValueError("test_share must be in (0, 1)")
         if not 0 <= heldout_template_share < 1:
@@ -431,19 +437,31 @@ class Workflow:
             raise ValueError("mistake_rate must be in [0, 1]")
         if not 0 <= fault_rate <= 1:
             raise ValueError("fault_rate must be in [0, 1]")
+        if phrasing not in ("rich", "plain"):
+            raise ValueError(f"phrasing must be 'rich' or 'plain', got {phrasing!r}")
         self.fault_rate = fault_rate
         self.test_share = test_share
         self.heldout_template_share = heldout_template_share
         self.mistake_rate = mistake_rate
+        self.phrasing = phrasing
 
     def make_task(self, rng: random.Random, split: str, index: int, seed: int, family: str,
                   templates: tuple[str, ...] | list[str], params: dict, gold: dict, salt: str) -> Task:
-        """A Task asking `family`'s question in one of its templates, drawn with `rng`: the train
-        split never draws one of the held-out templates (heldout_templates with `salt`)."""
+        """A Task asking `family`'s question in one of its templates, drawn with `rng`, worded by the
+        workflow's grammar with its own seeded generator. The train split never draws a held-out
+        template (heldout_templates with `salt`) nor a held-out (template, register) combination."""
         held = heldout_templates(list(templates), self.heldout_template_share, salt=salt)
         choice = rng.choice([i for i in range(len(templates)) if split == "test" or i not in held])
-        return Task(self.name, split, index, seed, family, templates[choice].format(**params), gold,
-                    params | {"template": choice}, heldout_template=choice in held)
+        combos = heldout_combinations(len(templates), held, COMBINATION_SHARE, salt, stable_hash)
+        wrng = random.Random(stable_hash("wording", seed, salt))
+        rich = split == "test" or self.phrasing == "rich"
+        registers = [r for r in REGISTERS if split == "test" or (choice, r) not in combos] if rich else ["neutral"]
+        register = wrng.choice(registers)
+        w = self.grammar.word(templates[choice], params, register, wrng, rich=rich)
+        heldout = "template" if choice in held else "combination" if (choice, register) in combos else "seen"
+        return Task(self.name, split, index, seed, family, w.prompt, gold,
+                    params | {"template": choice, "template_text": templates[choice], "register": register},
+                    heldout=heldout, wording=w.skeleton)
 
     def system_prompt(self, env: Environment) -> str:
         return f"{self.instructions.strip()}\n\nTools:\n{tool_manifest(env.tools())}"

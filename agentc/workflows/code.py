@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from agentc.workflows.base import (Answer, Call, Environment, Mistake, Resample, Task, ToolError, Verdict, Workflow,
                                    draw_family, resample, split_pool, tool)
+from agentc.workflows.phrasing import Phrasing
 from agentc.workflows.sandbox import require, run_tests
 
 VERBS = "pick keep take find get make count total scan select grab collect gather build fold".split()
@@ -281,6 +282,10 @@ class CodeWorkflow(Workflow):
 source of solution.py with test_solution; it runs the tests in a sandbox and shows every failure.
 Read the failures, fix the code and submit again until all tests pass, then reply with a short
 confirmation. Hidden tests with edge cases decide whether the function is right."""
+
+    grammar = Phrasing({r"write": ("create", "code up"), r"implement": ("write", "code up"),
+                        r"returns": ("gives back",)},
+                       number_slots=("k", "a", "b", "lo", "hi"), protect=("text",))
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

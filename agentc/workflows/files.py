@@ -23,6 +23,7 @@ from typing import Callable, NamedTuple
 
 from agentc.workflows.base import (Answer, Call, Environment, Mistake, Resample, Task, ToolError, Verdict, Workflow,
                                    check_value, draw_family, resample, split_pool, tool)
+from agentc.workflows.phrasing import Phrasing
 
 # ----------------------------------------------------------------------------- pools
 
@@ -480,6 +481,14 @@ class FilesWorkflow(Workflow):
 Questions name files by their base name: find a file before reading or changing it. To answer a
 question, reply with just the value: a number, a name, a path, or a comma-separated list of paths.
 To change a file, write its complete new content, then reply with a short confirmation."""
+    grammar = Phrasing({r"file": ("document",), r"lines": ("rows",), r"set to": ("configured as", "set as"),
+                        r"tell me": ("give me", "report"), r"read": ("open", "look at"), r"value": ("setting",),
+                        r"change": ("modify", "edit"), r"copy": ("duplicate",),
+                        r"at the end of": ("at the bottom of", "after the last line of"), r"add": ("insert",),
+                        r"append": ("add",), r"put": ("place", "write"), r"create": ("make",),
+                        r"make": ("create",), r"update": ("change", "set"), r"so that it is": ("so it reads", "to be"),
+                        r"set(?! to)": ("change", "update"), r"mentions": ("contains", "refers to"),
+                        r"contains?": ("includes", "mentions"), r"appear": ("show up", "occur")}, protect=("logs",))
 
     def _build(self, split: str, index: int, seed: int) -> tuple[Task, Spec]:
         tree = build_tree(seed, split, self.test_share)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from agentc.workflows.base import (Answer, Call, Environment, Mistake, Task, ToolError, Verdict, Workflow, split_pool,
                                    tool)
+from agentc.workflows.phrasing import Phrasing
 
 NOUNS = """backpack blanket boots cardigan desk_lamp duffel_bag gloves hoodie jacket jeans kettle
 mug notebook pillow raincoat sandals scarf sneakers socks sweater teapot tent thermos towel
@@ -186,10 +187,14 @@ class ShopWorkflow(Workflow):
 color and size. Buy only a product that meets every requirement within the budget; if none
 does, buy nothing and say that no product matches. After buying, reply with a short confirmation."""
 
+    grammar = Phrasing({r"buy": ("purchase", "order"), r"i'm looking for": ("i'm searching for", "i want"),
+                        r"color": ("colour",), r"at most": ("no more than", "up to"), r"no more than": ("at most",),
+                        r"under": ("below", "for less than"), r"budget": ("limit",)})
+
     def __init__(self, test_share: float = 0.3, heldout_template_share: float = 0.25, mistake_rate: float = 0.0,
-                 fault_rate: float = 0.0, none_share: float = 0.15):
+                 fault_rate: float = 0.0, none_share: float = 0.15, phrasing: str = "rich"):
         """none_share: the share of requests that nothing in the catalogue satisfies."""
-        super().__init__(test_share, heldout_template_share, mistake_rate, fault_rate)
+        super().__init__(test_share, heldout_template_share, mistake_rate, fault_rate, phrasing)
         if not 0 <= none_share < 1:
             raise ValueError("none_share must be in [0, 1)")
         self.none_share = none_share

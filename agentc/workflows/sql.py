@@ -22,6 +22,7 @@ from typing import Callable, NamedTuple
 
 from agentc.workflows.base import (Answer, Call, Environment, Mistake, Resample, Task, ToolError, Verdict, Workflow,
                                    check_value, draw_family, stable_hash, tool)
+from agentc.workflows.phrasing import Phrasing
 from agentc.workflows.sql_shop import (COLUMN_NAMES, LAST_DAY, MONTH_NAMES, STATUSES, TABLE_NAMES, Customer, Shop,
                                        build_shop, entity_pool, iso, long_date, state_hash)
 
@@ -660,12 +661,19 @@ query the data and reply with just the value: a number, a name, or a comma-separ
 several items are asked for. When asked to change data, run the INSERT, UPDATE or DELETE statements
 (changes are saved immediately) and reply with a short confirmation."""
 
+    grammar = Phrasing({r"customers": ("clients", "shoppers"), r"customer": ("client", "shopper"),
+                        r"placed": ("made",), r"(?<!sales )revenue": ("income", "sales"),
+                        r"product": ("item",), r"products": ("items",), r"marked": ("flagged", "listed as"),
+                        r"price": ("cost",), r"the status": ("the state",),
+                        r"orders by": ("orders from", "orders placed by"), r"whose status is": ("with status",)},
+                       number_slots=("k", "n", "pct"), date_slots=("date", "start", "end"))
+
     def __init__(self, test_share: float = 0.3, heldout_template_share: float = 0.25, mistake_rate: float = 0.0,
-                 fault_rate: float = 0.0, invented: float = 0.5):
+                 fault_rate: float = 0.0, invented: float = 0.5, phrasing: str = "rich"):
         """invented: share of made-up names, cities, categories and products mixed into the pools of
         train shops (sql_shop.shop_pools), so the policy learns to copy names instead of memorising
         them. Test shops never have any."""
-        super().__init__(test_share, heldout_template_share, mistake_rate, fault_rate)
+        super().__init__(test_share, heldout_template_share, mistake_rate, fault_rate, phrasing)
         if not 0 <= invented < 1:
             raise ValueError(f"invented must be in [0, 1), got {invented}")
         self.invented = invented

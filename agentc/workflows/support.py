@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from agentc.workflows.base import (Answer, Call, Environment, Mistake, Task, ToolError, Verdict, Workflow, draw_family,
                                    resample, split_pool, tool)
+from agentc.workflows.phrasing import Phrasing
 
 FIRST = """Ada Aiko Amir Ana Arlo Bea Bruno Caio Cleo Dara Dev Edda Eli Emre Enzo Esme Faye Finn Gael Gia
 Hana Ines Ivo Jana Joel Kai Kira Lars Lea Leon Lina Luca Maja Malik Mara Milo Nadia Nils Noor Omar Otto
@@ -322,6 +323,10 @@ of the same product within {WINDOW} days of delivery; after that, refuse.
 confirm; act only if they say yes.
 5. End with a short reply that tells the customer the outcome: the refund, the new option, the
 tracking number, or why the request cannot be granted."""
+    grammar = Phrasing({r"order": ("purchase",), r"changed my mind": ("had second thoughts",),
+                        r"shipped": ("been sent", "gone out"), r"where is": ("what happened to",),
+                        r"check on": ("look into", "find out about"), r"bought": ("purchased", "got"),
+                        r"waiting for": ("still waiting on",), r"status": ("state",), r"hi": ("hello",)})
 
     def _build(self, split: str, index: int, seed: int) -> tuple[Task, Plan, list[Customer]]:
         db = build_db(seed, split, self.test_share)
