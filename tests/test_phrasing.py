@@ -152,3 +152,19 @@ def test_wordings_vary_and_facts_stay(sampled, name):
 def test_same_seed_same_wording():
     a, b = tasks("sql", "test", 20), tasks("sql", "test", 20)
     assert [t.prompt for t in a] == [t.prompt for t in b]
+
+
+def test_known_bad_rewrites_stay_fixed(sampled):
+    """What a review of 1,500 sampled prompts found, kept from coming back."""
+    for t in sampled["files", "test"]:
+        if t.family == "create_file":    # nothing runs on into the file's content
+            assert t.prompt.rstrip().endswith(t.params["text"]), t.prompt
+    for t in tasks("sql", "test", 400):
+        # status values the SQL writes exactly as stored ("canceled orders" is fine as a description)
+        for status in ("pending", "cancelled") if t.family == "cancel_pending" else ("pending",):
+            assert t.prompt.lower().count(status) >= t.params["template_text"].lower().count(status), t.prompt
+        assert "sales" not in t.prompt.replace("sales revenue", "") or "sales" in t.params["template_text"]
+    bad = re.compile(r"all the of|in overall|what amount revenue|== [a-z]|(?:Hi|Hello)\b.*\b(?:Hi|Hello),|could i |may i ")
+    for name in WORKFLOWS:
+        for t in sampled[name, "test"]:
+            assert not bad.search(t.prompt), t.prompt

@@ -41,35 +41,35 @@ SHARED = {
     r"how many(?! of)": ("what number of",),
     r"how many of": ("what number of",),
     r"what is": ("what's",),
-    r"count the": ("tally the", "give me the count of the"),
+    r"(?<!: )count the": ("tally the", "give me the count of the"),   # not a spec's "f(x): count the ..."
     r"(?:^|(?<=[.?!:] ))list": ("show",),   # the verb only, never "the list xs"
     r"find": ("look up",),
     r"name the": ("identify the",),
     r"(?<!, )which": ("what",),             # not a relative clause (", which filters")
     r"excluding": ("leaving out", "not counting", "ignoring"),
     r"not counting": ("excluding", "ignoring"),
-    r"cancelled": ("canceled",),
+    r"cancelled(?= (?:orders?|ones)\b)": ("canceled",),   # never the status value a task writes
     r"(?<!on )average": ("mean",),
     r"mean": ("average",),
-    r"total(?! of)": ("overall",),
+    r"(?<!in )total(?! of)": ("overall",),
     r"delete": ("remove", "erase"),
-    r"every": ("each",),
+    r"every(?= [a-z])": ("each",),
     r"i need": ("i want", "i'd like"),
     r"the number of": ("the count of",),
     r"directory": ("folder",),
     r"largest": ("biggest", "highest"),
-    r"how much": ("what amount",),
+    r"how much(?= (?:has|did|does)\b)": ("what amount",),
     r"give": ("provide",),
     r"another": ("a different",),
-    r"can i": ("could i", "may i"),
-    r"(?<!at )all(?= [a-z{])": ("all the",),
+    r"can i": ("could I", "may I"),
+    r"(?<!at )all(?= (?!of\b)[a-z])": ("all the",),
     r"function": ("helper",),
 }
 
 # Fronted adverbials that may move to the end of their sentence, and trailing ones that may move
 # to the front (clause order); the synonyms above can produce any of them.
 FRONT = re.compile(r"^((?:In|Ignoring|Excluding|Leaving out|Not counting|On average|For) [^,?.]+), (.+?)([?.])$")
-BACK = re.compile(r"^(.+?), ((?:excluding|leaving out|not counting|ignoring) [^,?.]+)([?.])$")
+BACK = re.compile(r"^(.+?), ((?:excluding|leaving out|not counting|ignoring(?! case)) [^,?.]+)([?.])$")
 
 FRAMES = {  # (prefix, suffix) per register; "{}" is the question
     "neutral": (("", ""),),
@@ -77,7 +77,7 @@ FRAMES = {  # (prefix, suffix) per register; "{}" is the question
     "polite": (("Could you help me with this? ", ""), ("Hello. ", " Thank you."), ("", " Thanks in advance."),
                ("I'd appreciate your help: ", ""), ("Good morning! ", " Many thanks.")),
     "chatty": (("Hi there! Quick one for you. ", " Thanks a lot!"), ("Hey, hope your day is going well. ", ""),
-               ("So my boss just asked me this: ", " Cheers!"), ("Okay, here's what I need. ", " No rush."),
+               ("Okay, quick question: ", " Cheers!"), ("Right, here's what I need. ", " No rush."),
                ("Hiya! ", " You're a star.")),
 }
 
@@ -187,8 +187,14 @@ class Phrasing:
 
     def frame(self, template: str, register: str, rng: random.Random) -> str:
         prefix, suffix = rng.choice(FRAMES[register])
+        if re.match(r"(?:Hi|Hello)\b", template):
+            prefix = ""                    # the template greets already
+        open_end = bool(re.search(r"\}[.?]?$", template))   # ends in free text (a file's content, a value)
+        if open_end:
+            suffix = ""                    # nothing may run on into it
         if register == "terse":
-            template = _lower_first(re.sub(r"[?.]$", "", template.replace("Please ", "").replace(", please", "")))
+            template = template.replace(". Please ", ". ").replace("Please ", "").replace(", please", "")
+            template = _lower_first(template if open_end else re.sub(r"[?.]$", "", template))
         elif prefix.endswith(": "):  # "I'd appreciate your help: how many ..."; after a greeting, a capital
             template = _lower_first(template)
         return f"{prefix}{template}{suffix}"
@@ -196,7 +202,8 @@ class Phrasing:
     def formats(self, template: str, params: dict, rng: random.Random) -> tuple[dict, str]:
         """The params as text in one number style and one date style for this wording, and the
         styles' names for the skeleton. Words are used only for a slot that stands between spaces (or
-        before a sentence mark) wherever it occurs, never next to '%', brackets or quotes."""
+        before a sentence mark) wherever it occurs, never next to '%', brackets, quotes or after an
+        operator ("== sixteen")."""
         n_style, d_style = rng.choice(NUMBER_STYLES), rng.choice(DATE_STYLES)
         out, used = dict(params), []
         for name in set(_slot_names(template)):
@@ -205,7 +212,7 @@ class Phrasing:
                 style = n_style
                 spots = [m.start() for m in re.finditer(re.escape(f"{{{name}}}"), template)]
                 if style == "words" and not all(re.match(rf"(^| )\{{{name}\}}($|[ .?,;])", template[max(0, i - 1):])
-                                                for i in spots):
+                                                and not re.search(r"[=<>+*/-] $", template[:i]) for i in spots):
                     style = "digits"
                 out[name] = format_number(value, style)
                 used.append(f"{name}:{style}")

@@ -187,7 +187,7 @@ class ShopWorkflow(Workflow):
 color and size. Buy only a product that meets every requirement within the budget; if none
 does, buy nothing and say that no product matches. After buying, reply with a short confirmation."""
 
-    grammar = Phrasing({r"buy": ("purchase", "order"), r"i'm looking for": ("i'm searching for", "i want"),
+    grammar = Phrasing({r"buy(?! me)": ("purchase", "order"), r"i'm looking for": ("i'm searching for", "i want"),
                         r"color": ("colour",), r"at most": ("no more than", "up to"), r"no more than": ("at most",),
                         r"under": ("below", "for less than"), r"budget": ("limit",)})
 

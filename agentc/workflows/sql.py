@@ -538,7 +538,7 @@ FAMILIES = {
         "How much has {customer} spent in total, excluding cancelled orders?",
         "What is the total amount {customer} paid across all orders that were not cancelled?",
         "Ignoring cancelled orders, what is {customer}'s total spend?",
-        "Sum up the value (quantity times price paid) of {customer}'s orders, leaving out cancelled ones.")),
+        "Sum up the value (quantity times price paid) of {customer}'s orders, leaving out cancelled orders.")),
     "top_category": Family(top_category, False, (
         "Which product category brought in the most revenue in {year}, not counting cancelled orders?",
         "Excluding cancelled orders, what was the top-grossing category in {year}?",
@@ -662,11 +662,11 @@ several items are asked for. When asked to change data, run the INSERT, UPDATE o
 (changes are saved immediately) and reply with a short confirmation."""
 
     grammar = Phrasing({r"customers": ("clients", "shoppers"), r"customer": ("client", "shopper"),
-                        r"placed": ("made",), r"(?<!sales )revenue": ("income", "sales"),
-                        r"product": ("item",), r"products": ("items",), r"marked": ("flagged", "listed as"),
-                        r"price": ("cost",), r"the status": ("the state",),
+                        r"placed": ("made",), r"(?<!sales )revenue": ("income",),
+                        r"product": ("item",), r"marked": ("flagged", "listed as"), r"the status": ("the state",),
                         r"orders by": ("orders from", "orders placed by"), r"whose status is": ("with status",)},
-                       number_slots=("k", "n", "pct"), date_slots=("date", "start", "end"))
+                       number_slots=("k", "n", "pct"), date_slots=("date", "start", "end"),
+                       protect=("pending", "shipped", "delivered", "cancelled"))   # status values, written as stored
 
     def __init__(self, test_share: float = 0.3, heldout_template_share: float = 0.25, mistake_rate: float = 0.0,
                  fault_rate: float = 0.0, invented: float = 0.5, phrasing: str = "rich"):
