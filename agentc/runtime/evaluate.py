@@ -207,7 +207,7 @@ def wilson(successes: int, n: int, z: float = 1.96) -> list[float]:
 
 
 def rate(results: list, keep=lambda r: True) -> dict:
-    """{"rate", "n", "ci95"} of the results `keep` selects."""
+    """{"rate", "successes", "n", "ci95"} of the results `keep` selects."""
     sel = [r for r in results if keep(r)]
     k = sum(r.success for r in sel)
     return {"rate": k / max(1, len(sel)), "successes": k, "n": len(sel), "ci95": wilson(k, len(sel))}

@@ -34,7 +34,7 @@ from typing import Any, Callable, Generator, Literal, Union
 import jsonschema
 
 from agentc.util import dump_json
-from agentc.workflows.phrasing import COMBINATION_SHARE, REGISTERS, Phrasing, heldout_combinations
+from agentc.workflows.phrasing import COMBINATION_SHARE, REGISTERS, Phrasing
 
 # Observations longer than this are cut with a visible marker. The runtime calls tools through
 # Environment.call too, so training data and deployment see the same policy.
@@ -289,6 +289,23 @@ def heldout_templates(templates: list[str], share: float, salt: str = "") -> set
     return set(ranked[:n])
 
 
+def heldout_combinations(n_templates: int, held_templates: set[int], share: float,
+                         salt: str = "") -> set[tuple[int, str]]:
+    """The (template, register) pairs of train templates that the train split never draws: `share`
+    of them, chosen by a stable hash, but never every register of one template."""
+    pairs = sorted(((t, r) for t in range(n_templates) if t not in held_templates for r in REGISTERS),
+                   key=lambda p: stable_hash("combination", salt, *p))
+    want, held = round(share * len(pairs)), set()
+    left = {t: len(REGISTERS) for t in range(n_templates)}
+    for t, r in pairs:
+        if len(held) >= want:
+            break
+        if left[t] > 1:
+            held.add((t, r))
+            left[t] -= 1
+    return held
+
+
 @dataclass
 class Task:
     workflow: str
@@ -452,7 +469,7 @@ class Workflow:
         template (heldout_templates with `salt`) nor a held-out (template, register) combination."""
         held = heldout_templates(list(templates), self.heldout_template_share, salt=salt)
         choice = rng.choice([i for i in range(len(templates)) if split == "test" or i not in held])
-        combos = heldout_combinations(len(templates), held, COMBINATION_SHARE, salt, stable_hash)
+        combos = heldout_combinations(len(templates), held, COMBINATION_SHARE, salt)
         wrng = random.Random(stable_hash("wording", seed, salt))
         rich = split == "test" or self.phrasing == "rich"
         registers = [r for r in REGISTERS if split == "test" or (choice, r) not in combos] if rich else ["neutral"]

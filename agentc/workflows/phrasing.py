@@ -18,7 +18,7 @@ stay exact; only the words around them vary. A wording's *skeleton* is the text 
 distinct wordings a family has (`python -m agentc.data.generate ... ` reports it per family).
 
 The splits: whole templates are held out of training (`heldout_templates` in base.py), and so is a
-share of the (template, register) *combinations* of the remaining templates. The test split draws
+share of the (template, register) *combinations* of the remaining templates (heldout_combinations). The test split draws
 every template in every register, so each test task is `seen` (its template and its combination
 both occur in training), `combination` (both parts occur, never together) or `template`.
 `rich=False` (the workflow's `phrasing="plain"`) words train tasks exactly as the template is
@@ -148,7 +148,6 @@ def typo(word: str, rng: random.Random) -> str:
 class Wording:
     prompt: str
     skeleton: str     # the wording with its slots unfilled and its noise left out (what is counted)
-    register: str
 
 
 class Phrasing:
@@ -233,26 +232,10 @@ class Phrasing:
     def word(self, template: str, params: dict, register: str, rng: random.Random, rich: bool = True) -> Wording:
         """One wording of `template` with `params`. rich=False: the template as written."""
         if not rich:
-            return Wording(template.format(**params), template, "neutral")
+            return Wording(template.format(**params), template)
         text = _on_text(template, lambda t: self.synonymise(t, rng))
         text = self.frame(self.reorder(text, rng), register, rng)
         values, styles = self.formats(text, params, rng)
         skeleton = f"{text} [{register}{'; ' + styles if styles else ''}]"
-        return Wording(self.noise(text, rng).format(**values), skeleton, register)
+        return Wording(self.noise(text, rng).format(**values), skeleton)
 
-
-def heldout_combinations(n_templates: int, held_templates: set[int], share: float, salt: str,
-                         stable_hash) -> set[tuple[int, str]]:
-    """The (template, register) pairs of train templates that the train split never draws: `share`
-    of them, chosen by a stable hash, but never every register of one template."""
-    pairs = sorted(((t, r) for t in range(n_templates) if t not in held_templates for r in REGISTERS),
-                   key=lambda p: stable_hash("combination", salt, *p))
-    want, held = round(share * len(pairs)), set()
-    left = {t: len(REGISTERS) for t in range(n_templates)}
-    for t, r in pairs:
-        if len(held) >= want:
-            break
-        if left[t] > 1:
-            held.add((t, r))
-            left[t] -= 1
-    return held
