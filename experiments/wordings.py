@@ -51,7 +51,7 @@ def count(workflow: str, n: int, phrasing: str, draws: int) -> dict:
         per_family[t.family] += 1
         unseen[t.family] += t.wording not in skeletons["train"][t.family]
     families = sorted(set(skeletons["train"]) | set(skeletons["test"]))
-    cap = capacity(wf, tasks["test"], draws)
+    cap = capacity(wf, tasks["train"] + tasks["test"], draws)
     return {"families": {f: {"train": len(skeletons["train"][f]), "test": len(skeletons["test"][f]),
                              "test_unseen": round(unseen[f] / max(1, per_family[f]), 3), "capacity": cap[f]}
                          for f in families},
