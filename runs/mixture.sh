@@ -6,8 +6,8 @@
 # -> one of two recipes -> EPISODES fresh held-out test episodes per workflow.
 #   MODEL=scratch (default): one tokenizer of 4,096 pieces over all five, 2,048-token rows, the
 #       quick start's `mini` with its copy circuit for 5,000 steps; N=6000, EPISODES=100.
-#   MODEL=smollm2: SmolLM2-135M-Instruct by runs/smollm2_sql.sh's recipe (1,024-token rows, 15 of
-#       30 blocks frozen, bf16) for STEPS=240 steps (~23 min); N=2000, EPISODES=40 (~15 min).
+#   MODEL=smollm2: SmolLM2-135M-Instruct by runs/smollm2_sql.sh's recipe (1,024-token rows, every
+#       weight trained, bf16) for STEPS=240 steps (~23 min); N=2000, EPISODES=40 (~15 min).
 # Figures: experiments/RESULTS.md. Running it again continues the same run.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -7,7 +7,7 @@
 #       PHRASING  rich | plain: how the training prompts are worded (the test split is always rich)
 #       MINUTES   15 | 30 | 60: the training budget; steps follow from the speeds measured on a
 #                 2-core Xeon with AMX (scratch 3.6 steps/s of 4,096 tokens: 1,700 per 15 min, with
-#                 12,000 trajectories per 15 min; smollm2 ~5 s a step of 2,048: 180 per 15 min)
+#                 12,000 trajectories per 15 min; smollm2 5.6 s a step of 2,048: 160 per 15 min)
 #       SEED      1337 (default), 7, 42
 #
 # Each cell writes out/study/MODEL_PHRASING_MINUTESm_sSEED/ with its checkpoints, a TIMES file
@@ -42,7 +42,7 @@ if [ $MODEL = scratch ]; then
     python train.py --data=$D/train --val-data=$D/val --model=mini --batch-size=2 --max-steps=$STEPS --lr=5e-3 \
         --eval-every=$((STEPS / 4)) --eval-batches=8 --eval-episodes=0 --log-every=100 --seed=$SEED --out=$OUT --resume
 else
-    STEPS=$((180 * MIN / 15))
+    STEPS=$((160 * MIN / 15))
     D=$D OUT=$OUT STEPS=$STEPS EPISODES=0 bash runs/smollm2_sql.sh --seed=$SEED
 fi
 t2=$(date +%s)

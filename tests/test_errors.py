@@ -316,7 +316,6 @@ TRAIN_CASES = {  # name -> (checkpoint file to damage or None, its damage, extra
     "--data is a JSONL file": (None, None, ["--data={jsonl}"], "train.jsonl"),
     "--data summary is a JSON list": (None, None, ["--data={list}"], "list.json"),
     "--init-from a truncated checkpoint": (None, None, ["--init-from={cut}"], "model.safetensors"),
-    "--freeze-layers past the model": (None, None, ["--freeze-layers=2"], "--freeze-layers"),
 }
 
 

@@ -217,32 +217,3 @@ def test_bad_inputs_give_clear_errors(calc_shards, tmp_path, case):
     p = train(*flags, check=False, env=env)
     assert p.returncode != 0 and expect in p.stderr, p.stderr[-2000:]
     assert "Traceback" not in p.stderr
-
-
-@pytest.mark.slow
-def test_frozen_layers_stay_put_and_resume(calc_shards, tmp_path):
-    """--freeze-layers=1: cut after 6 steps and resumed, the run follows the uninterrupted one's
-    losses; between the checkpoints the first block never moves and the second does."""
-    import torch
-
-    from agentc.model import checkpoint
-    flags = ("--freeze-layers=1", "--max-steps=12", "--eval-every=0", "--eval-episodes=0")
-    whole = tmp_path / "whole"
-    p = train(*tiny_run(calc_shards, whole, *flags, "--save-every=0"))
-    assert "the first 1 blocks frozen" in p.stdout
-    cut = tmp_path / "cut"
-    train(*tiny_run(calc_shards, cut, *flags, "--save-every=6", "--keep=5"))
-    step6 = cut / "step_000006"
-    shutil.rmtree(cut / "step_000012")          # resume from step 6: drop the later checkpoint and metrics
-    (cut / "latest").write_text("step_000006\n")
-    with open(cut / "metrics.jsonl") as f:
-        lines = [x for x in f if json.loads(x).get("step", 0) <= 6]
-    (cut / "metrics.jsonl").write_text("".join(lines))
-    train("--out=" + str(cut), "--resume")
-    assert saved_step(cut) == 12
-    a, b = metrics(whole), metrics(cut)
-    assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-5 for k in a), (a, b)
-    end, mid = checkpoint.load(str(cut / "step_000012")), checkpoint.load(str(step6))
-    for name, w in end.layers[0].state_dict().items():
-        assert torch.equal(w, mid.layers[0].state_dict()[name]), name
-    assert not torch.equal(end.layers[1].attn.wq.weight, mid.layers[1].attn.wq.weight)
