@@ -9,7 +9,7 @@ LM head) too: the special tokens' rows must learn. Rows hold random tokens in SQ
 with a third of the tokens trained (speed does not depend on the values). Writes
 experiments/results/DATE-finetune-cpu.json with the device and versions. LoRA adapters and frozen
 lower blocks were measured here too; they lost at equal time and left main (git tags lora-adapters
-and freeze-layers).
+at commit f16d074 and freeze-layers at b0699f4).
 """
 from __future__ import annotations
 
