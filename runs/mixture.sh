@@ -21,7 +21,7 @@ WORKFLOWS="sql files code shop support"
 for w in $WORKFLOWS; do
     extra=(); [ $w = sql ] && extra=(--workflow-arg invented=0.9)
     [ -f $D/train_$w.jsonl ] || python -m agentc.data.generate --workflow $w --split train --n $N --mistake-rate 0.1 \
-        --fault-rate 0.05 "${extra[@]}" --out $D/train_$w.jsonl
+        --fault-rate 0.05 "${extra[@]}" --out $D/train_$w.jsonl --resume
     [ -f $D/test_$w.jsonl ] || python -m agentc.data.generate --workflow $w --split test --n 100 --out $D/test_$w.jsonl
 done
 if [ $MODEL = scratch ]; then
