@@ -163,7 +163,8 @@ def test_known_bad_rewrites_stay_fixed(sampled):
         for status in ("pending", "cancelled") if t.family == "cancel_pending" else ("pending",):
             assert t.prompt.lower().count(status) >= t.params["template_text"].lower().count(status), t.prompt
         assert "sales" not in t.prompt.replace("sales revenue", "") or "sales" in t.params["template_text"]
-    bad = re.compile(r"all the of|in overall|what amount revenue|== [a-z]|(?:Hi|Hello)\b.*\b(?:Hi|Hello),|could i |may i ")
+    bad = re.compile(r"all the of|in overall|what amount revenue|== [a-z]|(?:Hi|Hello)\b.*\b(?:Hi|Hello),"
+                     r"|could i |may i ")
     for name in WORKFLOWS:
         for t in sampled[name, "test"]:
             assert not bad.search(t.prompt), t.prompt

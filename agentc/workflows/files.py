@@ -488,7 +488,8 @@ To change a file, write its complete new content, then reply with a short confir
                         r"append": ("add",), r"put": ("place", "write"), r"create": ("make",),
                         r"make": ("create",), r"update": ("change", "set"), r"so that it is": ("so it reads", "to be"),
                         r"set(?! to)": ("change", "update"), r"mentions": ("contains", "refers to"),
-                        r"contains": ("includes", "mentions"), r"contain": ("include", "mention"), r"appear": ("show up", "occur")}, protect=("logs",))
+                        r"contains": ("includes", "mentions"), r"contain": ("include", "mention"),
+                        r"appear": ("show up", "occur")}, protect=("logs",))
 
     def _build(self, split: str, index: int, seed: int) -> tuple[Task, Spec]:
         tree = build_tree(seed, split, self.test_share)

@@ -18,9 +18,10 @@ stay exact; only the words around them vary. A wording's *skeleton* is the text 
 distinct wordings a family has (`python -m agentc.data.generate ... ` reports it per family).
 
 The splits: whole templates are held out of training (`heldout_templates` in base.py), and so is a
-share of the (template, register) *combinations* of the remaining templates (heldout_combinations). The test split draws
-every template in every register, so each test task is `seen` (its template and its combination
-both occur in training), `combination` (both parts occur, never together) or `template`.
+share of the (template, register) *combinations* of the remaining templates
+(`heldout_combinations`, beside it). The test split draws every template in every register, so
+each test task is `seen` (its template and its combination both occur in training), `combination`
+(both parts occur, never together) or `template`.
 `rich=False` (the workflow's `phrasing="plain"`) words train tasks exactly as the template is
 written: neutral register, no synonyms, no noise; the test split is always worded richly, so
 plain and rich training are measured on the same test tasks.
@@ -238,4 +239,3 @@ class Phrasing:
         values, styles = self.formats(text, params, rng)
         skeleton = f"{text} [{register}{'; ' + styles if styles else ''}]"
         return Wording(self.noise(text, rng).format(**values), skeleton)
-
