@@ -3,6 +3,7 @@
     python infer.py --agent out/sql_mini --task "How many customers live in Lyon?"   # one episode, streamed
     python infer.py --agent out/sql_mini --eval --episodes 200 --batch 16            # success rate, latency
     python infer.py --agent out/mix --eval --workflow all                            # each workflow of a mixture
+    torchrun --nproc_per_node=8 infer.py --agent out/sql_mini --eval --episodes 2000  # episodes split over ranks
 
 The runtime is agentc/runtime: engine.py (a static KV cache of B rows, batched decoding, sampling,
 the cached prefix), episode.py (the episode loop with the workflow's tools; one at a time, or B at a
@@ -113,6 +114,15 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if not args.eval and args.task is None:
         ap.error("give --task \"...\" for one episode, or --eval")
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # torchrun: each rank runs its share of the episodes; rank 0 reports
+        if not args.eval:
+            ap.error("under torchrun infer.py evaluates (--eval); run --task in one process")
+        import torch.distributed as dist
+        if kind == "cuda":
+            args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+            torch.cuda.set_device(args.device)
+        dist.init_process_group("nccl" if kind == "cuda" else "gloo")
     if args.batch > 1 and args.workers > 1:
         ap.error("--workers runs one-row engines in processes: give --batch 1 with it")
     if args.batch > 1 and args.mode != "incremental":
@@ -145,19 +155,25 @@ def main(argv=None):
     for agent in agents:
         name = "" if len(agents) == 1 else f"_{agent.workflow.name}"
         base = os.path.join(agent.path, f"eval_{args.split}_{args.mode}{name}")
-        if len(agents) > 1:
+        if len(agents) > 1 and rank == 0:
             print(f"\n== {agent.workflow.name}")
         per[agent.workflow.name] = s = evaluate(agent, args.episodes, args.split, args.seed,
                                                 traces=(len(agents) == 1 and args.traces) or
                                                 base.replace("eval_", "traces_") + ".jsonl", workers=args.workers,
                                                 batch=args.batch, engine_kw=engine_kw, episode_kw=episode_kw,
-                                                repeats=args.pass_k)
+                                                repeats=args.pass_k, shard=(rank, world))
         s["mode"] = args.mode
-        print_summary(s)
+        if rank == 0:
+            print_summary(s)
     summary = per[agents[0].workflow.name] if len(agents) == 1 else combine(per)
     summary.update(agent=agents[0].path, mode=args.mode, device=args.device, torch=torch.__version__,
-                   quant=quant, constrain=args.constrain,
+                   quant=quant, constrain=args.constrain, ranks=world,
                    attention=resolve_backend(args.attn, args.device), threads=torch.get_num_threads())
+    if world > 1:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+    if rank > 0:
+        return summary
     if len(agents) > 1:
         print_summary(summary)
     out = args.out or os.path.join(agents[0].path, f"eval_{args.split}_{args.mode}{'_all' * (len(agents) > 1)}.json")

@@ -2,6 +2,7 @@
 
     python train.py --data=data/sql/train --val-data=data/sql/val --model=small --out=out/sql
     torchrun --standalone --nproc_per_node=8 train.py --data=... --total-batch-tokens=524288
+    torchrun ... train.py --fsdp --activation-checkpointing=selective ...   # shard; recompute to save memory
     python train.py --out=out/sql --resume            # continue the run in out/sql where it stopped
 
 Every flag is --key=value (what W&B sweep agents pass; --key value and --key_value work too);
@@ -10,7 +11,8 @@ token cross-entropy over each global batch: Σ w·CE / Σ w, whatever the number
 micro-batches, so one process with gradient accumulation and N ranks without it train the same.
 
 Writes to --out: step_NNNNNN/ checkpoints (model.safetensors + config.json: loadable by
-agentc.model.checkpoint.load; meta.json: step, data position, RNG, flags; optim_rankR.pt), `latest`
+agentc.model.checkpoint.load; meta.json: step, data position, RNG, flags; optim_rankR.pt, or with
+--fsdp dcp/: the model and optimizer sharded by torch.distributed.checkpoint), `latest`
 (name of the newest complete checkpoint), metrics.jsonl (one JSON line per step and per eval)
 and, unless --wandb=disabled, a W&B run (offline by default: `wandb sync` uploads it later).
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import datetime
 import json
 import math
@@ -32,6 +35,9 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from agentc.data.bpe import vocab_hash
@@ -41,6 +47,7 @@ from agentc.data.tokenizer import load_tokenizer
 from agentc.model import checkpoint, gguf_io
 from agentc.model.copy_init import install_copy_circuit
 from agentc.model.muon import Combined, Muon
+from agentc.model.parallel import AC_MODES, checkpoint_activations, full_value, shard
 from agentc.model.transformer import (BACKENDS, LOSSES, PRESETS, ModelConfig, Transformer, flops_per_token, native_bf16,
                                       peak_flops, resolve_backend)
 from agentc.runtime import agent as agent_dir
@@ -133,7 +140,14 @@ flag("device", "auto", "auto, cpu or cuda")
 flag("dtype", "auto", "matmul precision: auto (bfloat16 autocast where the device multiplies it natively: "
      "a GPU, a CPU with AVX512-BF16 or AMX; float32 elsewhere), float32, bfloat16",
      choices=["auto", "float32", "bfloat16"])
-flag("compile", False, "torch.compile the model")
+flag("compile", False, "torch.compile the model (with --fsdp: each block, before it is sharded)")
+flag("fsdp", False, "shard parameters, gradients and optimizer state over the ranks with FSDP2 (fully_shard "
+     "per block; bf16 compute and fp32 gradient reduction under bf16); checkpoints then hold a sharded "
+     "torch.distributed.checkpoint copy of the model and optimizer (step_N/dcp), resumable on any number of "
+     "ranks, beside the whole model.safetensors infer.py runs")
+flag("activation-checkpointing", "none", "recompute activations in the backward to save memory: none, "
+     "block (each block's forward runs again) or selective (matmul outputs kept, element-wise ops rerun)",
+     choices=list(AC_MODES))
 flag("loss", "auto", "LM-head loss: auto (fused on CUDA, reference on CPU), fused (kernels/masked_ce.py) or reference",
      choices=list(LOSSES))
 flag("attn", "auto", "attention backend: auto (triton on CUDA, sdpa on CPU), triton, sdpa, flex, reference",
@@ -255,10 +269,14 @@ if args.epochs <= 0:
     ap.error(f"--epochs must be positive, got {args.epochs}")
 if args.log_every < 1:
     ap.error(f"--log-every must be at least 1, got {args.log_every}")
+if args.fsdp and args.optimizer == "muon":
+    ap.error("--optimizer=muon needs whole matrices (Newton-Schulz); with --fsdp each rank holds a shard: "
+             "use --optimizer=adamw")
 
 # ----------------------------------------------------------------------------- compute
 
-ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or args.fsdp  # collectives run
+ddp = distributed and not args.fsdp  # the DDP wrapper replicates the model
 rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
 master = rank == 0
 device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -272,8 +290,12 @@ if device == "cuda":
     if args.dtype != "float32":  # TF32 for whatever autocast leaves in float32; --dtype=float32 means it
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-if ddp:  # a long timeout: the other ranks wait while rank 0 runs the agent evaluation
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=datetime.timedelta(hours=1))
+if distributed:  # a long timeout: a rank that finishes its share of the agent evaluation waits for the rest
+    _backend, _timeout = "nccl" if device.startswith("cuda") else "gloo", datetime.timedelta(hours=1)
+    if "RANK" in os.environ:  # torchrun
+        dist.init_process_group(_backend, timeout=_timeout)
+    else:  # --fsdp in one plain process: a group of one
+        dist.init_process_group(_backend, store=dist.HashStore(), rank=0, world_size=1, timeout=_timeout)
 device_type = "cuda" if device.startswith("cuda") else "cpu"
 try:  # refuse a backend that cannot run here before any work
     attention, loss_impl = resolve_backend(args.attn, device), resolve_backend(args.loss, device, "loss")
@@ -290,7 +312,7 @@ def log(*a):
 
 
 def all_sum(x: torch.Tensor) -> torch.Tensor:
-    if ddp:
+    if distributed:
         dist.all_reduce(x)
     return x
 
@@ -320,7 +342,7 @@ if val_loader and (val_loader.seq_len, val_loader.vocab_size) != (seq_len, train
 max_steps = args.max_steps or max(1, int(args.epochs * train_loader.steps_per_epoch))
 if saved and saved["step"] >= max_steps:
     log(f"{resume_dir} is at step {saved['step']} of {max_steps}: nothing left to train")
-    if ddp:
+    if distributed:
         dist.destroy_process_group()
     sys.exit(0)
 warmup = int(args.warmup_frac * max_steps)
@@ -400,9 +422,15 @@ cfg = model.cfg
 cfg.attention, cfg.loss = args.attn, args.loss  # how this run computes (agentc/model/transformer.py)
 model.to(device)
 raw_model = model
-if ddp:
+checkpoint_activations(raw_model, args.activation_checkpointing)  # hooks: the same module, the same keys
+if args.fsdp:  # in place: raw_model becomes the sharded module (parallel.py)
+    if args.compile:  # block by block, before sharding, as FSDP2 wants it
+        for block in raw_model.layers:
+            block.compile()
+    shard(raw_model, use_bf16)
+elif ddp:
     model = ddp_model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
-if args.compile:  # around DDP, so the compiler can overlap gradient all-reduce with the backward
+if args.compile and not args.fsdp:  # around DDP, so the compiler can overlap gradient all-reduce with the backward
     model = torch.compile(model)
 
 # ----------------------------------------------------------------------------- optimizer
@@ -449,7 +477,7 @@ def set_rng_state(s: dict) -> None:
 
 
 def barrier():
-    if ddp:
+    if distributed:
         dist.barrier()
 
 
@@ -470,9 +498,20 @@ def save_checkpoint(step: int, extra: dict) -> None:
                             else "there is no earlier checkpoint")) from None
 
 
+def sharded_state() -> dict:
+    """The model and optimizer state as torch.distributed.checkpoint saves and loads it: keyed by
+    parameter name, each rank holding its own shards (whole tensors without FSDP), so a checkpoint
+    written on N ranks loads on M."""
+    model_state, optim_state = get_state_dict(raw_model, optimizer)
+    return {"model": model_state, "optim": optim_state}
+
+
 def write_checkpoint(step: int, extra: dict, tmp: str) -> None:
     name = f"step_{step:06d}"
     final = os.path.join(args.out, name)
+    # FSDP: every rank sends its shards to rank 0 (on the CPU), which writes the whole model.safetensors
+    whole = get_model_state_dict(raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) \
+        if args.fsdp else None
     if master:
         for d in os.listdir(args.out):  # half-written checkpoints (and `latest` pointers) of a crash
             if d.startswith((".step_", ".latest.")) and d.endswith(".tmp"):
@@ -482,19 +521,23 @@ def write_checkpoint(step: int, extra: dict, tmp: str) -> None:
                 else:
                     os.remove(path)
         os.makedirs(tmp)
-        checkpoint.save(raw_model, tmp)
+        checkpoint.save(raw_model, tmp, state_dict=whole)
         # the compiled agent: with its tokenizer and agent.json this directory is all infer.py needs
         summary = {"step": step, "max_steps": max_steps, "tokens_seen": tokens_seen, "data": args.data,
                    "parameters": raw_model.num_params(), **{k: v for k, v in last_metrics.items()}}
         agent_dir.write(tmp, data_meta, summary, data_tokenizer)
     barrier()
     os.makedirs(tmp, exist_ok=True)  # on other nodes, without a shared file system
-    state = optimizer.state_dict()
-    optim_name = f"optim_rank{rank}.pt"
-    atomic_write(os.path.join(tmp, optim_name), lambda path: torch.save(state, path))
-    own = (rng_state(), {optim_name: checkpoint.sha256(os.path.join(tmp, optim_name))})
+    if args.fsdp:  # each rank writes its own shards of the model and optimizer; rank 0 the metadata
+        dcp.save(sharded_state(), checkpoint_id=os.path.join(tmp, "dcp"))
+        own = (rng_state(), {})
+    else:  # DDP ranks hold the same optimizer state; each node writes its own copy
+        state = optimizer.state_dict()
+        optim_name = f"optim_rank{rank}.pt"
+        atomic_write(os.path.join(tmp, optim_name), lambda path: torch.save(state, path))
+        own = (rng_state(), {optim_name: checkpoint.sha256(os.path.join(tmp, optim_name))})
     gathered = [None] * world
-    if ddp:
+    if distributed:
         dist.all_gather_object(gathered, own)
     else:
         gathered = [own]
@@ -502,7 +545,10 @@ def write_checkpoint(step: int, extra: dict, tmp: str) -> None:
     if master:
         rngs = [g[0] for g in gathered]
         files = {n: checkpoint.sha256(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))
-                 if not n.startswith("optim_rank")}
+                 if not n.startswith("optim_rank") and n != "dcp"}
+        if args.fsdp:  # every rank's shard file (sharded checkpoints need a file system all nodes share)
+            files.update({f"dcp/{n}": checkpoint.sha256(os.path.join(tmp, "dcp", n))
+                          for n in sorted(os.listdir(os.path.join(tmp, "dcp")))})
         for g in gathered:
             files.update(g[1])
         meta = {"step": step, "data": train_loader.state_dict(), "rng": rngs, "world_size": world,
@@ -521,7 +567,19 @@ def write_checkpoint(step: int, extra: dict, tmp: str) -> None:
 
 
 step, wandb_id, tokens_seen = 0, None, 0
-if resume_dir:
+if resume_dir and os.path.isdir(os.path.join(resume_dir, "dcp")):  # written with --fsdp, on any number of ranks
+    meta = saved
+    state = sharded_state()
+    try:
+        dcp.load(state, checkpoint_id=os.path.join(resume_dir, "dcp"))
+    except Exception as e:  # torch raises CheckpointException, RuntimeError, ... for damaged or foreign files
+        raise SystemExit(f"train.py: {resume_dir}/dcp: cannot load the sharded model and optimizer state "
+                         f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+    set_state_dict(raw_model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+elif resume_dir and args.fsdp:
+    raise SystemExit(f"train.py: --fsdp cannot resume {resume_dir}: it was written without --fsdp (whole "
+                     "optimizer states per rank, optim_rankR.pt); resume it without --fsdp")
+elif resume_dir:
     meta = saved
     optim_file = os.path.join(resume_dir, f"optim_rank{rank}.pt")
     if not os.path.exists(optim_file):  # a different world size: DDP ranks hold identical optimizer states
@@ -535,6 +593,7 @@ if resume_dir:
         muon_group = optimizer.optimizers[1].param_groups[0]
         muon_group.update(lr_scale=args.muon_lr / args.lr, momentum=args.muon_momentum,
                           weight_decay=args.muon_weight_decay)
+if resume_dir:
     try:
         train_loader.load_state_dict(meta["data"])
     except ValueError as e:
@@ -542,7 +601,7 @@ if resume_dir:
     if len(meta["rng"]) == world:
         set_rng_state(meta["rng"][rank])
     step, wandb_id, tokens_seen = meta["step"], meta.get("wandb_id"), meta.get("tokens_seen", 0)
-    if ddp:  # each rank chose by itself (nodes without a shared file system check their own files)
+    if distributed:  # each rank chose by itself (nodes without a shared file system check their own files)
         chosen = [None] * world
         dist.all_gather_object(chosen, step)
         if len(set(chosen)) > 1:
@@ -616,8 +675,10 @@ log(f"data: {train_loader.n_rows} rows of {seq_len} tokens, vocab {train_loader.
     f"{val_loader.n_rows if val_loader else 0} validation rows")
 log(f"batch: {args.batch_size} rows x {accum} accumulation x {world} ranks = {total} tokens per step; "
     f"{train_loader.steps_per_epoch} steps per epoch; {max_steps} steps, {warmup} warmup")
-log(f"device: {device}, {'bfloat16 autocast' if use_bf16 else 'float32'}, {'DDP ' if ddp else ''}"
-    f"{'compiled' if args.compile else 'eager'}; attention: {attention}; loss: {loss_impl}")
+_parallel = "DDP " if ddp else "FSDP2 " if args.fsdp else ""
+_ac = f"; activation checkpointing: {args.activation_checkpointing}" if args.activation_checkpointing != "none" else ""
+log(f"device: {device}, {'bfloat16 autocast' if use_bf16 else 'float32'}, {_parallel}"
+    f"{'compiled' if args.compile else 'eager'}; attention: {attention}; loss: {loss_impl}{_ac}")
 
 # ----------------------------------------------------------------------------- evaluation
 
@@ -641,7 +702,7 @@ def evaluate() -> float:
 eval_agents = []  # one per workflow of the data (a mixture evaluates each)
 if args.unsafe_sandbox:
     sandbox.allow_unsafe()
-if args.eval_episodes and master:
+if args.eval_episodes:
     flows = data_meta.get("workflows") or []
     try:
         if not flows or not data_tokenizer:
@@ -656,11 +717,16 @@ if args.eval_episodes and master:
 
 @torch.no_grad()
 def agent_eval() -> dict:
-    """Episodes on fresh test tasks through the runtime, for each workflow (rank 0; the others
-    wait at the next step): the summaries combined (agentc/runtime/evaluate.py combine)."""
-    raw_model.eval()
-    per = {a.workflow.name: evaluate_agent(a, args.eval_episodes, "test", seed=1, progress=False,
-                                           batch=min(16, args.eval_episodes),
+    """Episodes on fresh test tasks through the runtime, for each workflow, split over the ranks
+    and gathered: the summaries combined (agentc/runtime/evaluate.py combine). Episodes decode on
+    each rank by themselves, so under FSDP every rank first gathers a whole copy of the model."""
+    model = raw_model
+    if args.fsdp:
+        whole = get_model_state_dict(raw_model, options=StateDictOptions(full_state_dict=True))
+        model = checkpoint.build(cfg, whole, "the gathered model")
+    model.eval()
+    per = {a.workflow.name: evaluate_agent(dataclasses.replace(a, model=model), args.eval_episodes, "test", seed=1,
+                                           progress=False, batch=min(16, args.eval_episodes), shard=(rank, world),
                                            engine_kw={"max_len": max(seq_len, 2048), "constrain": True})
            for a in eval_agents}
     raw_model.train()
@@ -720,11 +786,13 @@ while True:
     loss_sum = torch.zeros((), device=device)
     for i, b in enumerate(micro):
         sync = ddp_model.no_sync() if ddp and i < accum - 1 else nullcontext()
+        if args.fsdp:  # reduce-scatter the gradients once, after the last micro-batch
+            raw_model.set_requires_gradient_sync(i == accum - 1)
         with sync, autocast:
             loss = model(b.tokens, b.doc_offsets, b.targets, b.loss_weights)
         (loss * world / weight).backward()
         loss_sum += loss.detach()
-    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip or float("inf"))
+    grad_norm = full_value(torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip or float("inf")))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     train_loss = (all_sum(loss_sum) / weight).item()  # .item() waits for the step to finish
@@ -742,6 +810,6 @@ while True:
             f"{tok_s / 1e3:.1f}k tok/s | {dt * 1e3:.0f} ms" + (f" | mfu {100 * entry['train/mfu']:.1f}%" if peak else ""))
 
 run.finish()
-if ddp:
+if distributed:
     dist.destroy_process_group()
 sys.exit(0)

@@ -1,6 +1,7 @@
 """train.py end to end on CPU: the loss falls, a resumed run equals an uninterrupted one, two
-gloo ranks equal one process with the same global batch, Hugging Face init, W&B offline, and
-clear errors on bad input. Each run is a subprocess, as a researcher would launch it."""
+gloo ranks (DDP or FSDP2) equal one process with the same global batch, a sharded checkpoint
+resumes on another number of ranks, Hugging Face init, W&B offline, and clear errors on bad
+input. Each run is a subprocess, as a researcher would launch it."""
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": ROOT}
+TWO_RANKS = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
 
 
 def tiny_run(shards, out, *extra):
@@ -32,6 +34,15 @@ def train(*flags, check=True, launcher=(sys.executable,), env=()):
 def metrics(out, key="train/loss"):
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return {e["step"]: e[key] for e in map(json.loads, f) if key in e}
+
+
+def assert_same_curves(a, b, rel=1e-5, keys=("train/loss", "val/loss")):
+    """Every step's training and validation loss (or other metrics) of run a equals run b's, to rel."""
+    for key in keys:
+        x, y = metrics(a, key), metrics(b, key)
+        assert x.keys() == y.keys() and len(x) >= 2, (key, x, y)
+        for s in x:
+            assert abs(x[s] - y[s]) <= rel * abs(x[s]), (key, s, x[s], y[s])
 
 
 @pytest.mark.slow
@@ -124,16 +135,78 @@ def test_two_gloo_ranks_equal_one_process_with_accumulation(calc_shards, tmp_pat
     batch = ["--max-steps=4", "--total-batch-tokens=4096", "--val-data=" + calc_shards["val"], "--eval-every=2"]
     one = train(*tiny_run(calc_shards, tmp_path / "one", *batch))
     assert "2 rows x 4 accumulation x 1 ranks" in one.stdout
-    two = train(*tiny_run(calc_shards, tmp_path / "two", *batch),
-                launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
+    two = train(*tiny_run(calc_shards, tmp_path / "two", *batch), launcher=TWO_RANKS)
     assert "2 rows x 2 accumulation x 2 ranks" in two.stdout
-    for key in ("train/loss", "val/loss"):
-        a, b = metrics(tmp_path / "one", key), metrics(tmp_path / "two", key)
-        assert a.keys() == b.keys() and len(a) >= 2
-        for s in a:
-            assert abs(a[s] - b[s]) <= 1e-5 * abs(a[s]), (key, s, a[s], b[s])
+    assert_same_curves(tmp_path / "one", tmp_path / "two")
     ck = tmp_path / "two" / "step_000004"
     assert (ck / "optim_rank0.pt").exists() and (ck / "optim_rank1.pt").exists()
+
+
+@pytest.mark.slow
+def test_fsdp_equals_one_process_and_its_sharded_checkpoint_resumes_on_any_ranks(calc_shards, tmp_path):
+    """FSDP2 on 2 gloo ranks, with gradient accumulation and selective activation checkpointing,
+    trains the steps one plain process trains (float32, 1e-5), and its agent evaluation (split over
+    the ranks, each with a gathered copy of the model) reports the same. Its checkpoint holds the whole
+    model.safetensors and a sharded copy of model and optimizer (dcp/), and resumes mid-run on 2
+    ranks with FSDP and on 1 process without: every later step as the uninterrupted run."""
+    import torch
+    from agentc.model import checkpoint
+    batch = ["--max-steps=6", "--total-batch-tokens=4096", "--val-data=" + calc_shards["val"], "--eval-every=2",
+             "--save-every=3", "--eval-episodes=3"]
+    train(*tiny_run(calc_shards, tmp_path / "one", *batch))
+    p = train(*tiny_run(calc_shards, tmp_path / "fsdp", *batch, "--fsdp", "--activation-checkpointing=selective"),
+              launcher=TWO_RANKS)
+    assert "2 rows x 2 accumulation x 2 ranks" in p.stdout and "FSDP2" in p.stdout and "selective" in p.stdout
+    assert_same_curves(tmp_path / "one", tmp_path / "fsdp")
+    assert_same_curves(tmp_path / "one", tmp_path / "fsdp", keys=("eval/success_rate", "eval/mean_steps"))
+    ck = tmp_path / "fsdp" / "step_000006"
+    assert sorted(os.listdir(ck / "dcp")) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert not [f for f in os.listdir(ck) if f.startswith("optim_rank")]
+    recorded = json.loads((ck / "meta.json").read_text())["files"]
+    assert {"dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp", "model.safetensors"} <= recorded.keys()
+    whole, fsdp = checkpoint.load(str(tmp_path / "one" / "step_000006")), checkpoint.load(str(ck))
+    for (name, a), (_, b) in zip(whole.state_dict().items(), fsdp.state_dict().items()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)
+    for where, launcher, flags in (("fsdp2", TWO_RANKS, []), ("single", (sys.executable,), ["--fsdp=false"])):
+        out = tmp_path / where
+        shutil.copytree(tmp_path / "fsdp", out)
+        shutil.rmtree(out / "step_000006")
+        (out / "latest").write_text("step_000003\n")
+        p = train("--out=" + str(out), "--resume", *flags, launcher=launcher)
+        assert f"resuming {out}/step_000003 at step 3" in p.stdout, p.stdout
+        assert_same_curves(tmp_path / "one", out)
+    # a checkpoint without the sharded copy (DDP's optim_rankR.pt) cannot continue under --fsdp
+    p = train("--out=" + str(tmp_path / "one"), "--resume", "--max-steps=8", "--fsdp", check=False)
+    assert p.returncode != 0 and "written without --fsdp" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.slow
+def test_evaluation_split_over_two_ranks_equals_one_process(calc_shards, tmp_path):
+    """torchrun infer.py --eval: each rank runs every other episode, rank 0 gathers them. Sampled
+    episodes (temperature 1, two attempts a task) give the traces, in the same order, and the
+    summary one process gives; only the timings differ."""
+    train(*tiny_run(calc_shards, tmp_path / "agent", "--max-steps=2", "--eval-episodes=0"))
+    flags = ["infer.py", f"--agent={tmp_path / 'agent'}", "--eval", "--episodes=5", "--temperature=1.0", "--pass-k=2",
+             "--max-steps=3", "--max-new-tokens=16", "--quant=fp32"]
+    runs = {}
+    for name, launcher in (("one", (sys.executable,)), ("two", TWO_RANKS)):
+        p = subprocess.run([*launcher, *flags, f"--out={tmp_path / name}.json", f"--traces={tmp_path / name}.jsonl"],
+                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert p.stdout.count("wrote ") == 1  # rank 0 reports
+        traces = [json.loads(line) for line in open(tmp_path / f"{name}.jsonl")]
+        for t in traces:
+            for key in ("stats", "steps"):  # timings inside
+                t.pop(key)
+        runs[name] = (traces, json.loads((tmp_path / f"{name}.json").read_text()))
+    (t1, s1), (t2, s2) = runs["one"], runs["two"]
+    assert len(t1) == 10 and t1 == t2 and [t["repeat"] for t in t2] == [0] * 5 + [1] * 5
+    assert len({tuple(t["ids"]) for t in t1}) == 10  # sampled: every episode its own
+    timing = {"mean_step_latency_s", "p95_step_latency_s", "decode_tokens_per_s", "wall_s", "episodes_per_min",
+              "decode_tokens_per_s_wall", "ranks"}
+    assert {k: v for k, v in s1.items() if k not in timing} == {k: v for k, v in s2.items() if k not in timing}
+    assert (s1["ranks"], s2["ranks"]) == (1, 2)
+    assert not [f for f in os.listdir(tmp_path) if ".rank" in f]  # the ranks' parts were merged and removed
 
 
 @pytest.mark.slow
@@ -180,7 +253,8 @@ def test_sweep_config_drives_train_py(calc_shards, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing shard", "bad header", "unknown flag", "batch not divisible",
-                                  "no init checkpoint", "batch of 0", "bad model config", "triton without GPU"])
+                                  "no init checkpoint", "batch of 0", "bad model config", "triton without GPU",
+                                  "muon under fsdp", "unknown checkpointing"])
 def test_bad_inputs_give_clear_errors(calc_shards, tmp_path, case):
     data = tmp_path / "data"
     flags = tiny_run(calc_shards, tmp_path / "run", "--max-steps=1")
@@ -207,6 +281,12 @@ def test_bad_inputs_give_clear_errors(calc_shards, tmp_path, case):
     elif case == "bad model config":
         flags.append("--model-config=dim=64,layers=3")
         expect = "is not a ModelConfig field it can set"
+    elif case == "muon under fsdp":
+        flags += ["--fsdp", "--optimizer=muon"]
+        expect = "--optimizer=muon needs whole matrices"
+    elif case == "unknown checkpointing":
+        flags.append("--activation-checkpointing=all")
+        expect = "--activation-checkpointing: invalid choice: 'all'"
     elif case == "triton without GPU":
         flags.append("--attn=triton")
         expect = "--attn=triton needs a CUDA device"

@@ -106,12 +106,14 @@ def unwrap(model: nn.Module) -> Transformer:
     return model
 
 
-def _tensors_to_write(model: nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """Our state_dict as CPU tensors safetensors accepts: contiguous, optionally cast, and no two
-    keys sharing storage (safetensors refuses that; a tied model has no lm_head key, but a user's
-    module might still share a tensor, so copy any repeat)."""
+def _tensors_to_write(model: nn.Module, dtype: torch.dtype | None,
+                      state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Our state_dict (or the whole one given, e.g. gathered from FSDP shards) as CPU tensors
+    safetensors accepts: contiguous, optionally cast, and no two keys sharing storage (safetensors
+    refuses that; a tied model has no lm_head key, but a user's module might still share a tensor,
+    so copy any repeat)."""
     out, seen = {}, set()
-    for name, t in unwrap(model).state_dict().items():
+    for name, t in (unwrap(model).state_dict() if state_dict is None else state_dict).items():
         t = t.detach().to(device="cpu", dtype=dtype or t.dtype).contiguous()
         ptr = t.untyped_storage().data_ptr()
         if ptr in seen:
@@ -156,12 +158,14 @@ def _cast(t: torch.Tensor, device, dtype: torch.dtype | None) -> torch.Tensor:
 # ----------------------------------------------------------------------------- our format
 
 
-def save(model: nn.Module, directory: str, dtype: torch.dtype | None = None) -> None:
+def save(model: nn.Module, directory: str, dtype: torch.dtype | None = None,
+         state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write model.safetensors and config.json (in that order, see the module docstring) into
-    `directory`, creating it. dtype: cast the weights on the way out (e.g. torch.bfloat16)."""
+    `directory`, creating it. dtype: cast the weights on the way out (e.g. torch.bfloat16).
+    state_dict: the whole tensors to write instead of the model's own (an FSDP model holds shards)."""
     model = unwrap(model)
     os.makedirs(directory, exist_ok=True)
-    _write_safetensors(os.path.join(directory, "model.safetensors"), _tensors_to_write(model, dtype))
+    _write_safetensors(os.path.join(directory, "model.safetensors"), _tensors_to_write(model, dtype, state_dict))
     # the attention and loss backends are how a run computes, the loader's choice (ModelConfig)
     cfg = {k: v for k, v in model.cfg.to_dict().items() if k not in ("attention", "loss")}
     write_json(os.path.join(directory, "config.json"), {"format": "agentc", "model": cfg})

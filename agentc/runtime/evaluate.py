@@ -15,12 +15,17 @@ and by wording (seen in training, or a held-out template or combination; workflo
 each with a 95% Wilson interval. `repeats=k` runs every task k times with other sampling seeds
 and reports pass^k, the share of tasks all k attempts solve. A mixture agent is evaluated per
 workflow and the summaries combined (combine).
+
+Under torchrun (`shard=(rank, world)`), rank r runs episodes r, r + world, ... and the results
+are gathered, so every rank returns the summary one process would (its timings aside) and rank 0
+writes the traces in task order.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -111,13 +116,15 @@ def _worker_episode(job):
 
 def evaluate(agent: agent_dir.Agent, episodes: int = 200, split: str = "test", seed: int = 1,
              traces: str | None = None, progress: bool = True, workers: int = 1, batch: int = 1,
-             engine_kw: dict | None = None, episode_kw: dict | None = None, repeats: int = 1) -> dict:
+             engine_kw: dict | None = None, episode_kw: dict | None = None, repeats: int = 1,
+             shard: tuple[int, int] = (0, 1)) -> dict:
     """Run `episodes` fresh tasks of `split`; write one trace line per episode (in task order) to
     `traces`; return the summary. batch > 1: that many episodes at a time on one batched engine.
     workers > 1 (with batch 1): episodes in that many processes, each loading the agent from
     agent.path (on a CPU they share torch's threads). engine_kw: Engine's options (and
     `constrain`), episode_kw: the episode's (agentc/runtime/episode.py). repeats: attempts per task;
-    attempt r of task i is episode i + r * episodes, which fixes its sampling seed."""
+    attempt r of task i is episode i + r * episodes, which fixes its sampling seed. shard=(rank,
+    world): this rank's share of the episodes, gathered over the default process group."""
     import functools
     from tqdm import tqdm
     from agentc.runtime.episode import play_episode, run_batch, make_engine
@@ -126,12 +133,15 @@ def evaluate(agent: agent_dir.Agent, episodes: int = 200, split: str = "test", s
     engine_kw, episode_kw = dict(engine_kw or {}), dict(episode_kw or {})
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
+    rank, world = shard
+    if not 0 <= rank < world:
+        raise ValueError(f"shard (rank {rank}, world {world}) is not a rank of the world")
     tasks = eval_tasks(agent.workflow, split, episodes, seed) * repeats
-    jobs = [(task, i) for i, task in enumerate(tasks)]
+    jobs = [(task, i) for i, task in enumerate(tasks)][rank::world]  # strided: each rank gets easy and hard
     play = functools.partial(play_episode, seed=seed, engine_kw=engine_kw, episode_kw=episode_kw)
     if batch > 1:
         engine = make_engine(agent, rows=min(batch, len(jobs)), **engine_kw)
-        pool = _unordered(run_batch(agent, jobs, engine, seed, **episode_kw))
+        pool = _unordered(run_batch(agent, jobs, engine, seed, **episode_kw), [i for _, i in jobs])
     elif workers > 1:
         if not agent.path:
             raise ValueError("workers > 1 needs an agent loaded from a directory (each worker loads it)")
@@ -144,14 +154,16 @@ def evaluate(agent: agent_dir.Agent, episodes: int = 200, split: str = "test", s
     else:
         pool = ordered_map(lambda job: play(agent, *job), jobs)
     results = []
-    trace_file = open(traces, "w") if traces else None
-    bar = tqdm(total=len(tasks), desc=f"eval {agent.workflow.name} {split}", unit="ep", disable=not progress)
+    own_traces = traces and (f"{traces}.rank{rank}" if world > 1 else traces)  # streamed: a crash keeps them
+    trace_file = open(own_traces, "w") if traces else None
+    bar = tqdm(total=len(jobs), desc=f"eval {agent.workflow.name} {split}", unit="ep",
+               disable=not progress or rank > 0)
     t0 = time.perf_counter()
     try:
         with pool as stream:
-            for r in stream:
-                r.repeat = len(results) // episodes
-                results.append(r)
+            for (_, i), r in zip(jobs, stream):
+                r.repeat = i // episodes
+                results.append((i, r))
                 bar.update()
                 if trace_file:
                     trace_file.write(json.dumps(asdict(r), ensure_ascii=False) + "\n")
@@ -160,6 +172,18 @@ def evaluate(agent: agent_dir.Agent, episodes: int = 200, split: str = "test", s
         bar.close()
         if trace_file:
             trace_file.close()
+    if world > 1:
+        import torch.distributed as dist
+        parts = [None] * world
+        dist.all_gather_object(parts, results)
+        results = sorted((x for part in parts for x in part), key=lambda x: x[0])
+        if traces and rank == 0:
+            with open(traces, "w") as f:
+                f.writelines(json.dumps(asdict(r), ensure_ascii=False) + "\n" for _, r in results)
+        dist.barrier()  # every rank's part is in the merged file before it goes
+        if traces:
+            os.remove(own_traces)
+    results = [r for _, r in results]
     wall = time.perf_counter() - t0
     summary = summarize(results, split, seed, repeats)
     summary.update(workers=max(1, workers), batch=max(1, batch), wall_s=wall,
@@ -169,16 +193,17 @@ def evaluate(agent: agent_dir.Agent, episodes: int = 200, split: str = "test", s
 
 
 @contextlib.contextmanager
-def _unordered(stream):
-    """(index, result) pairs as episodes finish -> results in index order, each as soon as every
-    earlier one is in (so a trace file is in task order and nothing finished waits long)."""
+def _unordered(stream, order: list[int]):
+    """(index, result) pairs as episodes finish -> results in the order of the indices `order`,
+    each as soon as every earlier one is in (so a trace file is in task order and nothing finished
+    waits long)."""
     def ordered():
-        held, nxt = {}, 0
+        held, k = {}, 0
         for i, r in stream:
             held[i] = r
-            while nxt in held:
-                yield held.pop(nxt)
-                nxt += 1
+            while k < len(order) and order[k] in held:
+                yield held.pop(order[k])
+                k += 1
     gen = ordered()
     try:
         yield gen
