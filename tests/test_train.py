@@ -286,7 +286,7 @@ def test_bad_inputs_give_clear_errors(calc_shards, tmp_path, case):
         expect = "--optimizer=muon needs whole matrices"
     elif case == "unknown checkpointing":
         flags.append("--activation-checkpointing=all")
-        expect = "--activation-checkpointing: invalid choice: 'all'"
+        expect = "invalid choice: 'all' (choose from 'none', 'block', 'selective')"
     elif case == "triton without GPU":
         flags.append("--attn=triton")
         expect = "--attn=triton needs a CUDA device"
