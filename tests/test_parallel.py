@@ -72,3 +72,44 @@ def test_without_gradients_blocks_run_once():
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="none, block, selective"):
         checkpoint_activations(Transformer(ModelConfig.preset("tiny", vocab_size=97)), "all")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_bench_train_under_torchrun(parallel, tmp_path):
+    """experiments/bench_train.py on 2 gloo ranks: both ranks' rows counted, one JSON from rank 0."""
+    import json
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "bench.json"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "experiments/bench_train.py", "--model=tiny", "--seq-len=256", "--vocab-size=300", "--steps=2",
+                        "--warmup=1", f"--parallel={parallel}", "--activation-checkpointing=block", f"--out={out}"],
+                       cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root},
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert (r["ranks"], r["parallel"], r["activation_checkpointing"]) == (2, parallel, "block")
+    assert r["tokens_per_s"] > 0 and r["step_ms_median"] > 0 and p.stdout.count("wrote ") == 1
+
+
+def test_memory_model_counts_what_autograd_keeps():
+    """bench_train.py's memory model measures one block's saved activations on a 1- and a 2-block
+    copy; for 4 blocks its prediction is what autograd keeps for the whole 4-block model."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+    from bench_train import packed_batch, predict_memory, saved_bytes
+    cfg = ModelConfig.preset("tiny", vocab_size=300, max_seq_len=256, n_layers=4)
+    batch = packed_batch(2, 256, 300, 60, torch.Generator().manual_seed(0), "cpu")
+    for bf16 in (False, True):
+        plain = predict_memory(cfg, batch, "cpu", bf16)
+        assert plain["activations"] == saved_bytes(cfg, 4, batch, "cpu", bf16)
+        P = sum(p.numel() for p in Transformer(cfg).parameters())
+        assert plain["weights"] == 4 * P and plain["adamw"] == 8 * P
+        sharded = predict_memory(cfg, batch, "cpu", bf16, ranks=2, parallel="fsdp")
+        assert sharded["adamw"] == 4 * P and sharded["fsdp_gathered"] > 0
+        block = predict_memory(cfg, batch, "cpu", bf16, ac="block")
+        assert block["activations"] < plain["activations"]

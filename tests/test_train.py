@@ -3,6 +3,7 @@ gloo ranks (DDP or FSDP2) equal one process with the same global batch, a sharde
 resumes on another number of ranks, Hugging Face init, W&B offline, and clear errors on bad
 input. Each run is a subprocess, as a researcher would launch it."""
 import json
+import math
 import os
 import shutil
 import signal
@@ -148,11 +149,12 @@ def test_fsdp_equals_one_process_and_its_sharded_checkpoint_resumes_on_any_ranks
     trains the steps one plain process trains (float32, 1e-5), and its agent evaluation (split over
     the ranks, each with a gathered copy of the model) reports the same. Its checkpoint holds the whole
     model.safetensors and a sharded copy of model and optimizer (dcp/), and resumes mid-run on 2
-    ranks with FSDP and on 1 process without: every later step as the uninterrupted run."""
+    ranks with FSDP and on 1 process without: every later step as the uninterrupted run. The LM
+    head is tied to the embedding, as in the 1b preset: one parameter in two roles, sharded once."""
     import torch
     from agentc.model import checkpoint
     batch = ["--max-steps=6", "--total-batch-tokens=4096", "--val-data=" + calc_shards["val"], "--eval-every=2",
-             "--save-every=3", "--eval-episodes=3"]
+             "--save-every=3", "--eval-episodes=3", "--model-config=tie_embeddings=true"]  # the 1b preset's tying
     train(*tiny_run(calc_shards, tmp_path / "one", *batch))
     p = train(*tiny_run(calc_shards, tmp_path / "fsdp", *batch, "--fsdp", "--activation-checkpointing=selective"),
               launcher=TWO_RANKS)
@@ -178,6 +180,18 @@ def test_fsdp_equals_one_process_and_its_sharded_checkpoint_resumes_on_any_ranks
     # a checkpoint without the sharded copy (DDP's optim_rankR.pt) cannot continue under --fsdp
     p = train("--out=" + str(tmp_path / "one"), "--resume", "--max-steps=8", "--fsdp", check=False)
     assert p.returncode != 0 and "written without --fsdp" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.slow
+def test_fsdp_runs_the_fused_loss(calc_shards, tmp_path):
+    """FSDP2 with the fused LM-head loss (Triton's interpreter on a CPU), which reads the whole
+    output weight the root gathers, trains the steps one process trains with it."""
+    flags = ["--max-steps=2", "--batch-size=1", "--total-batch-tokens=1024", "--loss=fused", "--eval-episodes=0"]
+    env = {"TRITON_INTERPRET": "1"}
+    train(*tiny_run(calc_shards, tmp_path / "one", *flags), env=env)
+    p = train(*tiny_run(calc_shards, tmp_path / "fsdp", *flags, "--fsdp"), launcher=TWO_RANKS, env=env)
+    assert "loss: fused" in p.stdout
+    assert_same_curves(tmp_path / "one", tmp_path / "fsdp", keys=("train/loss",))
 
 
 @pytest.mark.slow
@@ -207,6 +221,40 @@ def test_evaluation_split_over_two_ranks_equals_one_process(calc_shards, tmp_pat
     assert {k: v for k, v in s1.items() if k not in timing} == {k: v for k, v in s2.items() if k not in timing}
     assert (s1["ranks"], s2["ranks"]) == (1, 2)
     assert not [f for f in os.listdir(tmp_path) if ".rank" in f]  # the ranks' parts were merged and removed
+    # fewer episodes than ranks: rank 1 has none and waits for rank 0's
+    p = subprocess.run([*TWO_RANKS, *flags[:3], "--episodes=1", "--max-steps=2", "--max-new-tokens=8",
+                        f"--out={tmp_path / 'few'}.json"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0 and json.loads((tmp_path / "few.json").read_text())["episodes"] == 1, p.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_long_context_recipe_stretches_rotary_positions(calc_corpus, calc_shards, tmp_path):
+    """A model trained on 512-token rows continues on rows of 2,048 (four times its context):
+    without --rope-scaling train.py warns; with llama3:4 the slow rotary pairs turn four times
+    slower, the checkpoint's config says so (original context 512, now 2,048), and it trains
+    under activation checkpointing to a finite loss."""
+    import torch
+    from agentc.data import pack
+    from agentc.model import checkpoint
+    from agentc.model.transformer import rope_frequencies
+    long = tmp_path / "long"
+    pack.main([calc_corpus["jsonl"], "--tokenizer", calc_corpus["tokenizer"], "--seq-len", "2048", "--out", str(long),
+               "--quiet"])
+    train(*tiny_run(calc_shards, tmp_path / "base", "--max-steps=2", "--eval-episodes=0"))
+    flags = ["--data=" + str(long), "--init-from=" + str(tmp_path / "base"), "--batch-size=1", "--max-steps=2",
+             "--wandb=disabled", "--dtype=float32", "--eval-episodes=0"]
+    p = train(*flags, "--out=" + str(tmp_path / "plain"))
+    assert "WARNING: rows of 2048 tokens are longer than the 512 the model was trained for" in p.stdout
+    p = train(*flags, "--out=" + str(tmp_path / "stretched"), "--rope-scaling=llama3:4",
+              "--activation-checkpointing=selective")
+    assert "rotary positions scaled" in p.stdout and "WARNING" not in p.stdout
+    cfg = json.loads((tmp_path / "stretched" / "step_000002" / "config.json").read_text())["model"]
+    assert cfg["rope_scaling"] == {"type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_seq_len": 512} and cfg["max_seq_len"] == 2048
+    assert all(math.isfinite(v) for v in metrics(tmp_path / "stretched").values())
+    base, stretched = (checkpoint.load(str(tmp_path / d / "step_000002")).cfg for d in ("base", "stretched"))
+    f0, f1 = rope_frequencies(base), rope_frequencies(stretched)
+    assert torch.equal(f1[0], f0[0]) and torch.allclose(f1[-1], f0[-1] / 4)  # fast pairs kept, slow ones stretched
 
 
 @pytest.mark.slow
@@ -252,9 +300,21 @@ def test_sweep_config_drives_train_py(calc_shards, tmp_path):
     assert "step 1/1" in p.stdout and (tmp_path / "r1" / "latest").exists()
 
 
-@pytest.mark.parametrize("case", ["missing shard", "bad header", "unknown flag", "batch not divisible",
-                                  "no init checkpoint", "batch of 0", "bad model config", "triton without GPU",
-                                  "muon under fsdp", "unknown checkpointing"])
+# a flag added to a good run, and the line it must bring
+BAD_FLAGS = {
+    "unknown flag": (["--learning_rate=0.1"], "unrecognized arguments: --learning_rate=0.1"),
+    "batch not divisible": (["--total-batch-tokens=1000"], "not a multiple of batch-size x seq-len x ranks"),
+    "bad model config": (["--model-config=dim=64,layers=3"], "is not a ModelConfig field it can set"),
+    "batch of 0": (["--batch-size=0"], "--batch-size must be at least 1"),
+    "triton without GPU": (["--attn=triton"], "--attn=triton needs a CUDA device"),
+    "muon under fsdp": (["--fsdp", "--optimizer=muon"], "--optimizer=muon needs whole matrices"),
+    "bad rope scaling": (["--rope-scaling=cubic:2"], "--rope-scaling=cubic:2: expected linear:F or llama3:F"),
+    "unknown checkpointing": (["--activation-checkpointing=all"],
+                              "invalid choice: 'all' (choose from 'none', 'block', 'selective')"),
+}
+
+
+@pytest.mark.parametrize("case", ["missing shard", "bad header", "no init checkpoint", *BAD_FLAGS])
 def test_bad_inputs_give_clear_errors(calc_shards, tmp_path, case):
     data = tmp_path / "data"
     flags = tiny_run(calc_shards, tmp_path / "run", "--max-steps=1")
@@ -269,30 +329,12 @@ def test_bad_inputs_give_clear_errors(calc_shards, tmp_path, case):
             f.write(b"NOTTOKS\0")
         flags[0] = f"--data={tmp_path / 'train'}"
         expect = "bad magic"
-    elif case == "unknown flag":
-        flags.append("--learning_rate=0.1")
-        expect = "unrecognized arguments: --learning_rate=0.1"
-    elif case == "batch not divisible":
-        flags.append("--total-batch-tokens=1000")
-        expect = "not a multiple of batch-size x seq-len x ranks"
     elif case == "no init checkpoint":
         flags.append(f"--init-from={tmp_path / 'nowhere'}")
         expect = "nowhere"
-    elif case == "bad model config":
-        flags.append("--model-config=dim=64,layers=3")
-        expect = "is not a ModelConfig field it can set"
-    elif case == "muon under fsdp":
-        flags += ["--fsdp", "--optimizer=muon"]
-        expect = "--optimizer=muon needs whole matrices"
-    elif case == "unknown checkpointing":
-        flags.append("--activation-checkpointing=all")
-        expect = "invalid choice: 'all' (choose from 'none', 'block', 'selective')"
-    elif case == "triton without GPU":
-        flags.append("--attn=triton")
-        expect = "--attn=triton needs a CUDA device"
     else:
-        flags.append("--batch-size=0")
-        expect = "--batch-size must be at least 1"
+        extra, expect = BAD_FLAGS[case]
+        flags += extra
     env = {"TRITON_INTERPRET": "0"} if case == "triton without GPU" else {}
     p = train(*flags, check=False, env=env)
     assert p.returncode != 0 and expect in p.stderr, p.stderr[-2000:]

@@ -139,7 +139,9 @@ def evaluate(agent: agent_dir.Agent, episodes: int = 200, split: str = "test", s
     tasks = eval_tasks(agent.workflow, split, episodes, seed) * repeats
     jobs = [(task, i) for i, task in enumerate(tasks)][rank::world]  # strided: each rank gets easy and hard
     play = functools.partial(play_episode, seed=seed, engine_kw=engine_kw, episode_kw=episode_kw)
-    if batch > 1:
+    if not jobs:  # more ranks than episodes
+        pool = contextlib.nullcontext(iter(()))
+    elif batch > 1:
         engine = make_engine(agent, rows=min(batch, len(jobs)), **engine_kw)
         pool = _unordered(run_batch(agent, jobs, engine, seed, **episode_kw), [i for _, i in jobs])
     elif workers > 1:
