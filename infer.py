@@ -17,7 +17,9 @@ import os
 import sys
 
 import torch
+import torch.distributed
 
+from agentc.model.parallel import join_ranks
 from agentc.model.transformer import BACKENDS, resolve_backend
 from agentc.runtime import agent as agent_dir
 from agentc.runtime.agent import Agent
@@ -118,11 +120,7 @@ def main(argv=None):
     if world > 1:  # torchrun: each rank runs its share of the episodes; rank 0 reports
         if not args.eval:
             ap.error("under torchrun infer.py evaluates (--eval); run --task in one process")
-        import torch.distributed as dist
-        if kind == "cuda":
-            args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-            torch.cuda.set_device(args.device)
-        dist.init_process_group("nccl" if kind == "cuda" else "gloo")
+        args.device = join_ranks(args.device)
     if args.batch > 1 and args.workers > 1:
         ap.error("--workers runs one-row engines in processes: give --batch 1 with it")
     if args.batch > 1 and args.mode != "incremental":
@@ -170,8 +168,7 @@ def main(argv=None):
                    quant=quant, constrain=args.constrain, ranks=world,
                    attention=resolve_backend(args.attn, args.device), threads=torch.get_num_threads())
     if world > 1:
-        import torch.distributed as dist
-        dist.destroy_process_group()
+        torch.distributed.destroy_process_group()
     if rank > 0:
         return summary
     if len(agents) > 1:

@@ -47,7 +47,7 @@ from agentc.data.tokenizer import load_tokenizer
 from agentc.model import checkpoint, gguf_io
 from agentc.model.copy_init import install_copy_circuit
 from agentc.model.muon import Combined, Muon
-from agentc.model.parallel import AC_MODES, checkpoint_activations, full_value, shard
+from agentc.model.parallel import AC_MODES, checkpoint_activations, full_value, join_ranks, shard
 from agentc.model.transformer import (BACKENDS, LOSSES, PRESETS, ModelConfig, Transformer, flops_per_token, native_bf16,
                                       peak_flops, resolve_backend)
 from agentc.runtime import agent as agent_dir
@@ -314,11 +314,7 @@ if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 if distributed:  # a long timeout: a rank that finishes its share of the agent evaluation waits for the rest
-    _backend, _timeout = "nccl" if device.startswith("cuda") else "gloo", datetime.timedelta(hours=1)
-    if "RANK" in os.environ:  # torchrun
-        dist.init_process_group(_backend, timeout=_timeout)
-    else:  # --fsdp in one plain process: a group of one
-        dist.init_process_group(_backend, store=dist.HashStore(), rank=0, world_size=1, timeout=_timeout)
+    join_ranks(device, timeout=datetime.timedelta(hours=1))  # --fsdp in one plain process: a group of one
 device_type = "cuda" if device.startswith("cuda") else "cpu"
 try:  # refuse a backend that cannot run here before any work
     attention, loss_impl = resolve_backend(args.attn, device), resolve_backend(args.loss, device, "loss")

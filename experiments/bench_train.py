@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from agentc.model.parallel import AC_MODES, checkpoint_activations, shard  # noqa: E402
+from agentc.model.parallel import AC_MODES, checkpoint_activations, join_ranks, shard  # noqa: E402
 from agentc.model.transformer import (BACKENDS, LOSSES, PRESETS, ModelConfig, Transformer, flops_per_token,  # noqa: E402
                                       native_bf16, peak_flops, resolve_backend)
 
@@ -83,8 +83,9 @@ def predict_memory(cfg: ModelConfig, batch: list, device: str, bf16: bool, ranks
     (embeddings, loss); the weights, gradients and AdamW's two moments are 4 bytes a parameter
     each, sharded over the ranks by FSDP. Left out: the backward's transient gradients of
     activations and the allocator's fragmentation (what max_memory_allocated shows beyond this)."""
-    P = sum(p.numel() for p in Transformer(dataclasses.replace(cfg, n_layers=0)).parameters())  # outside blocks
-    P_block = sum(p.numel() for p in Transformer(dataclasses.replace(cfg, n_layers=1)).layers.parameters())
+    with torch.device("meta"):  # shapes only
+        P = sum(p.numel() for p in Transformer(dataclasses.replace(cfg, n_layers=0)).parameters())  # outside blocks
+        P_block = sum(p.numel() for p in Transformer(dataclasses.replace(cfg, n_layers=1)).layers.parameters())
     P_all = P + cfg.n_layers * P_block
     one, two = saved_bytes(cfg, 1, batch, device, bf16), saved_bytes(cfg, 2, batch, device, bf16)
     block = two - one                    # one block's saved activations (and, under autocast, its bf16 weights)
@@ -136,10 +137,7 @@ def main():
     if (args.parallel != "none") != ("RANK" in os.environ):
         ap.error("--parallel=ddp or fsdp goes with torchrun, and torchrun with one of them")
     if args.parallel != "none":
-        if args.device.startswith("cuda"):
-            args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-            torch.cuda.set_device(args.device)
-        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        args.device = join_ranks(args.device)
     cuda = args.device.startswith("cuda")
     attention = resolve_backend(args.attn, args.device)
     loss_impl = resolve_backend(args.loss, args.device, "loss")

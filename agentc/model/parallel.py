@@ -14,8 +14,9 @@ What each saves, per rank (experiments/bench_train.py's memory model does the ar
 """
 from __future__ import annotations
 
+import os
+
 import torch
-import torch.nn as nn
 
 from agentc.model.transformer import Transformer
 
@@ -73,9 +74,21 @@ def shard(model: Transformer, bf16: bool) -> None:
     fully_shard(model, mp_policy=mp)
 
 
-def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-    return isinstance(model, FSDPModule)
+def join_ranks(device: str, timeout=None) -> str:
+    """Join the process group torchrun describes in the environment (NCCL on CUDA, gloo on the CPU),
+    or, in a plain process, make a group of one. Returns the device, under CUDA this rank's GPU
+    (made current). train.py, infer.py and experiments/bench_train.py start their ranks here."""
+    import torch.distributed as dist
+    if device == "cuda":
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    backend, kw = ("nccl" if device.startswith("cuda") else "gloo"), ({"timeout": timeout} if timeout else {})
+    if "RANK" in os.environ:
+        dist.init_process_group(backend, **kw)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kw)
+    return device
 
 
 def full_value(t: torch.Tensor) -> torch.Tensor:
