@@ -24,8 +24,8 @@ from agentc.model.transformer import BACKENDS, resolve_backend
 from agentc.runtime import agent as agent_dir
 from agentc.runtime.agent import Agent
 from agentc.runtime.engine import MODES, BadLogits, Engine  # noqa: F401  (the runtime's names, for scripts)
-from agentc.runtime.episode import cut_tokens, make_engine, play_episode, run_episode  # noqa: F401
-from agentc.runtime.evaluate import EpisodeResult, combine, eval_tasks, evaluate, print_summary  # noqa: F401
+from agentc.runtime.episode import EpisodeResult, cut_tokens, make_engine, play_episode, run_episode  # noqa: F401
+from agentc.runtime.evaluate import combine, eval_tasks, evaluate, print_summary  # noqa: F401
 from agentc.util import ArgumentParser, run_main, write_json
 from agentc.workflows import sandbox
 
@@ -96,13 +96,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.unsafe_sandbox:
         sandbox.allow_unsafe()
-    for name, low in (("episodes", 1), ("max_steps", 1), ("max_new_tokens", 1), ("max_len", 2),
-                      ("observation_tokens", 1), ("threads", 0), ("workers", 1), ("batch", 1), ("temperature", 0),
-                      ("pass_k", 1)):
-        if getattr(args, name) < low:
-            ap.error(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
-    if not args.tool_timeout > 0:
-        ap.error(f"--tool-timeout must be positive, got {args.tool_timeout}")
+    ap.check_ranges(args, at_least={"episodes": 1, "max_steps": 1, "max_new_tokens": 1, "max_len": 2,
+                                    "observation_tokens": 1, "threads": 0, "workers": 1, "batch": 1,
+                                    "temperature": 0, "pass_k": 1},
+                    positive=["tool_timeout"])
     if not 0 < args.top_p <= 1:
         ap.error(f"--top-p must be in (0, 1], got {args.top_p}")
     for name in ("out", "traces"):

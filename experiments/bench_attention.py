@@ -26,13 +26,11 @@ Writes experiments/results/DATE-attention-DEVICE.json (device, versions, every p
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import random
+import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +38,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from agentc.data.documents import document_ids  # noqa: E402
 from agentc.kernels.flash_attention import flash_attention  # noqa: E402
+from agentc.util import write_json  # noqa: E402
+from experiments.bench_util import device_name, machine, results_path, timed  # noqa: E402
 
 try:
     from flash_attn import flash_attn_varlen_func  # optional peer
@@ -67,13 +67,7 @@ def attended_pairs(off: torch.Tensor | None, B: int, N: int) -> float:
 def timer(fn, smoke: bool, grads=None) -> float:
     """Median milliseconds of fn() (grads: tensors whose .grad is reset between runs)."""
     if smoke:
-        fn()
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return 1e3 * sorted(times)[1]
+        return 1e3 * statistics.median(timed(fn, 3))
     import triton.testing
     return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grads, return_mode="median")
 
@@ -210,7 +204,7 @@ def main(argv=None) -> dict:
         ap.error("needs a CUDA GPU (or --smoke with TRITON_INTERPRET=1 to check the plumbing on the CPU)")
     device = "cuda" if cuda and not args.smoke else "cpu"
     import triton
-    dev_name = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
+    dev_name = device_name(device == "cuda")
     rows = []
     for D in args.head_dim:
         for N in args.seq:
@@ -218,18 +212,15 @@ def main(argv=None) -> dict:
                 rows.extend(bench_point(N, D, docs, args, device))
     result = {
         "what": "causal attention TFLOP/s (FlashAttention convention; documents count in-document pairs only)",
-        "device": dev_name, "torch": torch.__version__, "triton": triton.__version__,
-        "cuda": torch.version.cuda, "python": platform.python_version(),
+        **machine(device == "cuda"), "triton": triton.__version__, "cuda": torch.version.cuda,
         "flash_attn": getattr(sys.modules.get("flash_attn"), "__version__", None),
         "dtype": "float32" if args.smoke else "bfloat16", "smoke": args.smoke,
         "tokens_per_batch": args.tokens, "model_dim": args.model_dim,
         "doc_lengths": [args.doc_min, args.doc_max], "goals": goals(rows), "rows": rows,
     }
     slug = "smoke" if args.smoke else dev_name.replace("NVIDIA ", "").replace(" ", "_").lower()
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{datetime.date.today()}-attention-{slug}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
+    out = args.out or results_path(f"attention-{slug}")
+    write_json(out, result)
     plot(rows, out.replace(".json", ".png"), f"{dev_name}, torch {torch.__version__}, triton {triton.__version__}")
     print("goals:", json.dumps(result["goals"]))
     print(f"wrote {out} and {out.replace('.json', '.png')}")

@@ -21,18 +21,17 @@ A method that runs out of memory is recorded as such. Writes experiments/results
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
+import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from agentc.kernels.masked_ce import masked_cross_entropy  # noqa: E402
+from agentc.util import write_json  # noqa: E402
+from experiments.bench_util import device_name, machine, results_path, timed  # noqa: E402
 
 
 def plain(h, W, y, w):
@@ -64,14 +63,10 @@ def measure(fn, h, W, y, w, smoke: bool) -> dict:
     def step():
         fn(hh, WW, y, w).backward()
     if smoke:
-        step()
-        times = []
-        for _ in range(3):
+        def fresh_step():  # gradients set, not accumulated, as under do_bench's grad_to_none
             hh.grad = WW.grad = None
-            t0 = time.perf_counter()
             step()
-            times.append(time.perf_counter() - t0)
-        return {"ms": 1e3 * sorted(times)[1]}
+        return {"ms": 1e3 * statistics.median(timed(fresh_step, 3))}
     import triton.testing
     step()  # compile / autotune / warm up
     hh.grad = WW.grad = None
@@ -103,7 +98,7 @@ def main(argv=None) -> dict:
         ap.error("needs a CUDA GPU (or --smoke with TRITON_INTERPRET=1 to check the plumbing on the CPU)")
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     import triton
-    dev_name = torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine())
+    dev_name = device_name(cuda)
     rows = []
     for V in args.vocab:
         for d in args.d:
@@ -140,14 +135,11 @@ def main(argv=None) -> dict:
                               + (f"{row['ms']:9.2f} ms{extra}" if "ms" in row else row.get("error", "")), flush=True)
                 del h, W, y
     result = {"what": "LM-head cross-entropy forward+backward: time, peak extra memory",
-              "device": dev_name, "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-              "python": platform.python_version(), "dtype": str(dtype).replace("torch.", ""), "smoke": args.smoke,
-              "rows": rows}
+              **machine(cuda), "triton": triton.__version__, "cuda": torch.version.cuda,
+              "dtype": str(dtype).replace("torch.", ""), "smoke": args.smoke, "rows": rows}
     slug = "smoke" if args.smoke else dev_name.replace("NVIDIA ", "").replace(" ", "_").lower()
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{datetime.date.today()}-ce-{slug}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
+    out = args.out or results_path(f"ce-{slug}")
+    write_json(out, result)
     print(f"wrote {out}")
     return result
 

@@ -7,7 +7,6 @@ experiments/results/DATE-data-WORKFLOW-N.json with the generation rate, tokens p
 trained share, reject counts and the machine it ran on. Never run in CI.
 """
 import argparse
-import datetime
 import json
 import os
 import platform
@@ -18,6 +17,9 @@ import time
 from importlib.metadata import version
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from agentc.util import write_json  # noqa: E402
+from experiments.bench_util import cpu, results_path  # noqa: E402
 
 
 def timed(cmd: list[str]) -> float:
@@ -63,12 +65,10 @@ def main() -> None:
         "overlong": packed["overlong"]["count"], "tokens_by_source": packed["tokens_by_source"],
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "sentencepiece": version("sentencepiece"), "numpy": version("numpy")},
+                    "sentencepiece": version("sentencepiece"), "numpy": version("numpy"), **cpu()},
     }
-    os.makedirs(os.path.join(ROOT, "experiments", "results"), exist_ok=True)
-    path = os.path.join(ROOT, "experiments", "results", f"{datetime.date.today()}-data-{args.workflow}-{args.n}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
+    path = results_path(f"data-{args.workflow}-{args.n}")
+    write_json(path, result)
     print(json.dumps(result, indent=2))
     print(f"wrote {path}")
 

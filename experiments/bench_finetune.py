@@ -14,19 +14,17 @@ at commit f16d074 and freeze-layers at b0699f4).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from agentc.model import checkpoint, gguf_io  # noqa: E402
 from agentc.model.transformer import flops_per_token, native_bf16  # noqa: E402
+from agentc.util import write_json  # noqa: E402
 from experiments.bench_train import packed_batch  # noqa: E402
+from experiments.bench_util import machine, results_path, timed  # noqa: E402
 
 VARIANTS = ("full-fp32", "full-bf16")
 
@@ -52,14 +50,7 @@ def measure(base_state: dict, cfg, variant: str, batch, steps: int, warmup: int)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    times.sort()
+    times = sorted(timed(step, steps, warmup))
     tokens = batch[0].numel()
     return {"variant": variant, "precision": "bf16" if bf16 else "fp32",
             "trained_params": sum(p.numel() for p in trained), "step_s_median": times[len(times) // 2],
@@ -97,13 +88,9 @@ def main(argv=None):
     out = {"what": "one optimizer step of SmolLM2-135M-Instruct (forward, backward, AdamW) per variant",
            "seq_len": args.seq_len, "batch_size": args.batch_size, "doc_len": args.doc_len, "steps": args.steps,
            "flops_per_token_full": flops_per_token(cfg, args.seq_len), "results": results,
-           "device": platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads(),
-           "native_bf16": native_bf16("cpu"), "torch": torch.__version__, "python": platform.python_version()}
-    path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                    f"{datetime.date.today()}-finetune-cpu.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(out, f, indent=2)
+           **machine(cuda=False), "native_bf16": native_bf16("cpu")}
+    path = args.out or results_path("finetune-cpu")
+    write_json(path, out)
     print(f"wrote {path}")
     return out
 

@@ -29,7 +29,6 @@ import datetime
 import json
 import multiprocessing as mp
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -46,9 +45,9 @@ from agentc.model.transformer import PRESETS, ModelConfig, Transformer  # noqa: 
 from agentc.runtime.agent import Agent  # noqa: E402
 from agentc.runtime.engine import Engine  # noqa: E402
 from agentc.runtime.episode import run_batch, run_episode  # noqa: E402
+from agentc.util import write_json  # noqa: E402
 from agentc.workflows.base import load_workflow, run_teacher, task_seed  # noqa: E402
-
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+from experiments.bench_util import machine, results_path  # noqa: E402
 
 
 def sync(device):
@@ -312,11 +311,7 @@ def main():
     parts = args.parts.split(",")
     cuda = args.device.startswith("cuda")
     import transformers
-    result = {"device": torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine()),
-              "cpu": open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(" :\t")
-              if os.path.exists("/proc/cpuinfo") else platform.processor(),
-              "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
-              "transformers": transformers.__version__, "python": platform.python_version(),
+    result = {**machine(cuda), "transformers": transformers.__version__,
               "model": "SmolLM2-135M-Instruct", "date": str(datetime.date.today())}
     if args.model == "smollm2-135m":
         model, tok, gguf_path = smollm2(args.device)
@@ -329,11 +324,10 @@ def main():
         fresh = lambda: copy.deepcopy(model)  # noqa: E731
     else:
         raise SystemExit(f"bench_runtime.py: --model {args.model}: expected smollm2-135m or one of {', '.join(PRESETS)}")
-    base = args.out or os.path.join(RESULTS, f"{datetime.date.today()}-runtime-{'cuda' if cuda else 'cpu'}.json")
+    base = args.out or results_path(f"runtime-{'cuda' if cuda else 'cpu'}")
 
     def save():
-        with open(base, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(base, result)
         print(f"wrote {base}", flush=True)
 
     if "decode" in parts:

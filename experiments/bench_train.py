@@ -22,17 +22,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
-import platform
 import sys
-import time
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from agentc.util import write_json  # noqa: E402
+from experiments.bench_util import device_name, machine, results_path, timed  # noqa: E402
 from agentc.model.parallel import AC_MODES, checkpoint_activations, join_ranks, shard  # noqa: E402
 from agentc.model.transformer import (BACKENDS, LOSSES, PRESETS, ModelConfig, Transformer, flops_per_token,  # noqa: E402
                                       native_bf16, peak_flops, resolve_backend)
@@ -176,16 +175,12 @@ def main():
         opt.zero_grad(set_to_none=True)
         return loss
 
-    for _ in range(args.warmup):
+    for _ in range(args.warmup):  # not timed()'s warmup: the peak memory below counts the timed steps only
         step().item()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        step().item()  # .item() waits for the GPU
-        times.append(time.perf_counter() - t0)
+    times = timed(lambda: step().item(), args.steps, warmup=0)  # .item() waits for the GPU
     if world > 1:  # the slowest rank's times: a step ends when every rank's does
         every = [None] * world
         dist.all_gather_object(every, times)
@@ -193,7 +188,7 @@ def main():
     times.sort()
     median = times[len(times) // 2]
     tokens = args.batch_size * args.seq_len * world
-    dev_name = torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine())
+    dev_name = device_name(cuda)
     peak = peak_flops(dev_name) if cuda else None
     result = {
         "what": "one training step (fwd+bwd+AdamW) on packed rows", "model": args.model,
@@ -206,8 +201,7 @@ def main():
         "mfu": flops_per_token(cfg, args.seq_len) * tokens / median / (peak * world) if peak else None,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "predicted_memory_gib": {k: v / 2**30 for k, v in predicted.items()},  # the memory model, per rank
-        "device": dev_name, "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "python": platform.python_version(), "steps": args.steps,
+        **machine(cuda), "steps": args.steps,
     }
     if args.parallel != "none":
         dist.destroy_process_group()
@@ -217,12 +211,8 @@ def main():
     precision = "" if bf16 == cuda else "-bf16" if bf16 else "-fp32"
     how = (f"-{args.parallel}{world}" if args.parallel != "none" else "") + \
         (f"-ac{args.activation_checkpointing}" if args.activation_checkpointing != "none" else "")
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"{datetime.date.today()}-train-{args.model}-{'cuda' if cuda else 'cpu'}-T{args.seq_len}"
-                                   f"{precision}{how}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
+    out = args.out or results_path(f"train-{args.model}-{'cuda' if cuda else 'cpu'}-T{args.seq_len}{precision}{how}")
+    write_json(out, result)
     print(json.dumps(result, indent=2))
     print(f"wrote {out}")
 

@@ -26,6 +26,7 @@ import infer
 from agentc.data.format import ANSWER, BEGIN, CALL, CALL_END, END, RESULT, SPECIAL_TOKENS
 from agentc.model.transformer import ModelConfig, Transformer
 from agentc.runtime import evaluate as ev
+from agentc.runtime.episode import FAILURE_KINDS
 from agentc.runtime.agent import Agent
 from agentc.util import dump_json
 from agentc.workflows.base import Environment, Task, ToolError, Verdict, Workflow, tool
@@ -300,7 +301,7 @@ def fuzz(tok, seeds) -> list:
             bad.append(f"seed {seed} crashed:\n{traceback.format_exc(limit=-3)}")
             continue
         results.append(r)
-        if not (r.success and r.failure is None or r.failure in ev.FAILURE_KINDS and not r.success):
+        if not (r.success and r.failure is None or r.failure in FAILURE_KINDS and not r.success):
             bad.append(f"seed {seed}: success {r.success} with failure {r.failure!r}")
         if r.ended not in ENDINGS:
             bad.append(f"seed {seed}: ended {r.ended!r}")
@@ -328,7 +329,7 @@ def test_fuzzed_episodes_never_crash(calc_corpus):
 @pytest.mark.slow
 def test_a_thousand_fuzzed_episodes_never_crash(calc_corpus):
     results = fuzz(calc_corpus["tok"], range(N_SLOW))
-    assert set(ev.FAILURE_KINDS) <= {r.failure for r in results}  # every way of failing, reached
+    assert set(FAILURE_KINDS) <= {r.failure for r in results}  # every way of failing, reached
 
 
 # ----------------------------------------------------------------------------- the crashes it found

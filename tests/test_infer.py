@@ -18,6 +18,7 @@ from agentc.data import pack
 from agentc.data.format import ANSWER, CALL, CALL_END, END, SRC_MODEL, render
 from agentc.model.transformer import ModelConfig, Transformer
 from agentc.runtime import evaluate as ev
+from agentc.runtime.episode import FAILURE_KINDS, EpisodeResult
 from agentc.runtime.agent import Agent
 from agentc.workflows.base import Environment, Task, Verdict, Workflow, load_workflow, run_teacher, task_seed, tool
 
@@ -113,8 +114,8 @@ def test_random_model_fails_cleanly_and_summarises(agent, tmp_path):
     assert s["episodes"] == 4 and s["success_rate"] == 0
     lines = [json.loads(x) for x in open(traces)]
     assert len(lines) == 4 and all(x["steps"] and x["steps"][0]["tokens"] for x in lines)
-    assert all(x["failure"] in ev.FAILURE_KINDS for x in lines)
-    assert s["failures"] == {k: sum(x["failure"] == k for x in lines) for k in ev.FAILURE_KINDS}
+    assert all(x["failure"] in FAILURE_KINDS for x in lines)
+    assert s["failures"] == {k: sum(x["failure"] == k for x in lines) for k in FAILURE_KINDS}
     assert s["decode_tokens"] > 0 and s["decode_tokens_per_s"] > 0
     # a mixture agent's summaries combine: each workflow counts the same, failures add up
     both = ev.combine({"a": s, "b": {**s, "success_rate": 1.0, "episodes": 2, "mean_steps": 0.0}})
@@ -137,7 +138,7 @@ def test_wilson_and_pass_k():
     assert lo == 0 and abs(hi - 0.2775) < 1e-3              # the usual 0/10 upper bound
     lo, hi = ev.wilson(50, 100)
     assert abs(lo - 0.4038) < 1e-3 and abs(hi - 0.5962) < 1e-3
-    R = ev.EpisodeResult
+    R = EpisodeResult
     rs = [R(t, "", ok, None, "answer", "", "", [], [], [], {}) for t, ok in
           [("a", True), ("a", True), ("a", True), ("a", True), ("b", True), ("b", False), ("b", True), ("b", False)]]
     p = ev.pass_k(rs, 4)

@@ -17,11 +17,10 @@ import json
 import sys
 
 import numpy as np
-from tqdm import tqdm
 
 from agentc.data.format import SOURCES, SRC_MODEL
 from agentc.data.pack import Shard, find_shards
-from agentc.util import ArgumentParser, run_main
+from agentc.util import ArgumentParser, progress_bar, run_main
 
 
 def audit(paths: list[str], show: int = 10, progress: bool = True) -> dict:
@@ -31,31 +30,33 @@ def audit(paths: list[str], show: int = 10, progress: bool = True) -> dict:
     shards = [p for path in paths for p in find_shards(path)]
     for prefix in shards:
         shard = Shard(prefix)
-        for r in tqdm(range(shard.n_rows), desc=f"audit {prefix}", unit="row", disable=not progress):
-            w = np.asarray(shard.weights[r], dtype=np.float32)
-            src = np.asarray(shard.sources[r])
-            trained = w != 0
-            for i, name in enumerate(SOURCES):
-                here = src == i
-                by_source[name]["tokens"] += int(here.sum())
-                by_source[name]["trained"] += int((here & trained).sum())
-                by_source[name]["weight"] += float(w[here].sum())
-            wrong = np.flatnonzero(trained & (src != SRC_MODEL))
-            n_bad += len(wrong)
-            for pos in wrong[:max(0, show - len(bad_tokens))]:
-                bad_tokens.append({"shard": prefix, "row": r, "position": int(pos), "source": SOURCES[src[pos]],
-                                   "weight": float(w[pos])})
-            starts, ids = shard.docs(r)
-            ends = np.append(starts[1:], shard.row_len)
-            for s, e, doc in zip(starts, ends, ids):
-                if doc < 0:  # padding
-                    continue
-                n_docs += 1
-                if not trained[s:e].any():
-                    n_untrained += 1
-                    if len(untrained_docs) < show:
-                        untrained_docs.append({"shard": prefix, "row": r, "record": int(doc)})
-            n_rows += 1
+        with progress_bar(shard.n_rows, f"audit {prefix}", "row", disable=not progress) as bar:
+            for r in range(shard.n_rows):
+                w = np.asarray(shard.weights[r], dtype=np.float32)
+                src = np.asarray(shard.sources[r])
+                trained = w != 0
+                for i, name in enumerate(SOURCES):
+                    here = src == i
+                    by_source[name]["tokens"] += int(here.sum())
+                    by_source[name]["trained"] += int((here & trained).sum())
+                    by_source[name]["weight"] += float(w[here].sum())
+                wrong = np.flatnonzero(trained & (src != SRC_MODEL))
+                n_bad += len(wrong)
+                for pos in wrong[:max(0, show - len(bad_tokens))]:
+                    bad_tokens.append({"shard": prefix, "row": r, "position": int(pos), "source": SOURCES[src[pos]],
+                                       "weight": float(w[pos])})
+                starts, ids = shard.docs(r)
+                ends = np.append(starts[1:], shard.row_len)
+                for s, e, doc in zip(starts, ends, ids):
+                    if doc < 0:  # padding
+                        continue
+                    n_docs += 1
+                    if not trained[s:e].any():
+                        n_untrained += 1
+                        if len(untrained_docs) < show:
+                            untrained_docs.append({"shard": prefix, "row": r, "record": int(doc)})
+                n_rows += 1
+                bar.update()
     total = sum(v["tokens"] for v in by_source.values())
     n_trained = sum(v["trained"] for v in by_source.values())
     return {
@@ -78,8 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", default=None, help="also write the report here")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
-    if args.show < 0:
-        ap.error(f"--show must be at least 0, got {args.show}")
+    ap.check_ranges(args, at_least={"show": 0})
     try:
         report = audit(args.shards, args.show, progress=not args.quiet)
     except (OSError, ValueError) as e:

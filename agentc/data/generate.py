@@ -21,9 +21,7 @@ import sys
 import time
 from collections import Counter
 
-from tqdm import tqdm
-
-from agentc.util import ArgumentParser, ordered_map, parse_kv, read_json, run_main, write_json
+from agentc.util import ArgumentParser, ordered_map, parse_kv, progress_bar, read_json, run_main, write_json
 from agentc.workflows import sandbox
 from agentc.workflows.base import SPLITS, Workflow, load_workflow, run_teacher, task_seed
 
@@ -116,12 +114,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.unsafe_sandbox:
         sandbox.allow_unsafe()
-    for name in ("n", "max_attempts", "workers"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("test_share", "heldout_template_share", "mistake_rate", "fault_rate"):
-        if not 0 <= getattr(args, name) <= 1:
-            ap.error(f"--{name.replace('_', '-')} must be between 0 and 1, got {getattr(args, name)}")
+    ap.check_ranges(args, at_least={"n": 1, "max_attempts": 1, "workers": 1},
+                    between={"test_share": (0, 1), "heldout_template_share": (0, 1), "mistake_rate": (0, 1),
+                             "fault_rate": (0, 1)})
     wf_kwargs = {"test_share": args.test_share, "heldout_template_share": args.heldout_template_share}
     if args.mistake_rate:
         wf_kwargs["mistake_rate"] = args.mistake_rate
@@ -186,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
         wordings.setdefault(r["meta"]["family"], set()).add(r["meta"].get("wording", ""))
     jobs = [(i, args.seed, args.max_attempts, args.split) for i in indices]
     t0 = time.time()
-    bar = tqdm(total=len(jobs), desc=f"{wf.name}/{args.split}", unit="task", disable=args.quiet, smoothing=0.05)
+    bar = progress_bar(len(jobs), f"{wf.name}/{args.split}", "task", disable=args.quiet, smoothing=0.05)
     # ordered results: the output does not depend on --workers
     with open(partial, "a", encoding="utf-8") as out, open(rejects_path, "a", encoding="utf-8") as rej, \
             ordered_map(generate_one, jobs, args.workers, _init_worker, (args.workflow, wf_kwargs), 8) as results:

@@ -37,11 +37,11 @@ from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm import tqdm
 
 from agentc.data.format import LAYOUT_VERSION, PAD, SOURCES, SRC_PAD, FormatError, render
 from agentc.data.tokenizer import Tokenizer, load_tokenizer
-from agentc.util import ArgumentParser, atomic_write, ordered_map, parse_kv, read_json, run_main, write_json
+from agentc.util import (ArgumentParser, atomic_write, ordered_map, parse_kv, progress_bar, read_json, run_main,
+                         write_json)
 
 SHARD_VERSION = 1
 BIN_MAGIC, IDX_MAGIC = b"AGCTOKS\0", b"AGCIDX\0\0"
@@ -156,6 +156,21 @@ def find_shards(path: str) -> list[str]:
     return prefixes
 
 
+def packed_with(path: str) -> tuple[dict, str | None]:
+    """The summary a pack wrote for PATH (its --out prefix or that .json; {} when there is none) and
+    the tokenizer file it packed with, or None when it is gone or has changed since. The summary
+    records the path as pack was given it, so the file of that name next to the summary (data moved
+    as a folder) is tried too; its fingerprint must match."""
+    summary_path = path if path.endswith(".json") else path + ".json"
+    summary = read_json(summary_path) if os.path.exists(summary_path) else {}
+    recorded = summary.get("tokenizer") or {}
+    if recorded.get("path"):
+        for p in (recorded["path"], os.path.join(os.path.dirname(summary_path), os.path.basename(recorded["path"]))):
+            if os.path.isfile(p) and load_tokenizer(p).fingerprint == recorded.get("fingerprint"):
+                return summary, p
+    return summary, None
+
+
 def _numbered_shards(prefix: str) -> list[str]:
     """Existing OUT_000, OUT_001, ... prefixes (exactly three digits, so train_2 never matches train)."""
     folder = os.path.dirname(prefix)
@@ -244,12 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "on average (2: twice; 0.5: a seeded half; 0: none); others keep weight 1")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
-    if args.seq_len < 2:
-        ap.error(f"--seq-len must be at least 2, got {args.seq_len}")
-    if args.shard_tokens < 1:
-        ap.error(f"--shard-tokens must be at least 1, got {args.shard_tokens}")
-    if args.workers < 1:
-        ap.error(f"--workers must be at least 1, got {args.workers}")
+    ap.check_ranges(args, at_least={"seq_len": 2, "shard_tokens": 1, "workers": 1})
     mix = {}
     for item in args.weight:
         try:
@@ -289,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
     agent_of: list[str | None] = []  # its "workflow\ttools" key
     agents = Counter()  # (workflow, tool schemas) -> trajectories: what a compiled agent will need
     bad: list[str] = []
-    bar = tqdm(total=len(jobs), desc="render", unit="traj", disable=args.quiet)
+    bar = progress_bar(len(jobs), "render", "traj", disable=args.quiet)
     with ordered_map(_render_line, jobs, args.workers, _init_worker, (args.tokenizer, args.system), 32) as results:
         try:
             for doc, err, name, agent in results:

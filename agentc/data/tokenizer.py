@@ -309,8 +309,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.vocab_size < MIN_VOCAB_SIZE:
             ap.error(f"--vocab-size must be at least {MIN_VOCAB_SIZE} (256 byte pieces, <unk>, the specials), "
                      f"got {args.vocab_size}")
-        if args.max_sentences < 1:
-            ap.error(f"--max-sentences must be at least 1, got {args.max_sentences}")
+        ap.check_ranges(args, at_least={"max_sentences": 1})
         t0 = time.time()
         path = train(args.inputs, args.out, args.vocab_size, args.max_sentences, presplit=args.presplit)
         tok = Tokenizer(path)

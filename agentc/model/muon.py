@@ -110,3 +110,20 @@ class Combined:
             raise ValueError("the checkpoint's optimizer state was written by a different --optimizer")
         for o, s in zip(self.optimizers, states):
             o.load_state_dict(s)
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, betas: tuple[float, float], weight_decay: float,
+                    muon: dict | None = None, fused: bool = False):
+    """train.py's optimizer: AdamW with decoupled weight decay on matrices only (not norms or
+    biases); with muon={"lr", "momentum", "weight_decay"}, Muon takes the 2-D weights inside the
+    blocks (model.layers) and AdamW keeps the embeddings, the LM head and the norm gains."""
+    hidden = [p for p in model.layers.parameters() if p.dim() == 2] if muon else []
+    hidden_ids = {id(p) for p in hidden}
+    matrices = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in hidden_ids]
+    vectors = [p for p in model.parameters() if p.dim() < 2]
+    adamw = torch.optim.AdamW([{"params": matrices, "weight_decay": weight_decay},
+                               {"params": vectors, "weight_decay": 0.0}], lr=lr, betas=betas, fused=fused)
+    if not muon:
+        return adamw
+    return Combined(adamw, Muon([{"params": hidden, "lr_scale": muon["lr"] / lr}], lr=muon["lr"],
+                                momentum=muon["momentum"], weight_decay=muon["weight_decay"]))

@@ -150,3 +150,15 @@ def load(path: str, device="cpu", workflow: str | None = None, attention: str = 
         print(f"WARNING: the tools of workflow {pick['name']!r} changed since this agent was trained; it runs "
               "with today's code and schemas", file=sys.stderr)
     return Agent(model, tok, wf, [t["function"]["name"] for t in pick["tools"]], meta, path, pick["tools"])
+
+
+def from_data(model: torch.nn.Module, data_summary: dict, tokenizer_path: str | None) -> list[Agent]:
+    """One agent around `model` per workflow of a packed data set (agentc.data.pack's summary, and
+    the tokenizer it packed with): what train.py evaluates while it trains, before any agent
+    directory exists. ValueError when the summary names no workflow or the tokenizer is missing."""
+    flows = data_summary.get("workflows") or []
+    if not flows or not tokenizer_path:
+        raise ValueError("the data's summary names no workflow, or its tokenizer is missing")
+    tok = load_tokenizer(tokenizer_path)
+    return [Agent(model, tok, workflow_of(f), [t["function"]["name"] for t in f["tools"]],
+                  {"system": data_summary.get("system", "keep")}, "", f["tools"]) for f in flows]

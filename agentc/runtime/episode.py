@@ -17,6 +17,9 @@ answers. run_episode answers at once, one episode at a time. run_batch keeps a r
 for each of up to B episodes: a row whose episode waits for its tool leaves the decode batch while
 the others step on, its observation is prefilled when the tool returns, and a finished row takes
 the next episode.
+
+An episode ends as an EpisodeResult: its steps, transcript, tokens and the first failure, one of
+FAILURE_KINDS. agentc/runtime/evaluate.py runs many and summarizes them.
 """
 from __future__ import annotations
 
@@ -24,15 +27,65 @@ import json
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
-from agentc.data.format import CALL_END, STOP_TOKENS, FormatError, Transcript, parse_model_output
+from agentc.data.format import CALL_END, STOP_TOKENS, FormatError, Transcript, parse_model_output, render
 from agentc.model.kv_cache import CacheFull
 from agentc.runtime.agent import Agent
 from agentc.runtime.engine import Engine
-from agentc.runtime.evaluate import EpisodeResult, Step, canonical
 from agentc.workflows.base import Observation
+
+
+# ----------------------------------------------------------------------------- results
+
+FAILURE_KINDS = ("invalid_format", "unknown_tool", "bad_arguments", "tool_timeout", "step_limit", "token_limit",
+                 "wrong_answer", "bad_logits")
+# token_limit: a turn without a stop token, or the cache full (the prompt alone, too);
+# bad_logits: the model's logits were NaN or +inf, or -inf for every token it may write
+
+
+@dataclass
+class Step:
+    kind: str                    # call | answer | invalid
+    reasoning: str = ""
+    tool: str | None = None
+    arguments: dict | None = None
+    observation: str | None = None
+    observation_kind: str | None = None  # ok | tool_error | bad_arguments | unknown_tool | invalid_format | timeout
+    answer: str | None = None
+    tokens: list[int] = field(default_factory=list)  # what the model produced in this step
+    latency_s: float = 0.0       # ingesting the previous observation + decoding this step
+    tool_s: float = 0.0
+
+
+@dataclass
+class EpisodeResult:
+    task_id: str
+    prompt: str
+    success: bool
+    failure: str | None          # one of FAILURE_KINDS: the first thing that went wrong
+    ended: str                   # answer | step_limit | token_limit | invalid_format | tool_timeout | bad_logits
+    answer: str | None
+    reason: str                  # the checker's verdict, or why the episode stopped
+    steps: list[Step]
+    messages: list[dict]         # the OpenAI-format transcript (agentc/data/format.py renders it back)
+    ids: list[int]               # the episode's token stream
+    stats: dict
+    canonical: bool = True       # render(messages) == ids
+    family: str = ""             # the task's question family (workflows draw tasks from families)
+    heldout: str = "seen"        # "template" / "combination": the question's wording never occurs in training
+    repeat: int = 0              # which of an evaluation's `repeats` attempts at this task (pass^k)
+
+
+def canonical(messages: list[dict], ids: list[int], tok) -> bool:
+    """Whether rendering the transcript gives back the episode's exact tokens. Teacher-forced
+    episodes always do (tests/test_infer.py); a model may write a call's JSON with other spacing
+    or split a word into unusual pieces, which its messages then no longer show."""
+    try:
+        return render({"messages": messages}, tok).ids.tolist() == list(ids)
+    except FormatError:
+        return False
 
 
 def cut_tokens(text: str, tok, budget: int) -> str:

@@ -27,63 +27,15 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Callable
 
 import torch
 
-from agentc.data.format import FormatError, render
 from agentc.runtime import agent as agent_dir
-from agentc.util import ordered_map
+from agentc.runtime.episode import FAILURE_KINDS, EpisodeResult, make_engine, play_episode, run_batch
+from agentc.util import ordered_map, progress_bar
 from agentc.workflows.base import Workflow, task_seed
-
-FAILURE_KINDS = ("invalid_format", "unknown_tool", "bad_arguments", "tool_timeout", "step_limit", "token_limit",
-                 "wrong_answer", "bad_logits")
-# token_limit: a turn without a stop token, or the cache full (the prompt alone, too);
-# bad_logits: the model's logits were NaN or +inf, or -inf for every token it may write
-
-
-@dataclass
-class Step:
-    kind: str                    # call | answer | invalid
-    reasoning: str = ""
-    tool: str | None = None
-    arguments: dict | None = None
-    observation: str | None = None
-    observation_kind: str | None = None  # ok | tool_error | bad_arguments | unknown_tool | invalid_format | timeout
-    answer: str | None = None
-    tokens: list[int] = field(default_factory=list)  # what the model produced in this step
-    latency_s: float = 0.0       # ingesting the previous observation + decoding this step
-    tool_s: float = 0.0
-
-
-@dataclass
-class EpisodeResult:
-    task_id: str
-    prompt: str
-    success: bool
-    failure: str | None          # one of FAILURE_KINDS: the first thing that went wrong
-    ended: str                   # answer | step_limit | token_limit | invalid_format | tool_timeout | bad_logits
-    answer: str | None
-    reason: str                  # the checker's verdict, or why the episode stopped
-    steps: list[Step]
-    messages: list[dict]         # the OpenAI-format transcript (agentc/data/format.py renders it back)
-    ids: list[int]               # the episode's token stream
-    stats: dict
-    canonical: bool = True       # render(messages) == ids
-    family: str = ""             # the task's question family (workflows draw tasks from families)
-    heldout: str = "seen"        # "template" / "combination": the question's wording never occurs in training
-    repeat: int = 0              # which of an evaluation's `repeats` attempts at this task (pass^k)
-
-
-def canonical(messages: list[dict], ids: list[int], tok) -> bool:
-    """Whether rendering the transcript gives back the episode's exact tokens. Teacher-forced
-    episodes always do (tests/test_infer.py); a model may write a call's JSON with other spacing
-    or split a word into unusual pieces, which its messages then no longer show."""
-    try:
-        return render({"messages": messages}, tok).ids.tolist() == list(ids)
-    except FormatError:
-        return False
 
 
 def eval_tasks(workflow: Workflow, split: str, n: int, seed: int) -> list:
@@ -126,8 +78,6 @@ def evaluate(agent: agent_dir.Agent, episodes: int = 200, split: str = "test", s
     attempt r of task i is episode i + r * episodes, which fixes its sampling seed. shard=(rank,
     world): this rank's share of the episodes, gathered over the default process group."""
     import functools
-    from tqdm import tqdm
-    from agentc.runtime.episode import play_episode, run_batch, make_engine
     if batch > 1 and workers > 1:
         raise ValueError("run a batched engine in one process: give batch > 1 or workers > 1, not both")
     engine_kw, episode_kw = dict(engine_kw or {}), dict(episode_kw or {})
@@ -158,8 +108,7 @@ def evaluate(agent: agent_dir.Agent, episodes: int = 200, split: str = "test", s
     results = []
     own_traces = traces and (f"{traces}.rank{rank}" if world > 1 else traces)  # streamed: a crash keeps them
     trace_file = open(own_traces, "w") if traces else None
-    bar = tqdm(total=len(jobs), desc=f"eval {agent.workflow.name} {split}", unit="ep",
-               disable=not progress or rank > 0)
+    bar = progress_bar(len(jobs), f"eval {agent.workflow.name} {split}", "ep", disable=not progress or rank > 0)
     t0 = time.perf_counter()
     try:
         with pool as stream:
