@@ -124,11 +124,12 @@ flag("wandb", "offline", "W&B logging: disabled, offline (default; no login) or 
 flag("wandb-project", "agentc", "W&B project")
 flag("run-name", "", "W&B run name ('' lets W&B pick)")
 
-
-out = checkpoints.run_dir(ap.parse_known_args()[0].out)  # OUT, or OUT/<run id> under a W&B sweep agent
-# --resume takes the flags the run was started with as defaults; flags given now override them,
-# except the ones that define the model. --max-time is a budget for this launch, not the run.
-resume_dir, saved = checkpoints.resumable(out) if ap.parse_known_args()[0].resume else (None, {})
+# The run lives in --out (under a W&B sweep agent, OUT/<run id>). --resume takes the flags the run
+# was started with as defaults; flags given now override them, except the ones that define the
+# model. --max-time is a budget for this launch, not the run.
+_known = ap.parse_known_args()[0]
+out = checkpoints.run_dir(_known.out)
+resume_dir, saved = checkpoints.resumable(out) if _known.resume else (None, {})
 if resume_dir:
     ap.set_defaults(**{k: v for k, v in saved["args"].items() if k not in ("resume", "out", "max_time")})
 args = ap.parse_args()
