@@ -2,7 +2,10 @@
 
 Without a GPU, Triton kernels run in Triton's CPU interpreter: TRITON_INTERPRET must be set before
 the first kernel is defined, so it is set here, before any test module imports one."""
+import gc
 import os
+import runpy
+import signal
 import subprocess
 import sys
 
@@ -14,6 +17,8 @@ if not torch.cuda.is_available():
 
 from agentc.data import generate, tokenizer
 from agentc.workflows import sandbox
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The code workflow refuses to run model code without OS isolation (CI installs bubblewrap). Where
 # none works, its tests run unisolated rather than fail (tests/test_sandbox.py skips its battery).
@@ -28,6 +33,14 @@ def _corpus(d, workflow: str, n: int, vocab_size: int) -> dict:
                    "--workers", "1", "--quiet"])
     tok_path = tokenizer.train([out], str(d / "tok"), vocab_size=vocab_size)
     return {"dir": d, "jsonl": out, "tokenizer": tok_path, "tok": tokenizer.Tokenizer(tok_path)}
+
+
+def pytest_collection_finish(session):
+    """What is alive once the tests are collected (torch, transformers, the test modules) lives to the
+    end: frozen out of the garbage collector, whose full passes stop walking it again and again (a
+    third of the time the collector took in the default run)."""
+    gc.collect()
+    gc.freeze()
 
 
 def pytest_collection_modifyitems(config, items):
@@ -71,14 +84,30 @@ def calc_shards(calc_corpus, tmp_path_factory):
     return {"train": str(d / "train"), "val": str(d / "val"), "vocab_size": calc_corpus["tok"].vocab_size}
 
 
+@pytest.fixture(scope="session")
+def trained_run(calc_shards, tmp_path_factory):
+    """A train.py --out directory with one checkpoint (a compiled agent) after one step of the tiny
+    model on calc_shards, trained in this process (runpy). Tests copy it before they change it."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    flags = [f"--data={calc_shards['train']}", "--model=tiny", "--batch-size=2", "--max-steps=1",
+             "--eval-episodes=0", "--wandb=disabled", "--dtype=float32", f"--out={out}"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", ["train.py", *flags])
+        mp.setattr(sys, "excepthook", sys.excepthook)
+        mp.setattr(signal, "signal", lambda *a: None)  # train.py's Ctrl-C handler stays out of pytest
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
+    assert e.value.code in (0, None)
+    step = (out / "latest").read_text().strip()
+    return {"out": out, "ck": out / step, "step": step, "shards": calc_shards["train"]}
+
+
 @pytest.fixture
 def run_script():
     """Run a repository script (`python ARGS...`) from the repository root, one torch thread,
     and fail the test with its stderr if it fails."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
     def run(*args, env=None, timeout=900):
-        p = subprocess.run([sys.executable, *map(str, args)], cwd=root, capture_output=True, text=True, timeout=timeout,
+        p = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
         assert p.returncode == 0, p.stderr[-3000:]
         return p

@@ -6,15 +6,14 @@ import os
 
 import pytest
 
-from agentc.workflows.base import SPLITS, load_workflow, run_teacher, task_seed
+from agentc.workflows.base import SPLITS, load_workflow, run_teacher
 from agentc.workflows.code import FAMILIES, pool
 from agentc.workflows.sandbox import run_tests
+from tests.workflow_helpers import seeds, workflow_fixtures
 
 N_TASKS = 60  # per split; every task runs two sandboxed processes
-
-
-def seed_of(split, i):
-    return task_seed(0, "code", split, i)
+seed_of = seeds("code")
+wf, episodes = workflow_fixtures("code", N_TASKS)
 
 
 CASES = [{"args": [[1, 5, 3]], "expected": [5]}, {"args": [[]], "expected": []}]
@@ -24,7 +23,8 @@ CASES = [{"args": [[1, 5, 3]], "expected": [5]}, {"args": [[]], "expected": []}]
     ("def f(xs):\n    return [x for x in xs if x > 3]\n", None, [True, True]),
     ("def f(xs):\n    print('noise')\n    return [x for x in xs if x >= 3]\n", None, [False, True]),
     ("def f(xs):\n    return xs[0]\n", None, [False, "IndexError"]),
-    ("def f(xs):\n    while True:\n        pass\n", "ran out of CPU time", []),
+    # 2 s of CPU until the limit: in -m slow (test_sandbox.py's default run meets the same limit)
+    pytest.param("def f(xs):\n    while True:\n        pass\n", "ran out of CPU time", [], marks=pytest.mark.slow),
     ("def f(xs):\n    return [0] * 10**10\n", None, ["MemoryError"] * 2),
     ("import socket\ndef f(xs):\n    socket.create_connection(('127.0.0.1', 9))\n", None,
      ["PermissionError: sandbox: socket"] * 2),
@@ -55,17 +55,6 @@ def test_sandbox_output_does_not_confuse_the_report():
     src = "import sys\ndef f(xs):\n    print('{\"error\": \"fake\"}')\n    sys.stdout.write('\\n')\n    return []\n"
     report = run_tests(src, "f", [{"args": [[]], "expected": []}])
     assert report.ok and '"fake"' in report.stdout
-
-
-@pytest.fixture(scope="module")
-def wf():
-    return load_workflow("code")
-
-
-@pytest.fixture(scope="module")
-def episodes(wf):
-    return {split: [run_teacher(wf, wf.sample_task(split, i, seed_of(split, i))) for i in range(N_TASKS)]
-            for split in SPLITS}
 
 
 @pytest.mark.slow

@@ -74,23 +74,6 @@ def run_train(capsys, monkeypatch, flags: list[str]):
     return code, capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def run(calc_shards, tmp_path_factory):
-    """A train.py --out directory with one checkpoint (a compiled agent) after one step."""
-    out = tmp_path_factory.mktemp("errors") / "run"
-    flags = [f"--data={calc_shards['train']}", "--model=tiny", "--batch-size=2", "--max-steps=1",
-             "--eval-episodes=0", "--wandb=disabled", "--dtype=float32", f"--out={out}"]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sys, "argv", ["train.py", *flags])
-        mp.setattr(sys, "excepthook", sys.excepthook)
-        mp.setattr(signal, "signal", lambda *a: None)
-        with pytest.raises(SystemExit) as e:
-            runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
-    assert e.value.code in (0, None)
-    step = (out / "latest").read_text().strip()
-    return {"out": out, "ck": out / step, "step": step, "shards": calc_shards["train"]}
-
-
 def put(path, content) -> str:
     """Write `content` (bytes, or text) to `path`; returns the path as a string."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -107,7 +90,8 @@ def cut(path, keep=0.5) -> str:
 
 
 def damaged_run(run, tmp_path, name, damage) -> tuple[str, str]:
-    """A copy of the run whose checkpoint file `name` is damaged: (run dir, checkpoint dir)."""
+    """A copy of the run (trained_run, tests/conftest.py) whose checkpoint file `name` is damaged:
+    (run dir, checkpoint dir)."""
     out = tmp_path / "run"
     shutil.copytree(run["out"], out)
     ck = out / run["step"]
@@ -265,9 +249,9 @@ AGENT_CASES = {  # name -> (checkpoint file, its damage, what the line must name
 
 
 @pytest.mark.parametrize("case", list(AGENT_CASES))
-def test_infer_names_the_damaged_file(case, run, tmp_path, capsys):
+def test_infer_names_the_damaged_file(case, trained_run, tmp_path, capsys):
     name, damage, expect = AGENT_CASES[case]
-    out, _ = damaged_run(run, tmp_path, name, damage)
+    out, _ = damaged_run(trained_run, tmp_path, name, damage)
     code, err = run_command(capsys, "infer", ["--agent", out, "--task", "What is 2 + 2?", "--max-new-tokens", 4])
     one_line_error(code, err, expect)
 
@@ -279,26 +263,26 @@ def test_infer_names_the_damaged_file(case, run, tmp_path, capsys):
     (["--mode", "reprefill"], "--mode"), (["--quant", "int3"], "--quant"), (["--pass-k", "4"], "--pass-k"),
     (["--pass-k", "0", "--temperature", "1"], "--pass-k"),
 ])
-def test_infer_flags(flags, expect, run, capsys):
-    code, err = run_command(capsys, "infer", ["--agent", run["out"], "--eval", *flags])
+def test_infer_flags(flags, expect, trained_run, capsys):
+    code, err = run_command(capsys, "infer", ["--agent", trained_run["out"], "--eval", *flags])
     one_line_error(code, err, expect)
 
 
-def test_infer_latest_naming_a_missing_checkpoint(run, tmp_path, capsys):
+def test_infer_latest_naming_a_missing_checkpoint(trained_run, tmp_path, capsys):
     out = tmp_path / "run"
-    shutil.copytree(run["out"], out)
+    shutil.copytree(trained_run["out"], out)
     put(out / "latest", "step_999999\n")
     code, err = run_command(capsys, "infer", ["--agent", out, "--eval"])
     one_line_error(code, err, "latest")
 
 
 @pytest.mark.parametrize("case", ["truncated weights", "--gguf is a directory", "missing agent"])
-def test_export_errors(case, run, tmp_path, capsys):
+def test_export_errors(case, trained_run, tmp_path, capsys):
     if case == "truncated weights":
-        agent, _ = damaged_run(run, tmp_path, "model.safetensors", "truncate")
+        agent, _ = damaged_run(trained_run, tmp_path, "model.safetensors", "truncate")
         argv, expect = [agent, "--gguf", tmp_path / "a.gguf"], "model.safetensors"
     elif case == "--gguf is a directory":
-        argv, expect = [run["out"], "--gguf", tmp_path], "--gguf"
+        argv, expect = [trained_run["out"], "--gguf", tmp_path], "--gguf"
     else:
         argv, expect = [tmp_path / "nowhere", "--hf", tmp_path / "hf"], "nowhere"
     code, err = run_command(capsys, "export", argv)
@@ -320,28 +304,29 @@ TRAIN_CASES = {  # name -> (checkpoint file to damage or None, its damage, extra
 
 
 @pytest.mark.parametrize("case", list(TRAIN_CASES))
-def test_train_errors(case, run, calc_corpus, tmp_path, capsys, monkeypatch):
+def test_train_errors(case, trained_run, calc_corpus, tmp_path, capsys, monkeypatch):
     name, damage, extra, expect = TRAIN_CASES[case]
     if name:
-        out, _ = damaged_run(run, tmp_path, name, damage)
+        out, _ = damaged_run(trained_run, tmp_path, name, damage)
         flags = [f"--out={out}", "--resume", "--max-steps=2"]
     else:
         paths = {"jsonl": calc_corpus["jsonl"], "list": put(tmp_path / "list.json", "[]")[:-5]}
         if "{cut}" in extra[0]:
-            paths["cut"] = damaged_run(run, tmp_path, "model.safetensors", "truncate")[1]
-        flags = [f"--data={run['shards']}", "--model=tiny", "--batch-size=2", "--max-steps=1", "--eval-episodes=0",
-                 "--wandb=disabled", f"--out={tmp_path / 'new'}", *(f.format(**paths) for f in extra)]
+            paths["cut"] = damaged_run(trained_run, tmp_path, "model.safetensors", "truncate")[1]
+        flags = [f"--data={trained_run['shards']}", "--model=tiny", "--batch-size=2", "--max-steps=1",
+                 "--eval-episodes=0", "--wandb=disabled", f"--out={tmp_path / 'new'}",
+                 *(f.format(**paths) for f in extra)]
     code, err = run_train(capsys, monkeypatch, flags)
     one_line_error(code, err, expect)
 
 
 # ----------------------------------------------------------------------------- the wrapper itself
 
-def test_debug_shows_the_traceback(run, tmp_path, capsys):
+def test_debug_shows_the_traceback(trained_run, tmp_path, capsys):
     with pytest.raises(ValueError, match="--workflow nosuch"):  # in this process: the exception itself
         run_main(generate.main, "generate", ["--workflow", "nosuch", *GEN, "--out", str(tmp_path / "x"), "--debug"])
     # a message the command made of an exception comes after that exception's traceback
-    out, _ = damaged_run(run, tmp_path, "model.safetensors", "truncate")
+    out, _ = damaged_run(trained_run, tmp_path, "model.safetensors", "truncate")
     code, err = run_command(capsys, "infer", ["--agent", out, "--task", "2 + 2?", "--debug"])
     assert code == 1 and "Traceback" in err and err.strip().splitlines()[-1].startswith("infer.py: ")
     p = subprocess.run([sys.executable, "-m", "agentc.data.generate", "--workflow", "nosuch", *GEN, "--out",
@@ -385,11 +370,11 @@ def test_entry_points(case, calc_corpus, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script", ["train.py", "infer.py"])
-def test_scripts_entry_points(script, run, tmp_path):
+def test_scripts_entry_points(script, trained_run, tmp_path):
     """train.py --resume and infer.py on a truncated model.safetensors, as real processes (the
     checkpoint's meta.json without checksums, as older runs wrote it, so the weights are read);
     --debug gives train.py's traceback."""
-    out, ck = damaged_run(run, tmp_path, "model.safetensors", "truncate")
+    out, ck = damaged_run(trained_run, tmp_path, "model.safetensors", "truncate")
     with open(os.path.join(ck, "meta.json")) as f:
         meta = json.load(f)
     meta.pop("files", None)

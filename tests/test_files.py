@@ -1,38 +1,16 @@
 """The files workflow: the teacher solves every task (also with faults and mistakes), the splits
 share no file name or value, the tools behave like their shell namesakes, and the checker rejects
 wrong answers and wrong final trees."""
-import hashlib
 import json
 import os
-import subprocess
-import sys
 
-import pytest
-
-from agentc.workflows.base import SPLITS, heldout_templates, load_workflow, run_teacher, task_seed
+from agentc.workflows.base import heldout_templates, load_workflow, run_teacher
 from agentc.workflows.files import FAMILIES, FilesEnv, Tree, build_tree, pool
+from tests.workflow_helpers import assert_same_digest_in_another_process, calls, seeds, workflow_fixtures
 
 N_TASKS = 250  # per split
-
-
-def seed_of(split, i):
-    return task_seed(0, "files", split, i)
-
-
-@pytest.fixture(scope="module")
-def wf():
-    return load_workflow("files")
-
-
-@pytest.fixture(scope="module")
-def episodes(wf):
-    return {split: [run_teacher(wf, wf.sample_task(split, i, seed_of(split, i))) for i in range(N_TASKS)]
-            for split in SPLITS}
-
-
-def calls(ep):
-    return [(m["tool_calls"][0]["function"]["name"], json.loads(m["tool_calls"][0]["function"]["arguments"]))
-            for m in ep.messages if m.get("tool_calls")]
+seed_of = seeds("files")
+wf, episodes = workflow_fixtures("files", N_TASKS)
 
 
 def test_teacher_solves_every_task(episodes):
@@ -166,18 +144,5 @@ def test_checker_rejects_wrong_answers_and_trees(wf, episodes):
             assert not wf.check(task, env, ", ".join(gold["value"][1:] or ["/x"])).ok
 
 
-def _digest(wf):
-    h = hashlib.sha256()
-    for i in range(25):
-        ep = run_teacher(wf, wf.sample_task("test", i, seed_of("test", i)))
-        h.update(json.dumps([ep.task.to_dict(), ep.messages], sort_keys=True).encode())
-    return h.hexdigest()
-
-
-def test_deterministic_across_processes(wf):
-    code = ("from agentc.workflows.base import load_workflow; from tests.test_files import _digest; "
-            "print(_digest(load_workflow('files')))")
-    env = dict(os.environ, PYTHONHASHSEED="4321")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert out.stdout.strip() == _digest(wf)
+def test_deterministic_across_processes():
+    assert_same_digest_in_another_process("files", "test", 25, hash_seed="4321")

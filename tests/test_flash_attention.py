@@ -17,7 +17,9 @@ from agentc.kernels import reference
 from agentc.kernels.flash_attention import document_bounds, flash_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-SLOW = pytest.mark.slow  # interpreter-heavy on the CPU: `pytest -m slow` runs them
+# interpreter-heavy on the CPU: the default run keeps one or two shapes of each test (the forward and
+# backward kernels, bf16, the cache-append mode); `pytest -m slow` runs the other shapes
+SLOW = pytest.mark.slow
 
 
 def random_offsets(rng: random.Random, B: int, T: int, max_docs: int = 6) -> torch.Tensor:
@@ -80,28 +82,29 @@ def check(B, T, H, KV, D, docs: bool, dtype, seed, S=None):
 
 
 @pytest.mark.parametrize("T,H,KV,D,docs", [
-    (1, 4, 4, 64, False),
+    (1, 4, 4, 64, False),     # in the default run: these two (runs/gpu_check.sh --dry-run names them)
     (17, 4, 1, 80, True),     # GQA 4
-    (17, 2, 2, 96, False),
+    pytest.param(17, 2, 2, 96, False, marks=SLOW),
     pytest.param(100, 8, 1, 96, True, marks=SLOW),    # GQA 8
     pytest.param(100, 4, 4, 64, True, marks=SLOW),
     pytest.param(257, 8, 2, 128, True, marks=SLOW),
     pytest.param(257, 2, 1, 64, False, marks=SLOW),
-    (17, 8, 1, 128, True),    # GQA 8
-    (17, 2, 1, 256, True),    # the largest head dim the kernel takes
-    (40, 2, 2, 16, True),     # the smallest tile width
+    pytest.param(17, 8, 1, 128, True, marks=SLOW),    # GQA 8
+    pytest.param(17, 2, 1, 256, True, marks=SLOW),    # the largest head dim the kernel takes
+    pytest.param(40, 2, 2, 16, True, marks=SLOW),     # the smallest tile width
 ])
 def test_matches_reference_float32(T, H, KV, D, docs):
     check(2 if T < 200 else 1, T, H, KV, D, docs, torch.float32, seed=T * 31 + D)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, marks=SLOW)])
 @pytest.mark.parametrize("T,H,KV,D", [(17, 4, 1, 64), pytest.param(100, 4, 2, 128, marks=SLOW)])
 def test_matches_reference_half(dtype, T, H, KV, D):
     check(2, T, H, KV, D, True, dtype, seed=T + D)
 
 
-@pytest.mark.parametrize("T,S", [(1, 1), (1, 40), (5, 40), (17, 17 + 33), (20, 100)])
+@pytest.mark.parametrize("T,S", [(1, 1), pytest.param(1, 40, marks=SLOW),
+                                 pytest.param(5, 40, marks=SLOW), (17, 17 + 33), pytest.param(20, 100, marks=SLOW)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cache_append_matches_full_attention(T, S, dtype):
     """Queries appended to S - T cached keys (bottom-right causal) equal the last T rows of full

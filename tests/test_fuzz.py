@@ -318,7 +318,7 @@ def fuzz(tok, seeds) -> list:
     return results
 
 
-N_FAST, N_SLOW = 60, 1000  # episodes (experiments/reliability.py counts them)
+N_FAST, N_SLOW = 30, 1000  # episodes (experiments/reliability.py counts them)
 
 
 def test_fuzzed_episodes_never_crash(calc_corpus):

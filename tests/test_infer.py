@@ -180,6 +180,19 @@ def test_cut_tokens(agent):
     assert infer.cut_tokens("short", agent.tok, 50) == "short"
 
 
+def test_infer_main_evaluates_and_answers_one_task(trained_run, tmp_path, capsys):
+    """infer.py's main, in this process, on a train.py --out directory (the default run's check of
+    the command; the test below runs it as processes): --eval writes its summary and a trace per
+    episode, --task streams one episode."""
+    agent, out, traces = str(trained_run["out"]), tmp_path / "eval.json", tmp_path / "traces.jsonl"
+    s = infer.main(["--agent", agent, "--eval", "--episodes", "2", "--max-steps", "2", "--max-new-tokens", "8",
+                    "--out", str(out), "--traces", str(traces)])
+    assert s["episodes"] == 2 and json.loads(out.read_text())["episodes"] == 2
+    assert len(traces.read_text().splitlines()) == 2
+    r = infer.main(["--agent", agent, "--task", "What is 2 + 2?", "--max-steps", "1", "--max-new-tokens", "8"])
+    assert r.steps and "What is 2 + 2?" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_compiled_agent_runs_from_the_command_line(sql_corpus, tmp_path):
     data = tmp_path / "train"

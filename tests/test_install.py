@@ -71,6 +71,7 @@ def test_no_dependency_installs_one_of_our_names():
     assert not clashes, f"a dependency installs one of our import names: {clashes}"
 
 
+@pytest.mark.slow  # a process importing transformers; the two checks above are the default run's
 def test_transformers_hub_kernels_and_our_kernels_in_one_process():
     """What `python train.py` does: the root is first on sys.path, transformers imports the PyPI
     package `kernels`, and ours load too."""

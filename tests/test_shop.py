@@ -3,27 +3,13 @@ also with faults and mistakes; the tools behave; the checker scores attributes, 
 the no-match answer; the splits share no product kind, attribute or color."""
 import json
 
-import pytest
-
-from agentc.workflows.base import SPLITS, load_workflow, run_teacher, task_seed
+from agentc.workflows.base import SPLITS, load_workflow, run_teacher
 from agentc.workflows.shop import Product, Request, ShopEnv, build_catalogue, pool
+from tests.workflow_helpers import seeds, workflow_fixtures
 
 N_TASKS = 200
-
-
-def seed_of(split, i):
-    return task_seed(0, "shop", split, i)
-
-
-@pytest.fixture(scope="module")
-def wf():
-    return load_workflow("shop")
-
-
-@pytest.fixture(scope="module")
-def episodes(wf):
-    return {split: [run_teacher(wf, wf.sample_task(split, i, seed_of(split, i))) for i in range(N_TASKS)]
-            for split in SPLITS}
+seed_of = seeds("shop")
+wf, episodes = workflow_fixtures("shop", N_TASKS)
 
 
 def test_teacher_solves_every_task(episodes):

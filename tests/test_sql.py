@@ -1,47 +1,26 @@
 """The SQL workflow: the teacher solves every task after exploring the schema, the splits are disjoint,
 the tools behave (errors, limits, runaway queries) and the checker rejects wrong answers and states."""
-import hashlib
 import json
-import os
 import re
-import subprocess
-import sys
 from collections import Counter
 
 import pytest
 
 from agentc.workflows import sql_shop
-from agentc.workflows.base import SPLITS, heldout_templates, load_workflow, run_teacher, task_seed
+from agentc.workflows.base import SPLITS, heldout_templates, load_workflow, run_teacher
 from agentc.workflows.sql import FAMILIES
 from agentc.workflows.sql_shop import CATEGORIES, POOLS, entity_pool
+from tests.workflow_helpers import assert_same_digest_in_another_process, calls, seeds, workflow_fixtures
 
-N_TASKS = 300  # per split
-
-
-def seed_of(split, i):
-    return task_seed(0, "sql", split, i)
-
-
-@pytest.fixture(scope="module")
-def wf():
-    return load_workflow("sql")
-
-
-@pytest.fixture(scope="module")
-def episodes(wf):
-    return {split: [run_teacher(wf, wf.sample_task(split, i, seed_of(split, i))) for i in range(N_TASKS)]
-            for split in SPLITS}
+N_TASKS = 160  # per split; the first 160 train tasks hold the 6 of each modifying family test_modifying_gold_* takes
+seed_of = seeds("sql")
+wf, episodes = workflow_fixtures("sql", N_TASKS)
 
 
 def tasks_of(episodes, family, n=1, split="train"):
     tasks = [ep.task for ep in episodes[split] if ep.task.family == family][:n]
     assert len(tasks) == n, f"fewer than {n} {family} tasks in the {split} episodes"
     return tasks
-
-
-def calls(ep):
-    return [(m["tool_calls"][0]["function"]["name"], json.loads(m["tool_calls"][0]["function"]["arguments"]))
-            for m in ep.messages if m.get("tool_calls")]
 
 
 def pool(name, split):
@@ -101,7 +80,7 @@ def test_deliberate_mistakes_are_untrained_rejected_and_fixed():
     assert all(run_teacher(plain, plain.sample_task("train", i, seed_of("train", i))).verdict.ok for i in range(20))
 
 
-@pytest.mark.parametrize("test_share", [0.1, 0.6])
+@pytest.mark.parametrize("test_share", [0.1, pytest.param(0.6, marks=pytest.mark.slow)])
 def test_other_test_shares_still_work(test_share):
     """--test-share shrinks one side's pools; databases and questions must still come out solvable."""
     wf = load_workflow("sql", test_share=test_share)
@@ -138,14 +117,6 @@ def test_reasoning_is_varied(episodes):
 
 # ----------------------------------------------------------------------------- determinism
 
-def _digest(wf, n=20):
-    h = hashlib.sha256()
-    for i in range(n):
-        ep = run_teacher(wf, wf.sample_task("train", i, seed_of("train", i)))
-        h.update(json.dumps([ep.task.to_dict(), ep.messages], sort_keys=True).encode())
-    return h.hexdigest()
-
-
 def test_same_seed_same_task_and_messages(wf):
     a = wf.sample_task("train", 3, seed_of("train", 3))
     ep_a = run_teacher(wf, a)
@@ -158,14 +129,9 @@ def test_same_seed_same_task_and_messages(wf):
     assert len({wf.make_env(t).state_hash() for t in others + [a]}) == 11
 
 
-def test_deterministic_across_processes(wf):
+def test_deterministic_across_processes():
     """Nothing may depend on set iteration order (PYTHONHASHSEED) or on the process."""
-    code = ("from agentc.workflows.base import load_workflow; from tests.test_sql import _digest; "
-            "print(_digest(load_workflow('sql')))")
-    env = dict(os.environ, PYTHONHASHSEED="12345")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert out.stdout.strip() == _digest(wf)
+    assert_same_digest_in_another_process("sql", "train", 20, hash_seed="12345")
 
 
 # ----------------------------------------------------------------------------- splits
@@ -200,7 +166,7 @@ def _db_entities(env):
 
 def test_databases_and_questions_use_only_their_split_values(wf):
     for split, other in (("test", "train"), ("train", "test")):
-        for i in range(150):
+        for i in range(60):
             task = wf.sample_task(split, i, seed_of(split, i))
             for name, values in _db_entities(wf.make_env(task)).items():
                 # train shops mix invented names into their pools (never a real value of any split)

@@ -4,32 +4,13 @@ what it is asked; the checker fails policy breaches, missing facts and unconfirm
 splits share no names, products or colors."""
 import json
 
-import pytest
-
-from agentc.workflows.base import SPLITS, load_workflow, run_teacher, task_seed
+from agentc.workflows.base import SPLITS, load_workflow, run_teacher
 from agentc.workflows.support import (FAMILIES, WINDOW, Customer, Item, Order, SupportEnv, User, build_db, digest, pool)
+from tests.workflow_helpers import calls, seeds, workflow_fixtures
 
 N_TASKS = 200
-
-
-def seed_of(split, i):
-    return task_seed(0, "support", split, i)
-
-
-@pytest.fixture(scope="module")
-def wf():
-    return load_workflow("support")
-
-
-@pytest.fixture(scope="module")
-def episodes(wf):
-    return {split: [run_teacher(wf, wf.sample_task(split, i, seed_of(split, i))) for i in range(N_TASKS)]
-            for split in SPLITS}
-
-
-def calls(ep):
-    return [(m["tool_calls"][0]["function"]["name"], json.loads(m["tool_calls"][0]["function"]["arguments"]))
-            for m in ep.messages if m.get("tool_calls") and m.get("weight", 1)]
+seed_of = seeds("support")
+wf, episodes = workflow_fixtures("support", N_TASKS)
 
 
 def test_teacher_solves_every_task(episodes):
@@ -39,7 +20,7 @@ def test_teacher_solves_every_task(episodes):
         assert {e.task.family for e in eps} == set(FAMILIES)
         for e in eps:
             assert "@" not in e.task.prompt  # the user gives the email only when asked
-            names = [name for name, _ in calls(e)]
+            names = [name for name, _ in calls(e, trained_only=True)]
             assert names[:3] == ["ask_user", "find_customer", "get_order"]
             changes = [n for n in names if n in ("cancel_order", "return_item", "exchange_item")]
             if e.task.family in ("status", "cancel_refused", "late", "declined"):
@@ -131,7 +112,7 @@ def test_checker(wf, episodes):
     eps = {e.task.family: e for e in episodes["test"]}
     for family, ep in eps.items():  # the teacher's own answer passes on a fresh env replayed by hand
         env = wf.make_env(ep.task)
-        for name, args in calls(ep):
+        for name, args in calls(ep, trained_only=True):
             if name != "ask_user":
                 env.call(name, args)
         assert wf.check(ep.task, env, ep.answer).ok, family
@@ -140,7 +121,7 @@ def test_checker(wf, episodes):
     # a policy breach fails even with the right words: cancelling a shipped or delivered order
     ep = eps["cancel_refused"]
     env = wf.make_env(ep.task)
-    oid = next(a["order_id"] for n, a in calls(ep) if n == "get_order")
+    oid = next(a["order_id"] for n, a in calls(ep, trained_only=True) if n == "get_order")
     if env.orders[oid].status == "shipped":
         assert env.call("cancel_order", {"order_id": oid}).ok
         assert "gold state" in wf.check(ep.task, env, ep.answer).reason
@@ -148,7 +129,7 @@ def test_checker(wf, episodes):
     for family in ("late", "declined"):
         ep = eps[family]
         env = wf.make_env(ep.task)
-        oid = next(a["order_id"] for n, a in calls(ep) if n == "get_order")
+        oid = next(a["order_id"] for n, a in calls(ep, trained_only=True) if n == "get_order")
         order = env.orders[oid]
         name = "cancel_order" if order.status == "processing" else "return_item"
         args = {"order_id": oid} | ({} if name == "cancel_order" else {"item_id": order.items[0].id})

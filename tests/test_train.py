@@ -314,7 +314,10 @@ BAD_FLAGS = {
 }
 
 
-@pytest.mark.parametrize("case", ["missing shard", "bad header", "no init checkpoint", *BAD_FLAGS])
+# a process each (seconds on 2 cores): one case in the default run proves the real entry point's
+# one-line error (tests/test_errors.py runs train.py's other errors in-process); the rest in -m slow
+@pytest.mark.parametrize("case", ["missing shard", *(pytest.param(c, marks=pytest.mark.slow)
+                                                     for c in ["bad header", "no init checkpoint", *BAD_FLAGS])])
 def test_bad_inputs_give_clear_errors(calc_shards, tmp_path, case):
     data = tmp_path / "data"
     flags = tiny_run(calc_shards, tmp_path / "run", "--max-steps=1")
