@@ -30,9 +30,11 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; our files should be readable like any other
     try:
         write(tmp)
+        # mkstemp makes 0600, and so do writers that replace the file they are given (safetensors);
+        # our files should be readable like any other
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

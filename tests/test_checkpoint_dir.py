@@ -62,6 +62,10 @@ def test_saved_checkpoints_resume_the_same_state_and_older_ones_are_pruned(tmp_p
     assert sorted(os.listdir(tmp_path)) == ["latest", "step_000002", "step_000003"]  # keep=2
     assert (tmp_path / "latest").read_text() == "step_000003\n" and path == str(tmp_path / "step_000003")
     assert checkpoints.latest(str(tmp_path)) == path
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("model.safetensors", "optim_rank0.pt", "meta.json"):  # readable like any other file
+        assert (tmp_path / "step_000003" / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
     meta = json.loads((tmp_path / "step_000003" / "meta.json").read_text())
     assert meta["step"] == 3 and meta["world_size"] == 1 and meta["args"] == {"lr": 0.01}
     assert {"model.safetensors", "config.json", "agent.json", "optim_rank0.pt"} <= set(meta["files"])
