@@ -178,7 +178,7 @@ def test_constrained_calls_never_fail_on_format(agent):
     bias[[tok.special_ids["<|call|>"], tok.special_ids["<|/call|>"]]] = 30.0
     bias[[i for i in range(tok.vocab_size) if tok.decode([i]) and set(tok.decode([i])) <= set('"}{, :')]] = 3.0
     pushed = Agent(Biased(agent.model, bias), tok, wf, agent.tools, {}, "", schemas)
-    run = lambda constrain: ev.evaluate(pushed, episodes=6, progress=False, batch=6,  # noqa: E731
+    run = lambda constrain: ev.evaluate(pushed, episodes=6, progress=False, batch=3,  # noqa: E731 (rows reused)
                                         engine_kw={"constrain": constrain, "temperature": 1.0},
                                         episode_kw={"max_new_tokens": 64, "max_steps": 3})
     free, constrained = run(False), run(True)

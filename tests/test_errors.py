@@ -300,6 +300,14 @@ TRAIN_CASES = {  # name -> (checkpoint file to damage or None, its damage, extra
     "--data is a JSONL file": (None, None, ["--data={jsonl}"], "train.jsonl"),
     "--data summary is a JSON list": (None, None, ["--data={list}"], "list.json"),
     "--init-from a truncated checkpoint": (None, None, ["--init-from={cut}"], "model.safetensors"),
+    "--init-from nowhere": (None, None, ["--init-from={nowhere}"], "nowhere"),
+    "unknown --model-config field": (None, None, ["--model-config=dim=64,layers=3"], "is not a ModelConfig field"),
+    "bad --rope-scaling": (None, None, ["--rope-scaling=cubic:2"], "--rope-scaling=cubic:2: expected linear:F"),
+    "--fsdp with muon": (None, None, ["--fsdp", "--optimizer=muon"], "--optimizer=muon needs whole matrices"),
+    "batch not divisible": (None, None, ["--total-batch-tokens=1000"], "not a multiple of batch-size x seq-len"),
+    "--batch-size 0": (None, None, ["--batch-size=0"], "--batch-size must be at least 1"),
+    "--warmup-frac 2": (None, None, ["--warmup-frac=2"], "--warmup-frac must be between 0 and 1"),
+    "--resume changes --model": ("meta.json", None, ["--model=mini"], "--model cannot change when resuming"),
 }
 
 
@@ -307,10 +315,13 @@ TRAIN_CASES = {  # name -> (checkpoint file to damage or None, its damage, extra
 def test_train_errors(case, trained_run, calc_corpus, tmp_path, capsys, monkeypatch):
     name, damage, extra, expect = TRAIN_CASES[case]
     if name:
-        out, _ = damaged_run(trained_run, tmp_path, name, damage)
-        flags = [f"--out={out}", "--resume", "--max-steps=2"]
+        out, _ = damaged_run(trained_run, tmp_path, name, damage) if damage else (tmp_path / "run", None)
+        if not damage:  # an intact copy
+            shutil.copytree(trained_run["out"], out)
+        flags = [f"--out={out}", "--resume", "--max-steps=2", *extra]
     else:
-        paths = {"jsonl": calc_corpus["jsonl"], "list": put(tmp_path / "list.json", "[]")[:-5]}
+        paths = {"jsonl": calc_corpus["jsonl"], "list": put(tmp_path / "list.json", "[]")[:-5],
+                 "nowhere": tmp_path / "nowhere"}
         if "{cut}" in extra[0]:
             paths["cut"] = damaged_run(trained_run, tmp_path, "model.safetensors", "truncate")[1]
         flags = [f"--data={trained_run['shards']}", "--model=tiny", "--batch-size=2", "--max-steps=1",

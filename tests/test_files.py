@@ -144,5 +144,5 @@ def test_checker_rejects_wrong_answers_and_trees(wf, episodes):
             assert not wf.check(task, env, ", ".join(gold["value"][1:] or ["/x"])).ok
 
 
-def test_deterministic_across_processes():
-    assert_same_digest_in_another_process("files", "test", 25, hash_seed="4321")
+def test_deterministic_across_processes(wf):
+    assert_same_digest_in_another_process("files", "test", 25, hash_seed="4321", wf=wf)

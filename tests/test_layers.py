@@ -1,8 +1,8 @@
-"""Dependencies point one way: workflows <- data <- model, kernels <- runtime <- train (a training
-run's machinery) <- the scripts (train.py, infer.py). A module imports only from its own layer or the ones before it, and nothing
-in the library imports a script. agentc/util.py sits under everything. Within a layer, no two
-modules import each other, however indirectly (a circle hides behind a lazy import and breaks
-when someone moves it to the top of the file)."""
+"""Dependencies point one way: workflows <- data <- model, kernels <- runtime <- train (a
+training run's machinery) <- the scripts (train.py, infer.py). A module imports only from its own
+layer or the ones before it, and nothing in the library imports a script. agentc/util.py sits
+under everything. Within a layer, no two modules import each other, however indirectly (a circle
+hides behind a lazy import and breaks when someone moves it to the top of the file)."""
 import ast
 import os
 

@@ -36,13 +36,13 @@ def test_lines_every_interval_and_a_summary(monkeypatch):
         assert isinstance(bar, ProgressLines)
         for i in range(12):
             clock[0] += 10
+            bar.set_postfix(kept=i + 1)  # as generate does: the counts first, then the line update() may print
             bar.update()
-            bar.set_postfix(kept=i + 1)
     lines = out.getvalue().splitlines()
     assert out.getvalue().endswith("\n") and "\r" not in out.getvalue()
-    assert lines[:3] == ["work: 3/12 item (25%), 30.0s elapsed, ~01:30 left, 0.1 item/s, kept=2",
-                         "work: 6/12 item (50%), 01:00 elapsed, ~01:00 left, 0.1 item/s, kept=5",
-                         "work: 9/12 item (75%), 01:30 elapsed, ~30.0s left, 0.1 item/s, kept=8"]
+    assert lines[:3] == ["work: 3/12 item (25%), 30.0s elapsed, ~01:30 left, 0.1 item/s, kept=3",
+                         "work: 6/12 item (50%), 01:00 elapsed, ~01:00 left, 0.1 item/s, kept=6",
+                         "work: 9/12 item (75%), 01:30 elapsed, ~30.0s left, 0.1 item/s, kept=9"]
     assert lines[3:] == ["work: done, 12 item in 02:00 (0.1 item/s), kept=12"]  # one summary, at 12/12
 
 

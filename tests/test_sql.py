@@ -40,6 +40,15 @@ def test_teacher_solves_every_task(episodes):
     assert len(FAMILIES) >= 12 and all(3 <= len(fam.templates) <= 4 for fam in FAMILIES.values())
 
 
+@pytest.mark.slow
+def test_teacher_solves_the_tasks_after_the_fast_ones(wf):
+    """Tasks N_TASKS..299 of each split, which the fast run's episodes stop short of."""
+    for split in SPLITS:
+        for i in range(N_TASKS, 300):
+            ep = run_teacher(wf, wf.sample_task(split, i, seed_of(split, i)))
+            assert ep.verdict.ok and not ep.crashed, (split, i, ep.task.family, ep.verdict.reason)
+
+
 def test_teacher_solves_every_task_with_faults_and_mistakes():
     """Transient tool errors and deliberate mistakes at 10% each: the teacher still solves every
     task, modifying ones included (a faulted call never ran, a retried one ran once)."""
@@ -129,9 +138,9 @@ def test_same_seed_same_task_and_messages(wf):
     assert len({wf.make_env(t).state_hash() for t in others + [a]}) == 11
 
 
-def test_deterministic_across_processes():
+def test_deterministic_across_processes(wf):
     """Nothing may depend on set iteration order (PYTHONHASHSEED) or on the process."""
-    assert_same_digest_in_another_process("sql", "train", 20, hash_seed="12345")
+    assert_same_digest_in_another_process("sql", "train", 20, hash_seed="12345", wf=wf)
 
 
 # ----------------------------------------------------------------------------- splits
@@ -164,9 +173,10 @@ def _db_entities(env):
             "adjective": {p.split()[0] for p in products}}
 
 
-def test_databases_and_questions_use_only_their_split_values(wf):
+@pytest.mark.parametrize("n", [60, pytest.param(150, marks=pytest.mark.slow)])
+def test_databases_and_questions_use_only_their_split_values(wf, n):
     for split, other in (("test", "train"), ("train", "test")):
-        for i in range(60):
+        for i in range(n):
             task = wf.sample_task(split, i, seed_of(split, i))
             for name, values in _db_entities(wf.make_env(task)).items():
                 # train shops mix invented names into their pools (never a real value of any split)

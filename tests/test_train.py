@@ -315,7 +315,8 @@ BAD_FLAGS = {
 
 
 # a process each (seconds on 2 cores): one case in the default run proves the real entry point's
-# one-line error (tests/test_errors.py runs train.py's other errors in-process); the rest in -m slow
+# one-line error; the rest in -m slow. tests/test_errors.py (TRAIN_CASES) runs the same errors but
+# "bad header" (test_pack's) and "triton without GPU" (it needs TRITON_INTERPRET unset at import) in-process
 @pytest.mark.parametrize("case", ["missing shard", *(pytest.param(c, marks=pytest.mark.slow)
                                                      for c in ["bad header", "no init checkpoint", *BAD_FLAGS])])
 def test_bad_inputs_give_clear_errors(calc_shards, tmp_path, case):

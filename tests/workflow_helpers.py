@@ -45,18 +45,20 @@ def calls(ep, trained_only: bool = False) -> list[tuple[str, dict]]:
             for m in ep.messages if m.get("tool_calls") and (not trained_only or m.get("weight", 1))]
 
 
-def digest(name: str, split: str, n: int) -> str:
-    """sha256 of the first n tasks of the split and their teacher transcripts."""
-    wf, seed_of, h = load_workflow(name), seeds(name), hashlib.sha256()
+def digest(name: str, split: str, n: int, wf=None) -> str:
+    """sha256 of the first n tasks of the split and their teacher transcripts, drawn from `wf` (a
+    fresh instance of the workflow when None)."""
+    wf, seed_of, h = wf or load_workflow(name), seeds(name), hashlib.sha256()
     for i in range(n):
         ep = run_teacher(wf, wf.sample_task(split, i, seed_of(split, i)))
         h.update(json.dumps([ep.task.to_dict(), ep.messages], sort_keys=True).encode())
     return h.hexdigest()
 
 
-def assert_same_digest_in_another_process(name: str, split: str, n: int, hash_seed: str):
-    """digest() here equals digest() in a fresh process with PYTHONHASHSEED=hash_seed."""
+def assert_same_digest_in_another_process(name: str, split: str, n: int, hash_seed: str, wf):
+    """digest() of `wf`, the module's instance that earlier tests have used (so state left behind
+    between tasks shows too), equals digest() in a fresh process with PYTHONHASHSEED=hash_seed."""
     code = f"from tests.workflow_helpers import digest; print(digest({name!r}, {split!r}, {n}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
                          env=dict(os.environ, PYTHONHASHSEED=hash_seed))
-    assert out.stdout.strip() == digest(name, split, n)
+    assert out.stdout.strip() == digest(name, split, n, wf)

@@ -199,8 +199,8 @@ def main(argv: list[str] | None = None) -> dict:
                     heldout[record["meta"]["heldout"]] += 1
                 out.flush()
                 rej.flush()
+                bar.set_postfix(kept=n_kept, rejected=n_rej, refresh=False)  # before update(): its line shows them
                 bar.update(1)
-                bar.set_postfix(kept=n_kept, rejected=n_rej, refresh=False)
         finally:
             bar.close()
     elapsed = time.time() - t0

@@ -73,7 +73,7 @@ MODEL_FLAGS = {"model": "", "model_config": "", "init_from": "", "copy_init": "f
 
 
 def as_choice(value):
-    """--copy-init as runs saved when it was a bool hold it."""
+    """--copy-init's value; runs saved before it took auto/true/false hold a bool."""
     return {True: "true", False: "false"}.get(value, value)
 
 
@@ -132,6 +132,9 @@ def resumable(out: str) -> tuple[str | None, dict]:
         raise ValueError(f"--resume: no checkpoint in {out} is intact: "
                          + "; ".join(f"{os.path.basename(p)}: {why}" for p, why in skipped))
     return None, {}
+
+
+# ----------------------------------------------------------------------------- preemption
 
 
 def stop_on_signals(log) -> list:

@@ -33,6 +33,13 @@ class Metrics:
         os.makedirs(out, exist_ok=True)
         if not master:
             return
+        if wandb != "disabled":
+            try:
+                import wandb as wb
+            except ImportError:
+                print("WARNING: wandb is not installed; logging to the console and metrics.jsonl only", flush=True)
+            else:
+                self.run = wb.init(mode=wandb, dir=out, id=wandb_id, resume="allow", **wandb_init)
         kept = []
         if step and os.path.exists(self.path):
             with open(self.path) as f:
@@ -43,13 +50,6 @@ class Metrics:
                     except (ValueError, KeyError):
                         pass
         write_text(self.path, "".join(kept))
-        if wandb != "disabled":
-            try:
-                import wandb as wb
-            except ImportError:
-                print("WARNING: wandb is not installed; logging to the console and metrics.jsonl only", flush=True)
-            else:
-                self.run = wb.init(mode=wandb, dir=out, id=wandb_id, resume="allow", **wandb_init)
 
     def record(self, entry: dict) -> None:
         """entry: {"step": N, "train/loss": ..., ...}."""
