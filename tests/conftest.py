@@ -1,7 +1,12 @@
 """Shared fixtures: small corpora of trajectories, each with a tokenizer trained on it, built once.
 
 Without a GPU, Triton kernels run in Triton's CPU interpreter: TRITON_INTERPRET must be set before
-the first kernel is defined, so it is set here, before any test module imports one."""
+the first kernel is defined, so it is set here, before any test module imports one.
+
+Engines decode eagerly here (AGENTC_COMPILE=0, inherited by the scripts tests run): compiling a
+decode graph costs seconds per model shape, and most tests build their own small model. The
+compiled steps are tested where they are asked for by name (tests/test_decode.py,
+tests/test_engine_fast.py)."""
 import gc
 import os
 import runpy
@@ -14,6 +19,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("AGENTC_COMPILE", "0")
 
 from agentc.data import generate, tokenizer
 from agentc.workflows import sandbox

@@ -6,6 +6,9 @@ of each bound row at [length, length + T) and attends over that row's [0, length
 ever re-encoded and nothing is reallocated, so a step's cost depends on what it adds, not on the
 length of the episode so far.
 
+The cache's dtype may be narrower than the model's (a bfloat16 cache for a float32-activation
+int8 model): keys and values are rounded when written and widened when read.
+
 Layout (L, B, KV, S, D): one row's keys of one head are contiguous, which is what attention reads.
 One bound row (a prefill, or batch-1 decoding) attends through the model's attention backend on a
 view of its row. Several rows (batched decoding, each at its own offset) attend in one
@@ -27,7 +30,9 @@ class CacheFull(RuntimeError):
 
 class KVCache:
     def __init__(self, cfg: ModelConfig, max_len: int, batch: int = 1, device="cpu", dtype=torch.float32):
-        shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)  # (L, B, KV, S, D)
+        # (L, B, KV, S, D); position max_len is scratch: compiled steps (model/decode.py) write the
+        # keys of padding rows there, and no query ever reads it
+        shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len + 1, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len, self.batch = max_len, batch
@@ -84,15 +89,16 @@ class KVCache:
         if n == 1:
             r, start = self.rows[0], self.lengths[self.rows[0]]
             end = start + T
-            self.k[layer, r, :, start:end] = k[0].transpose(0, 1)
+            self.k[layer, r, :, start:end] = k[0].transpose(0, 1)   # (casts to a bfloat16 cache)
             self.v[layer, r, :, start:end] = v[0].transpose(0, 1)
             keys = self.k[layer, r:r + 1, :, :end].transpose(1, 2)      # (1, end, KV, D) views
             values = self.v[layer, r:r + 1, :, :end].transpose(1, 2)
-            return attend(q, keys, values, docs, backend)
+            return attend(q, keys.to(q.dtype), values.to(q.dtype), docs, backend)
         idx = self._idx[:, None]
-        self.k[layer][idx, :, self._pos] = k                          # (n, T) of (KV, D) entries
-        self.v[layer][idx, :, self._pos] = v
-        keys, values = self.k[layer, :, :, :self._end], self.v[layer, :, :, :self._end]
+        self.k[layer][idx, :, self._pos] = k.to(self.k.dtype)         # (n, T) of (KV, D) entries
+        self.v[layer][idx, :, self._pos] = v.to(self.v.dtype)
+        keys = self.k[layer, :, :, :self._end].to(q.dtype)
+        values = self.v[layer, :, :, :self._end].to(q.dtype)
         if self._all:
             q_all = q.transpose(1, 2)
         else:

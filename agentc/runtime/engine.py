@@ -24,6 +24,7 @@ prefix=n)` copies the cached keys and values of the first n tokens into the row 
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -31,8 +32,11 @@ import torch
 
 from agentc.data.format import ANSWER, CALL, CALL_END, END
 from agentc.model.kv_cache import CacheFull, KVCache
+from agentc.model.quant import is_quantized
 
 MODES = ("incremental", "reprefill", "tokenwise")
+KV_DTYPES = ("auto", "float32", "bfloat16")
+_warned: set = set()
 
 
 class BadLogits(ValueError):
@@ -44,8 +48,26 @@ def new_stats() -> dict:
     # prefill: injected tokens run in chunks (a sampled stop token rides with the next chunk);
     # reencode: what an orchestration loop would prefill; forward: every token through the model;
     # prefix: tokens whose keys and values came from the cached prefix
+    # drafted: prompt-lookup tokens verified; accepted: those the model would have written anyway
     return {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0,
-            "reencode_tokens": 0, "forward_tokens": 0, "prefix_tokens": 0}
+            "reencode_tokens": 0, "forward_tokens": 0, "prefix_tokens": 0, "drafted": 0, "accepted": 0}
+
+
+def lookup_draft(ids: list[int], grams: dict, k: int, sizes=(3, 2)) -> list[int]:
+    """Prompt-lookup drafting: the k tokens that followed the latest earlier occurrence of the
+    sequence's last n tokens (n from `sizes`, longest first), or [] when it never occurred.
+    Agents copy ids, names and numbers from observations into calls and answers, so the context
+    often holds what comes next. grams: {n: {n-gram: end position}} for this sequence, brought up
+    to date here (n-grams that end before the last token, so the tail never finds itself)."""
+    for n in sizes:
+        index = grams.setdefault(n, {0: n})  # key 0: the next end position to index
+        for end in range(index[0], len(ids)):
+            index[tuple(ids[end - n:end])] = end
+        index[0] = max(index[0], len(ids))
+        at = index.get(tuple(ids[-n:])) if len(ids) > n else None
+        if at is not None:
+            return ids[at:at + k]
+    return []
 
 
 @dataclass
@@ -66,6 +88,8 @@ class Row:
     full: bool = False                  # the turn stopped because the cache is full
     bad_logits: str | None = None       # why the turn stopped on logits it cannot sample from
     decoding: bool = False
+    ahead: int | None = None            # a token chosen while verifying a draft, fed at the next step
+    grams: dict = field(default_factory=dict)  # prompt-lookup index of ids (lookup_draft)
 
 
 class Engine:
@@ -75,22 +99,46 @@ class Engine:
     other two are baselines, kept for experiments/bench_runtime.py and the tests, which measure what
     the design saves: "reprefill" re-encodes the whole context at every step (an orchestration
     loop), "tokenwise" feeds an observation one token at a time (a plain generate() loop).
-    `record=True` keeps (position, logits) of every forward chunk (one row only)."""
+    `record=True` keeps (position, logits) of every forward chunk (one row only).
+
+    Decoding speed (none changes what greedy decoding writes; tests/test_engine_fast.py):
+      compile   decode steps as compiled graphs (agentc/model/decode.py); None: yes unless the
+                environment sets AGENTC_COMPILE=0. A graph that fails to compile warns once and the
+                engine decodes eagerly.
+      kv_dtype  the cache's dtype: "auto" is bfloat16 for an int8 or bf16 model (half the bytes
+                read per step at long context) and the model's dtype for a float32 one
+      draft     prompt-lookup drafting: up to `draft` tokens copied from the row's own context are
+                verified in one forward; a token is kept only where the model would have written
+                it (0: off)"""
 
     def __init__(self, model, tok, max_len: int = 4096, mode: str = "incremental", prefill_chunk: int = 1024,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, record: bool = False,
-                 rows: int = 1, grammar=None):
+                 rows: int = 1, grammar=None, compile: bool | None = None, kv_dtype: str = "auto",
+                 draft: int = 0):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
         if rows > 1 and (mode != "incremental" or record):
             raise ValueError("a batched engine runs the incremental mode without recording")
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"unknown kv_dtype {kv_dtype!r}; choose from {', '.join(KV_DTYPES)}")
+        if draft < 0:
+            raise ValueError(f"draft must be 0 (off) or a number of tokens, got {draft}")
         self.model, self.tok, self.mode = model, tok, mode
         self.max_len, self.prefill_chunk = max_len, max(1, prefill_chunk)
         self.temperature, self.top_p, self.grammar = temperature, top_p, grammar
         p = next(model.parameters())
         self.device = p.device
-        # the first parameter is the float embedding (an int8 model's weights are buffers): the cache's dtype
-        self.cache = KVCache(model.cfg, max_len, rows, p.device, p.dtype)
+        # the first parameter is the float embedding (an int8 model's weights are buffers)
+        if kv_dtype == "auto":
+            kv_dtype = "bfloat16" if is_quantized(model) or p.dtype == torch.bfloat16 else str(p.dtype)[6:]
+        self.cache = KVCache(model.cfg, max_len, rows, p.device, getattr(torch, kv_dtype))
+        if compile is None:
+            compile = os.environ.get("AGENTC_COMPILE", "1") != "0"
+        self.graphs = None
+        if compile and mode == "incremental" and not record:
+            from agentc.model.decode import DecodeGraphs
+            self.graphs = DecodeGraphs(model, self.cache)
+        self.draft = draft if mode == "incremental" and not record else 0
         # The runtime's own tokens are never sampled, and the model's follow the layout's grammar:
         # reasoning, then <|call|> JSON <|/call|> or <|answer|> text <|end|>. Training data always
         # does, so the constraint removes no mass a well-trained model would give a valid token.
@@ -101,6 +149,11 @@ class Engine:
         ban = lambda *names: torch.tensor(never + [sid[t] for t in names], device=p.device)  # noqa: E731
         self.banned = {None: ban(CALL_END, END), sid[CALL]: ban(CALL, ANSWER, END),
                        sid[ANSWER]: ban(CALL, ANSWER, CALL_END)}
+        # the same as one (3, vocab) mask, row 0/1/2 for nothing / <|call|> / <|answer|> opened
+        self.opened_index = {None: 0, sid[CALL]: 1, sid[ANSWER]: 2}
+        self.ban_mask = torch.zeros(3, model.cfg.vocab_size, dtype=torch.bool, device=p.device)
+        for o, i in self.opened_index.items():
+            self.ban_mask[i, self.banned[o]] = True
         self.call_id = sid[CALL]
         self.openers = {sid[CALL], sid[ANSWER]}
         self.stop = {sid[CALL_END], sid[END]}
@@ -204,11 +257,17 @@ class Engine:
             probs = torch.zeros_like(probs).scatter(0, order[keep], p[keep])
         return int(torch.multinomial(probs, 1, generator=gen))
 
-    def _next(self, row: int) -> int | None:
-        """Sample `row`'s next token of its turn and record it; None when the turn is over."""
+    def _next(self, row: int, pick: tuple | None = None) -> int | None:
+        """Sample `row`'s next token of its turn from r.logits and record it; None when the turn is
+        over. pick: (argmax, max) of the allowed logits, read for every greedy row in one go."""
         r = self.rows[row]
         try:
-            nxt = r.policy(r.logits) if r.policy else self.sample(r.logits, r.opened, row, r.grammar_state)
+            if r.policy:
+                nxt = r.policy(r.logits)
+            elif pick is not None:
+                nxt = self._take(r, row, pick)
+            else:
+                nxt = self.sample(r.logits, r.opened, row, r.grammar_state)
         except BadLogits as e:
             r.bad_logits = str(e)
             return None
@@ -223,6 +282,27 @@ class Engine:
             r.on_token(r.out)
         return nxt
 
+    def _take(self, r: Row, row: int, pick: tuple) -> int:
+        """The greedy token from a pick, as sample() would choose it (the grammar's own choice
+        when the argmax breaks the call's JSON)."""
+        best, top = pick
+        if not math.isfinite(top):
+            raise BadLogits(f"the model's logits are not finite numbers (the largest allowed is {top})")
+        if r.grammar_state is not None and not self.grammar.allows(r.grammar_state, best):
+            return self.sample(r.logits, r.opened, row, r.grammar_state)
+        return best
+
+    def _picks(self, logits: torch.Tensor, opened: list) -> list:
+        """(argmax, max) over the allowed tokens of logits (n, T, vocab), where opened[i][t] is the
+        opener in force at row i, position t: one read from the device for all of them."""
+        idx = torch.tensor([[self.opened_index[o] for o in os_] for os_ in opened], device=logits.device)
+        top, arg = logits.masked_fill(self.ban_mask[idx], -math.inf).max(-1)
+        both = torch.stack([arg.to(top.dtype), top], -1).tolist()       # the one host sync
+        return [[(int(a), t) for a, t in row] for row in both]
+
+    def _greedy(self, r: Row) -> bool:
+        return r.policy is None and self.temperature <= 0
+
     # ----------------------------------------------------------------- turns
 
     def begin_turn(self, row: int, logits: torch.Tensor, max_new: int, policy=None, on_token=None) -> None:
@@ -231,6 +311,7 @@ class Engine:
         r = self.rows[row]
         r.logits, r.out, r.max_new, r.opened, r.grammar_state = logits, [], max_new, None, None
         r.policy, r.on_token, r.full, r.bad_logits, r.decoding = policy, on_token, False, None, True
+        r.ahead = None
 
     def _finish(self, row: int) -> None:
         r = self.rows[row]
@@ -239,36 +320,59 @@ class Engine:
         if r.out and r.out[-1] in self.stop:
             r.pending = [r.out[-1]]
 
+    def _forward_rows(self, tokens: list[list[int]], rows: list[int]) -> torch.Tensor:
+        """Logits (n, T, vocab) of T new tokens for each of `rows`, appended to their cache rows:
+        the compiled graph when there is one, else the model's own forward."""
+        x = torch.tensor(tokens, device=self.device)
+        if self.graphs is not None:
+            try:
+                return self.graphs(x, rows)
+            except Exception as e:  # noqa: BLE001 - any compiler failure: decode eagerly from now on
+                self.graphs = None  # layers that ran wrote past the rows' lengths: rewritten below
+                if "compile" not in _warned:
+                    _warned.add("compile")
+                    reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                    print(f"WARNING: the compiled decode step failed ({type(e).__name__}: {reason}); "
+                          "decoding eagerly", flush=True)
+        self.cache.bind(rows)
+        return self.model.head(self.model.hidden(x, cache=self.cache)).float()
+
     @torch.no_grad()
     def step(self) -> list[int]:
-        """One token for every row in a turn: sample from its logits, then one forward of all rows
-        whose turn goes on. Returns the rows whose turn ended (their tokens are rows[i].out)."""
+        """One forward for every row in a turn: choose its next token from its logits, feed it (with
+        the row's draft, if any), then keep the drafted tokens the model would have written.
+        Returns the rows whose turn ended (their tokens are rows[i].out)."""
         t0 = time.perf_counter()
-        done, go, tokens = [], [], []
-        for i, r in enumerate(self.rows):
-            if not r.decoding:
-                continue
-            nxt = self._next(i)
+        decoding = [i for i, r in enumerate(self.rows) if r.decoding]
+        fresh = [i for i in decoding if self.rows[i].ahead is None and self._greedy(self.rows[i])]
+        picks = {}
+        if fresh:
+            logits = torch.stack([self.rows[i].logits for i in fresh])[:, None]
+            picks = dict(zip(fresh, (p[0] for p in self._picks(logits, [[self.rows[i].opened] for i in fresh]))))
+        done, go, feed, drafts = [], [], [], []
+        for i in decoding:
+            r = self.rows[i]
+            nxt, r.ahead = (r.ahead, None) if r.ahead is not None else (self._next(i, picks.get(i)), None)
             if nxt is None or nxt in self.stop:
                 done.append(i)
             elif len(r.ids) + 1 > self.max_len:
                 r.full = True
                 done.append(i)
-            else:
+            else:  # the last token of a turn goes into the cache too, as every sampled one does
                 go.append(i)
-                tokens.append(nxt)
+                drafts.append(self._draft(r, nxt) if len(r.out) < r.max_new else [])
+                feed.append([nxt] + drafts[-1])
         if go:
-            self.cache.bind(go)
-            h = self.model.hidden(torch.tensor(tokens, device=self.device)[:, None], cache=self.cache)
-            logits = self.model.head(h[:, 0]).float()
+            T = max(map(len, feed))
+            if T > 1:  # every row gets T tokens; the padding (its last token again) is rolled back
+                T = 1 + self.draft if self.graphs is not None else T  # one compiled graph for drafting
+                room = min(self.max_len - len(self.rows[i].ids) for i in go)
+                T = min(T, room)
+                feed = [(f + f[-1:] * T)[:T] for f in feed]
+                drafts = [d[:T - 1] for d in drafts]
+            logits = self._forward_rows(feed, go)
             for j, i in enumerate(go):
-                r = self.rows[i]
-                r.ids.append(tokens[j])
-                r.stats["forward_tokens"] += 1
-                r.logits = logits[j]
-                if self.record:
-                    self.logits.append((len(r.ids) - 1, logits[j][None]))
-                if len(r.out) >= r.max_new:  # the last token is in the cache, as every sampled one is
+                if self._accept(i, feed[j], len(drafts[j]), logits[j]):
                     done.append(i)
         dt = time.perf_counter() - t0
         self.step_s += dt
@@ -277,6 +381,54 @@ class Engine:
         for i in done:
             self._finish(i)
         return done
+
+    def _draft(self, r: Row, nxt: int) -> list[int]:
+        """Up to `draft` tokens to verify after nxt: what followed the context's last n-gram
+        earlier on, cut to the turn's budget and the cache's room."""
+        if not self.draft:
+            return []
+        k = min(self.draft, r.max_new - len(r.out), self.max_len - len(r.ids) - 1)
+        if k <= 0:
+            return []
+        return lookup_draft(r.ids + [nxt], r.grams, k)
+
+    def _accept(self, i: int, fed: list[int], n_draft: int, logits: torch.Tensor) -> bool:
+        """After a forward of fed = [token, n_draft drafts, padding] for row i (logits (T, vocab)):
+        keep the token, then each draft the row's sampler picks from the logits before it; the
+        first pick that differs is fed at the next step. The cache is rolled back to what was kept
+        (entries past a row's length are never read). True when the turn is over."""
+        r = self.rows[i]
+        r.ids.append(fed[0])
+        r.stats["forward_tokens"] += 1
+        r.logits = logits[0]
+        if self.record:
+            self.logits.append((len(r.ids) - 1, logits[0][None]))
+        over = len(r.out) >= r.max_new
+        if n_draft and not over:
+            r.stats["drafted"] += n_draft
+            picks = None
+            if self._greedy(r):  # every position's pick in one read, under the openers the drafts imply
+                opened, o = [], r.opened
+                for t in range(n_draft):
+                    o = fed[t] if t and fed[t] in self.openers else o
+                    opened.append(o)
+                picks = self._picks(logits[None, :n_draft], [opened])[0]
+            for t in range(n_draft):
+                nxt = self._next(i, picks and picks[t])
+                if nxt is None or nxt in self.stop:
+                    over = True
+                    break
+                if nxt != fed[t + 1]:
+                    r.ahead = nxt
+                    break
+                r.ids.append(nxt)
+                r.stats["accepted"] += 1
+                r.logits = logits[t + 1]
+                if len(r.out) >= r.max_new:
+                    over = True
+                    break
+        self.cache.lengths[i] = len(r.ids)
+        return over
 
     def decode(self, logits: torch.Tensor, max_new: int, policy=None, on_token=None, row: int = 0) -> list[int]:
         """One row's turn on its own: sample (or take from `policy(logits)`) up to max_new tokens,
