@@ -175,3 +175,43 @@ def test_bad_options_name_themselves(agent):
         Engine(agent.model, agent.tok, kv_dtype="fp8")
     with pytest.raises(ValueError, match="draft must be 0"):
         Engine(agent.model, agent.tok, draft=-1)
+
+
+@pytest.mark.parametrize("max_len", [2048, 420])
+def test_interleaved_prefill_changes_no_episode(agent, max_len, monkeypatch):
+    """Observations prefilled 8 tokens at a time between the other rows' decode steps: the same
+    episodes, logits within 1e-5, as prefilling each in one go; with 420 tokens some observation
+    does not fit and its episode ends as token_limit either way, before any part of it is fed."""
+    jobs, tokens = [], {}
+    for i in range(5):
+        task = agent.workflow.sample_task("test", i, task_seed(7, "sql", "test", i))
+        ref = render({"messages": run_teacher(agent.workflow, task).messages}, agent.tok)
+        jobs.append((task, i))
+        tokens[i] = ref.ids[ref.sources == SRC_MODEL].tolist()
+    parts = []
+    feed = Engine.feed
+
+    def counting(self, ids, *a, **kw):
+        parts.append(len(ids))
+        return feed(self, ids, *a, **kw)
+    monkeypatch.setattr(Engine, "feed", counting)
+    runs, seen = {}, {}
+    for interleave in (0, 8):
+        seen[interleave] = {i: [] for _, i in jobs}
+
+        def forcing(i, log=seen[interleave]):
+            it = iter(tokens[i])
+
+            def policy(logits):
+                log[i].append(logits.clone())
+                return next(it, tokens[i][-1])
+            return policy
+        engine = Engine(agent.model, agent.tok, max_len=max_len, rows=3, interleave=interleave, compile=False)
+        runs[interleave] = dict(run_batch(agent, jobs, engine, policies=forcing, max_steps=32))
+    assert {i: key(r) for i, r in runs[0].items()} == {i: key(r) for i, r in runs[8].items()}
+    for i in seen[0]:
+        for a, b in zip(seen[0][i], seen[8][i], strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert parts.count(8) > (10 if max_len == 2048 else 0)  # observations did go in parts
+    if max_len == 420:
+        assert any(r.ended == "token_limit" and r.steps for r in runs[8].values())

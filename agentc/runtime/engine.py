@@ -109,12 +109,14 @@ class Engine:
                 read per step at long context) and the model's dtype for a float32 one
       draft     prompt-lookup drafting: up to `draft` tokens copied from the row's own context are
                 verified in one forward; a token is kept only where the model would have written
-                it (0: off)"""
+                it (0: off)
+      interleave  the batched scheduler (runtime/episode.py) prefills a longer observation this many
+                tokens at a time between the other rows' decode steps (0: in one go)"""
 
     def __init__(self, model, tok, max_len: int = 4096, mode: str = "incremental", prefill_chunk: int = 1024,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, record: bool = False,
                  rows: int = 1, grammar=None, compile: bool | None = None, kv_dtype: str = "auto",
-                 draft: int = 0):
+                 draft: int = 0, interleave: int = 256):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
         if rows > 1 and (mode != "incremental" or record):
@@ -139,6 +141,7 @@ class Engine:
             from agentc.model.decode import DecodeGraphs
             self.graphs = DecodeGraphs(model, self.cache)
         self.draft = draft if mode == "incremental" and not record else 0
+        self.interleave = max(0, interleave)
         # The runtime's own tokens are never sampled, and the model's follow the layout's grammar:
         # reasoning, then <|call|> JSON <|/call|> or <|answer|> text <|end|>. Training data always
         # does, so the constraint removes no mass a well-trained model would give a valid token.
@@ -206,6 +209,12 @@ class Engine:
         self.rows[row].stats["prefix_tokens"] += n
         return n
 
+    def check_room(self, row: int, n: int) -> None:
+        """CacheFull unless n more injected tokens (and a pending stop token) fit in `row`."""
+        r = self.rows[row]
+        if len(r.ids) + len(r.pending) + n > self.max_len:
+            raise CacheFull(f"{len(r.ids)} tokens + {len(r.pending) + n} new exceed the cache of {self.max_len}")
+
     def feed(self, ids: list[int], first: bool = False, row: int = 0, prefix: int = 0) -> torch.Tensor:
         """Append injected tokens (the prompt, an observation) to `row`; the next-token logits.
         prefix: on the first feed, how many leading tokens are the agent's fixed prefix (their
@@ -213,9 +222,8 @@ class Engine:
         chunk runs, if they do not fit."""
         r = self.rows[row]
         t0 = time.perf_counter()
+        self.check_room(row, len(ids))  # before any chunk runs: all or nothing
         ids, r.pending = r.pending + list(ids), []
-        if len(r.ids) + len(ids) > self.max_len:  # before any chunk runs: all or nothing
-            raise CacheFull(f"{len(r.ids)} tokens + {len(ids)} new exceed the cache of {self.max_len}")
         r.stats["reencode_tokens"] += len(r.ids) + len(ids)  # what re-encoding would have run
         if self.mode == "reprefill" and not first:
             self.cache.reset(row)

@@ -357,6 +357,7 @@ class _Slot:
         self.index, self.gen, self.policy = index, gen, policy
         self.waiting: tuple | None = None  # (box, done, deadline, request) while its tool runs
         self.turn: Turn | None = None      # a turn to prefill and start
+        self.fed = 0                       # tokens of the turn's observation prefilled so far
 
 
 def run_batch(agent: Agent, jobs: Iterable[tuple[Any, int]], engine: Engine, seed: int = 1,
@@ -437,14 +438,24 @@ def _schedule(engine: Engine, slots: list, fill, advance, finished: list):
                 s.waiting = None
                 req.thread.stuck = True
                 advance(row, error=TimeoutError())
-        # turns to start: prefill the row (one forward per chunk at its offset)
+        # turns to start: prefill the row (one forward per chunk at its offset). While other rows
+        # decode, a long observation goes in engine.interleave tokens per pass, between their steps.
+        others = any(r.decoding for r in engine.rows)
         for row, s in enumerate(slots):
             if s is None or s.turn is None:
                 continue
-            turn, s.turn = s.turn, None
+            turn, rest = s.turn, s.turn.ids[s.fed:]
             try:
-                logits = engine.feed(turn.ids, first=turn.first, row=row, prefix=turn.prefix)
+                if others and not turn.first and 0 < engine.interleave < len(rest):
+                    if s.fed == 0:
+                        engine.check_room(row, len(turn.ids))  # all or nothing, before the first part
+                    engine.feed(rest[:engine.interleave], row=row)
+                    s.fed += engine.interleave
+                    continue
+                s.turn, s.fed = None, 0
+                logits = engine.feed(rest, first=turn.first, row=row, prefix=turn.prefix)
             except CacheFull as e:
+                s.turn, s.fed = None, 0
                 advance(row, error=e)
                 continue
             engine.begin_turn(row, logits, turn.max_new, s.policy)
