@@ -23,7 +23,7 @@ from agentc.model.parallel import join_ranks
 from agentc.model.transformer import BACKENDS, resolve_backend
 from agentc.runtime import agent as agent_dir
 from agentc.runtime.agent import Agent
-from agentc.runtime.engine import MODES, BadLogits, Engine  # noqa: F401  (the runtime's names, for scripts)
+X
 from agentc.runtime.episode import EpisodeResult, cut_tokens, make_engine, play_episode, run_episode  # noqa: F401
 from agentc.runtime.evaluate import combine, eval_tasks, evaluate, print_summary  # noqa: F401
 from agentc.util import ArgumentParser, run_main, write_json
@@ -89,6 +89,15 @@ def main(argv=None):
                          "required keys, types and enums)")
     ap.add_argument("--quant", default="auto", choices=("auto", "fp32", "bf16", "int8"),
                     help="weights for decoding (auto: int8 on a CPU, as loaded on CUDA); see agentc/model/quant.py")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                    help="decode steps as compiled graphs (agentc/model/decode.py; a failure warns and runs eagerly)")
+    ap.add_argument("--kv-dtype", default="auto", choices=KV_DTYPES,
+                    help="KV cache dtype (auto: bfloat16 for int8 and bf16 weights, else the model's)")
+    ap.add_argument("--draft", type=int, default=DEFAULT_DRAFT,
+                    help="prompt-lookup draft tokens verified per step (0: off); never changes a greedy output")
+    ap.add_argument("--interleave", type=int, default=256,
+                    help="with --batch: a longer observation is prefilled this many tokens at a time between "
+                         "the other episodes' decode steps (0: in one go)")
     ap.add_argument("--out", default=None, help="summary JSON (default AGENT/eval_SPLIT_MODE.json)")
     ap.add_argument("--traces", default=None, help="one JSON line per episode (default AGENT/traces_SPLIT_MODE.jsonl)")
     ap.add_argument("--unsafe-sandbox", action="store_true",
@@ -98,6 +107,7 @@ def main(argv=None):
         sandbox.allow_unsafe()
     ap.check_ranges(args, at_least={"episodes": 1, "max_steps": 1, "max_new_tokens": 1, "max_len": 2,
                                     "observation_tokens": 1, "threads": 0, "workers": 1, "batch": 1,
+                                    "draft": 0, "interleave": 0,
                                     "temperature": 0, "pass_k": 1},
                     positive=["tool_timeout"])
     if not 0 < args.top_p <= 1:
@@ -139,7 +149,8 @@ def main(argv=None):
     episode_kw = dict(max_steps=args.max_steps, max_new_tokens=args.max_new_tokens,
                       observation_tokens=args.observation_tokens, tool_timeout=args.tool_timeout)
     engine_kw = dict(max_len=args.max_len, mode=args.mode, temperature=args.temperature, top_p=args.top_p,
-                     constrain=args.constrain)
+                     constrain=args.constrain, compile=args.compile, kv_dtype=args.kv_dtype, draft=args.draft,
+                     interleave=args.interleave)
     if args.task is not None:
         agent = agents[0]
         engine = make_engine(agent, seed=args.seed, **engine_kw)

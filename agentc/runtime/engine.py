@@ -36,6 +36,7 @@ from agentc.model.quant import is_quantized
 
 MODES = ("incremental", "reprefill", "tokenwise")
 KV_DTYPES = ("auto", "float32", "bfloat16")
+DEFAULT_DRAFT = 4  # prompt-lookup draft tokens per verify step (experiments/bench_runtime.py --parts draft)
 _warned: set = set()
 
 
@@ -116,7 +117,7 @@ class Engine:
     def __init__(self, model, tok, max_len: int = 4096, mode: str = "incremental", prefill_chunk: int = 1024,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, record: bool = False,
                  rows: int = 1, grammar=None, compile: bool | None = None, kv_dtype: str = "auto",
-                 draft: int = 0, interleave: int = 256):
+                 draft: int = DEFAULT_DRAFT, interleave: int = 256):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
         if rows > 1 and (mode != "incremental" or record):
