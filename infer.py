@@ -23,7 +23,7 @@ from agentc.model.parallel import join_ranks
 from agentc.model.transformer import BACKENDS, resolve_backend
 from agentc.runtime import agent as agent_dir
 from agentc.runtime.agent import Agent
-X
+from agentc.runtime.engine import DEFAULT_DRAFT, KV_DTYPES, MODES, BadLogits, Engine  # noqa: F401  (the runtime's names, for scripts)
 from agentc.runtime.episode import EpisodeResult, cut_tokens, make_engine, play_episode, run_episode  # noqa: F401
 from agentc.runtime.evaluate import combine, eval_tasks, evaluate, print_summary  # noqa: F401
 from agentc.util import ArgumentParser, run_main, write_json

@@ -19,8 +19,8 @@ decode   batch-1 greedy decode tokens/s after a 256-token prompt, for each --qua
 eval     episodes per minute of a 200-task SQL evaluation at B = 1, 4, 16, 32 rows and of today's
          two one-row worker processes. Episodes are the teacher's transcripts forced through the
          model (every token decoded through the engine with the real tools), so they are as long
-         as a trained agent's, whatever these weights would write. Eager without drafts (the
-         runtime before compiled steps) and the runtime's defaults, with and without drafts.
+         as a trained agent's, whatever these weights would write. Every option off (eager,
+         float32 cache: the runtime before them) against the runtime's defaults.
 draft    prompt-lookup drafts on SQL, files and shop episodes (teacher transcripts forced through
          the engine): the share of decoded tokens that came from accepted drafts, and the speed-up
          at batch 1 and 16
@@ -264,20 +264,27 @@ OFF = {"compile": False, "kv_dtype": "float32", "draft": 0, "interleave": 0}
 
 
 def identity(args):
-    """{quant: {...}} for --agent's first workflow: episodes with every option off, then on."""
+    """{quant: {...}}: greedy episodes with every option off, then on. --agent: a compiled agent
+    directory (its first workflow), or smollm2-135m for the untrained base on SQL (with shorter
+    turns: it rarely stops on its own)."""
     from agentc.model.quant import quantize as quant_to
     from agentc.runtime import agent as agent_dir
     from agentc.runtime.evaluate import evaluate
     out = {}
+    episode_kw = {"max_new_tokens": 64, "max_steps": 4} if args.agent == "smollm2-135m" else {}
     for quant in args.identity_quants.split(","):
-        agent = agent_dir.load(args.agent)
+        if args.agent == "smollm2-135m":
+            m, tok, _ = smollm2("cpu")
+            agent = sql_agent(m, tok, "sql")
+        else:
+            agent = agent_dir.load(args.agent)
         quant_to(agent.model, quant)
         runs = {}
         for name, kw in (("off", OFF), ("on", {})):
             t0 = time.perf_counter()
             with tempfile.NamedTemporaryFile(suffix=".jsonl") as f:
                 summary = evaluate(agent, episodes=args.identity_episodes, batch=16, traces=f.name, progress=False,
-                                   engine_kw={"max_len": 4096, "constrain": True, **kw})
+                                   engine_kw={"max_len": 4096, "constrain": True, **kw}, episode_kw=episode_kw)
                 traces = [json.loads(line) for line in open(f.name)]
             runs[name] = {"wall_s": time.perf_counter() - t0, "success": summary["success_rate"],
                           "ids": [t["ids"] for t in traces]}
@@ -286,15 +293,16 @@ def identity(args):
         out[quant] = {"episodes": len(runs["on"]["ids"]), "identical": same,
                       **{f"{k}_{m}": v[m] for k, v in runs.items() for m in ("wall_s", "success")}}
         print(f"identity {quant}: {same} of {len(runs['on']['ids'])} identical", flush=True)
-    return {"agent": os.path.abspath(args.agent), "runs": out, "off": OFF, "batch": 16}
+    return {"agent": args.agent, "runs": out, "off": OFF, "batch": 16, "episode": episode_kw or "defaults"}
 
 
 def sql_agent(model, tok, workflow):
+    """An agent of `workflow` with all its tools (and their schemas, for constrained calls)."""
     wf = load_workflow(workflow)
     env = wf.make_env(wf.sample_task("test", 0, 0))
-    tools = [t.name for t in env.tools()]
+    tools = env.tools()
     env.close()
-    return Agent(model, tok, wf, tools, {})
+    return Agent(model, tok, wf, [t.name for t in tools], {}, "", [t.schema() for t in tools])
 
 
 def interleave_gaps(model, tok, interleave, rows=16, obs=2000, steps=60):
@@ -341,7 +349,7 @@ def plot(path, result):
     for ax, part in zip(axes[0], parts):
         r = result[part]
         if part == "latency":
-            for (m, per), style in zip(r["step_s"].items(), ("o-", "s--", "^:", "d-.")):
+            for (m, per), style in zip(r["step_s"].items(), ("o-", "s--", "^:", "d-.", "v:")):
                 cs = sorted(per, key=int)
                 ax.plot([int(c) for c in cs], [1e3 * per[c] for c in cs], style, label=m)
             ax.set(xscale="log", yscale="log", xlabel="tokens already in the episode",
@@ -352,9 +360,8 @@ def plot(path, result):
             ax.barh(names, [r["tokens_per_s"][k] for k in names])
             ax.set(xlabel="tokens/s, batch 1", title="decode")
         elif part == "eval":
-            for variant, style in (("eager", "s--"), ("runtime", "o-"), ("runtime, draft", "^-")):
-                keys = [k for k in r["runs"] if k.split(" ", 1)[1].startswith(variant)
-                        and (variant != "runtime" or k.split(" ", 1)[1] == "runtime")]
+            for variant, style in (("eager", "s--"), ("runtime", "o-")):
+                keys = [k for k in r["runs"] if k.split(" ", 1)[1] == variant]
                 if keys:
                     ax.plot([int(k.split()[0][2:]) for k in keys], [r["runs"][k]["episodes_per_min"] for k in keys],
                             style, label=variant)
@@ -364,7 +371,8 @@ def plot(path, result):
         else:
             names = sorted({k.rsplit(" draft=", 1)[0] for k in r["runs"]})
             base = [r["runs"][f"{n} draft=0"]["decode_tokens_per_s"] for n in names]
-            drafted = [v["decode_tokens_per_s"] for k, v in r["runs"].items() if not k.endswith("draft=0")]
+            drafted = [next(v["decode_tokens_per_s"] for k, v in r["runs"].items()
+                            if k.startswith(f"{n} draft=") and not k.endswith("draft=0")) for n in names]
             y = range(len(names))
             ax.barh([i + 0.2 for i in y], base, height=0.4, label="no drafts")
             ax.barh([i - 0.2 for i in y], drafted, height=0.4, label="prompt-lookup drafts")
@@ -372,7 +380,7 @@ def plot(path, result):
             ax.set(xlabel="decoded tokens/s (all rows)", title="drafts on forced episodes")
             ax.legend(fontsize=8)
         ax.grid(alpha=0.3, which="both")
-    fig.suptitle(f"SmolLM2-135M runtime, {result['device']}, {result['cpu_threads']} threads")
+    fig.suptitle(f"SmolLM2-135M runtime, {result.get('cpu') or result['device']}, {result['cpu_threads']} threads")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
@@ -393,9 +401,9 @@ def main():
     ap.add_argument("--eval-runs", default="1:24,16:200,32:200",
                     help="ROWS:EPISODES of each batched run")
     ap.add_argument("--draft", type=int, default=4, help="draft tokens per verify step")
-    ap.add_argument("--draft-episodes", type=int, default=16)
+    ap.add_argument("--draft-episodes", type=int, default=8)
     ap.add_argument("--kinds-rows", default="1,2,4,8,16")
-    ap.add_argument("--agent", default=None, help="a compiled agent, for --parts identity")
+    ap.add_argument("--agent", default=None, help="a compiled agent (or smollm2-135m), for --parts identity")
     ap.add_argument("--identity-episodes", type=int, default=100)
     ap.add_argument("--identity-quants", default="fp32,int8")
     ap.add_argument("--llama-python", default=None, help="a Python with llama-cpp-python, for the llama.cpp peer")
@@ -466,8 +474,7 @@ def main():
         plan = {int(r): int(n) for r, n in (x.split(":") for x in args.eval_runs.split(","))}
         jobs, tokens = forced_jobs(agent, max(plan.values()))
         runs = {}
-        variants = {"eager": {"compile": False, "kv_dtype": "float32"}, "runtime": {},
-                    f"runtime, draft {args.draft}": {"draft": args.draft}}
+        variants = {"eager": OFF, "runtime": {}}
         for rows, n in plan.items():
             for name, kw in variants.items():
                 if name == "eager" and rows not in (1, 16):

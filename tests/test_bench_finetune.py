@@ -64,3 +64,20 @@ def test_measure_one_tiny_variant():
     assert r["fraction_of_peak"] == pytest.approx(r["achieved_gflops"] / 2.0)
     other = r["other_load"]
     assert other is None or 0 <= other <= 1
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_the_same_function():
+    """full-fp32+blocks (each block compiled, the attention call eager) gives the eager losses on
+    fresh rows (other document counts) every step, and puts the attention back afterwards."""
+    cfg = ModelConfig.preset("tiny", vocab_size=300, tie_embeddings=True)
+    torch.manual_seed(0)
+    state = Transformer(cfg).state_dict()
+    batches = [packed_batch(2, 64, cfg.vocab_size, 20, torch.Generator().manual_seed(i), "cpu") for i in range(4)]
+    peaks = {"fp32": {"peak_gflops": 1.0}}
+    attend = bf.transformer.attend
+    eager = bf.measure(state, cfg, "full-fp32", batches, steps=2, warmup=2, peaks=peaks)
+    compiled = bf.measure(state, cfg, "full-fp32+blocks", batches, steps=2, warmup=2, peaks=peaks)
+    assert bf.transformer.attend is attend
+    assert compiled["compile_s"] is not None
+    torch.testing.assert_close(torch.tensor(compiled["losses"]), torch.tensor(eager["losses"]), rtol=1e-5, atol=1e-5)

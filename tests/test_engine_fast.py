@@ -50,6 +50,16 @@ def pushed_to_call(agent):
     return Agent(Pushed(agent.model, bias), tok, wf, agent.tools, {}, "", schemas)
 
 
+def oracle(runs):
+    """A drafter that knows the episodes `runs` and gets every third token wrong."""
+    def draft(ids, grams, k):
+        for r in runs.values():
+            if r.ids[:len(ids)] == ids:
+                return [t if (len(ids) + j) % 3 else 1 + t for j, t in enumerate(r.ids[len(ids):len(ids) + k])]
+        return []
+    return draft
+
+
 def key(r):
     return (r.ids, r.success, r.failure, r.ended, r.answer, [(s.kind, s.tool, s.arguments, s.tokens) for s in r.steps])
 
@@ -79,12 +89,7 @@ def test_greedy_episodes_identical_with_every_option_on_and_off(agent, rows, max
     eager = dict(run_batch(agent, jobs, make_engine(agent, rows=rows, constrain=constrain, max_len=max_len, **EAGER),
                            **kw))
 
-    def oracle(ids, grams, k):
-        for r in eager.values():
-            if r.ids[:len(ids)] == ids:
-                return [t if (len(ids) + j) % 3 else 1 + t for j, t in enumerate(r.ids[len(ids):len(ids) + k])]
-        return []
-    monkeypatch.setattr(engine_mod, "lookup_draft", oracle)
+    monkeypatch.setattr(engine_mod, "lookup_draft", oracle(eager))
     fast = dict(run_batch(agent, jobs, make_engine(agent, rows=rows, constrain=constrain, max_len=max_len, **fast_opts),
                           **kw))
     assert {i: key(r) for i, r in eager.items()} == {i: key(r) for i, r in fast.items()}
@@ -215,3 +220,20 @@ def test_interleaved_prefill_changes_no_episode(agent, max_len, monkeypatch):
     assert parts.count(8) > (10 if max_len == 2048 else 0)  # observations did go in parts
     if max_len == 420:
         assert any(r.ended == "token_limit" and r.steps for r in runs[8].values())
+
+
+def test_sampled_episodes_identical_with_drafts(agent, monkeypatch):
+    """At temperature 1 a row draws one sample per token it writes, drafts or not (the pick that
+    refuses a draft is the next token, not drawn again), so with the same seeds the episodes are
+    the same. Drafts from an oracle of the draftless run, every third token wrong."""
+    wf = agent.workflow
+    jobs = [(wf.sample_task("test", i, task_seed(1, "sql", "test", i)), i) for i in range(4)]
+    kw = {"max_new_tokens": 20, "max_steps": 2}
+    plain = dict(run_batch(agent, jobs, Engine(agent.model, agent.tok, max_len=512, rows=2, temperature=1.0,
+                                               **EAGER), **kw))
+
+    monkeypatch.setattr(engine_mod, "lookup_draft", oracle(plain))
+    drafted = dict(run_batch(agent, jobs, Engine(agent.model, agent.tok, max_len=512, rows=2, temperature=1.0,
+                                                 compile=False, draft=4), **kw))
+    assert {i: key(r) for i, r in plain.items()} == {i: key(r) for i, r in drafted.items()}
+    assert sum(r.stats["accepted"] for r in drafted.values()) > 0

@@ -264,7 +264,7 @@ def choose_kind(graphs: DecodeGraphs, n: int, T: int, repeats: int = 5) -> str:
         cache = graphs.cache
         rows = list(range(min(n, cache.batch)))
         saved = [cache.lengths[r] for r in rows]
-        if any(s + T * (repeats + 2) > cache.max_len for s in saved):
+        if any(s + T > cache.max_len for s in saved):
             return "int8"
         times = {}
         tokens = torch.zeros(len(rows), T, dtype=torch.long, device=cache.k.device)

@@ -36,7 +36,9 @@ from agentc.model.quant import is_quantized
 
 MODES = ("incremental", "reprefill", "tokenwise")
 KV_DTYPES = ("auto", "float32", "bfloat16")
-DEFAULT_DRAFT = 4  # prompt-lookup draft tokens per verify step (experiments/bench_runtime.py --parts draft)
+# Prompt-lookup drafts are off by default: on a 2-core CPU a compiled 5-token verify step costs
+# ~3.8x a 1-token one, more than the ~1.3 tokens a verify keeps on SQL (RESULTS, "The runtime")
+DEFAULT_DRAFT = 0
 _warned: set = set()
 
 
