@@ -49,35 +49,42 @@ def test_matmul_peak_is_the_best_gemm():
         assert peaks[name]["peak_gflops"] == max(rates)
 
 
-def test_measure_one_tiny_variant():
-    """A step of each kind the bench times, on a tiny model: the figures it reports hang together.
-    Not heap (process-wide: it would change this test process's allocator)."""
+def tiny():
+    """A tiny tied model's state and four batches of packed rows (fresh document lengths each)."""
     cfg = ModelConfig.preset("tiny", vocab_size=300, tie_embeddings=True)
     torch.manual_seed(0)
-    state = Transformer(cfg).state_dict()
-    batches = [packed_batch(2, 64, cfg.vocab_size, 20, torch.Generator().manual_seed(i), "cpu") for i in range(3)]
-    peaks = {"fp32": {"peak_gflops": 1.0}, "bf16": {"peak_gflops": 2.0}}
-    r = bf.measure(state, cfg, "full-bf16+fused", batches, steps=2, warmup=1, peaks=peaks)
-    assert r["precision"] == "bf16" and r["options"] == ["fused"] and r["compile_s"] is None
-    assert len(r["step_s"]) == 2 and len(r["warmup_s"]) == 1
-    assert r["tokens_per_s"] == pytest.approx(128 / r["step_s_median"])
-    assert r["fraction_of_peak"] == pytest.approx(r["achieved_gflops"] / 2.0)
-    other = r["other_load"]
-    assert other is None or 0 <= other <= 1
+    batches = [packed_batch(2, 64, cfg.vocab_size, 20, torch.Generator().manual_seed(i), "cpu") for i in range(4)]
+    return cfg, Transformer(cfg).state_dict(), batches
+
+
+PEAKS = {"fp32": {"peak_gflops": 1.0}, "bf16": {"peak_gflops": 2.0}}
+
+
+def test_measure_tiny_variants_in_turn():
+    """Two variants stepped in turn on a tiny model: the figures they report hang together, and
+    fused AdamW trains what the foreach one does. Not heap (process-wide: it would change this
+    test process's allocator), and heap with a variant without it is refused."""
+    cfg, state, batches = tiny()
+    plain, fused = bf.measure(state, cfg, ["full-fp32", "full-fp32+fused"], batches, steps=2, warmup=2, peaks=PEAKS)
+    assert [r["variant"] for r in (plain, fused)] == ["full-fp32", "full-fp32+fused"]
+    assert fused["options"] == ["fused"] and fused["compile_s"] is None
+    assert len(fused["step_s"]) == 2 and len(fused["warmup_s"]) == 2 and len(fused["losses"]) == 4
+    assert fused["tokens_per_s"] == pytest.approx(128 / fused["step_s_median"])
+    assert fused["fraction_of_peak"] == pytest.approx(fused["achieved_gflops"] / 1.0)
+    assert fused["other_load"] is None or 0 <= fused["other_load"] <= 1
+    torch.testing.assert_close(torch.tensor(fused["losses"]), torch.tensor(plain["losses"]), rtol=1e-5, atol=1e-5)
+    with pytest.raises(SystemExit, match="heap"):
+        bf.measure(state, cfg, ["full-fp32", "full-fp32+heap"], batches, steps=1, warmup=0, peaks=PEAKS)
 
 
 @pytest.mark.slow
 def test_compiled_blocks_train_the_same_function():
     """full-fp32+blocks (each block compiled, the attention call eager) gives the eager losses on
     fresh rows (other document counts) every step, and puts the attention back afterwards."""
-    cfg = ModelConfig.preset("tiny", vocab_size=300, tie_embeddings=True)
-    torch.manual_seed(0)
-    state = Transformer(cfg).state_dict()
-    batches = [packed_batch(2, 64, cfg.vocab_size, 20, torch.Generator().manual_seed(i), "cpu") for i in range(4)]
-    peaks = {"fp32": {"peak_gflops": 1.0}}
+    cfg, state, batches = tiny()
     attend = bf.transformer.attend
-    eager = bf.measure(state, cfg, "full-fp32", batches, steps=2, warmup=2, peaks=peaks)
-    compiled = bf.measure(state, cfg, "full-fp32+blocks", batches, steps=2, warmup=2, peaks=peaks)
+    eager, compiled = bf.measure(state, cfg, ["full-fp32", "full-fp32+blocks"], batches, steps=2, warmup=2,
+                                 peaks=PEAKS)
     assert bf.transformer.attend is attend
     assert compiled["compile_s"] is not None
     torch.testing.assert_close(torch.tensor(compiled["losses"]), torch.tensor(eager["losses"]), rtol=1e-5, atol=1e-5)
