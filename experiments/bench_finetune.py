@@ -3,7 +3,7 @@
 CPU's measured matmul peak that is.
 
     python experiments/bench_finetune.py                       # the default variants, 2 rows of 1,024 tokens
-    python experiments/bench_finetune.py --variants full-bf16,full-bf16+fused+heap --steps 3 --warmup 2
+    python experiments/bench_finetune.py --variants full-bf16,full-bf16+fused+blocks --interleave --steps 3
     python experiments/bench_finetune.py --peak-only           # the matmul peaks alone
 
 A variant is full-fp32 or full-bf16 (bf16 autocast), then any of these options, each joined by a
@@ -16,7 +16,10 @@ rounding order):
     blocks   torch.compile of each block, with the attention call left out of the graph (eager): its
              loop over each row's documents would otherwise recompile for every new document count
 A compiled variant's compile_s is what its warm-up steps took beyond timed ones, with inductor's
-caches on disk off (a first run's compile; later runs of train.py find most of it cached).
+caches on disk empty (a first run's compile; later runs of train.py find most of it cached; a
+second compiled variant of the same dtype reuses the first's graphs from this process's memory).
+The variants run one after the other (heap last), or with --interleave all at once, one step of
+each in turn: on a machine shared with other work a slow stretch then slows them alike.
 Every weight trains, the embeddings (tied to the LM head) too: the special tokens' rows must learn.
 Rows hold random tokens in SQL-length documents with a third of the tokens trained (speed does not
 depend on the values); every step gets fresh rows (other document lengths: a compiled model that
@@ -40,12 +43,12 @@ import argparse
 import contextlib
 import ctypes
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import torch
-import torch._functorch.config
-import torch._inductor.config
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from agentc.model import checkpoint, gguf_io, transformer
@@ -56,8 +59,8 @@ from experiments.bench_util import machine, results_path
 
 BASES = ("full-fp32", "full-bf16")
 OPTIONS = ("fused", "heap", "compile", "blocks")
-DEFAULT = ("full-fp32", "full-bf16", "full-fp32+fused+heap", "full-bf16+fused+heap", "full-fp32+fused+heap+blocks",
-           "full-bf16+fused+heap+blocks")
+DEFAULT = ("full-fp32", "full-bf16", "full-fp32+fused", "full-bf16+fused", "full-fp32+fused+blocks",
+           "full-bf16+fused+blocks")
 
 
 def parse(variant: str) -> tuple[bool, set[str]]:
@@ -148,6 +151,20 @@ def rss_gib() -> float | None:
 
 
 @contextlib.contextmanager
+def inductor_cache(path: str):
+    """While it lasts, torch.compile keeps its caches on disk (compiled graphs and kernels) in `path`."""
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
+
+
+@contextlib.contextmanager
 def eager_attention():
     """While it lasts, torch.compile leaves transformer.attend out of its graphs (a graph break
     around each attention call, which runs eager): the CPU's attention loops over each row's
@@ -209,14 +226,17 @@ class Trainer:
             for block in self.model.layers:
                 block.compile()
         self.times, self.losses, self.load = [], [], OtherLoad()
+        # a first run's compile: inductor's caches on disk start empty (in this process's memory,
+        # what an earlier variant compiled still serves)
+        self.cache_dir = tempfile.mkdtemp(prefix="bench-finetune-inductor-") if self.options & {"compile", "blocks"} \
+            else None
 
     def step(self, batch, timed: bool) -> None:
         """One optimizer step on `batch`; its time, and the others' load when `timed` (compile
         workers are other processes: the warm-up steps are not counted)."""
         with contextlib.ExitStack() as stack:
-            if self.options & {"compile", "blocks"}:  # a first run's compile: nothing from the caches on disk
-                stack.enter_context(torch._inductor.config.patch(fx_graph_cache=False))
-                stack.enter_context(torch._functorch.config.patch(enable_autograd_cache=False))
+            if self.cache_dir:
+                stack.enter_context(inductor_cache(self.cache_dir))
             if "blocks" in self.options:
                 stack.enter_context(eager_attention())
             if timed:
@@ -232,7 +252,9 @@ class Trainer:
 
     def result(self, batches: list, warmup: int, peaks: dict) -> dict:
         """The figures of the steps so far: batches[:warmup] untimed (compilation, the allocator's
-        first requests), the rest timed."""
+        first requests), the rest timed. Removes the variant's inductor cache."""
+        if self.cache_dir:
+            shutil.rmtree(self.cache_dir, ignore_errors=True)
         warm, timed = self.times[:warmup], self.times[warmup:]
         steps = len(timed)
         median = sorted(timed)[steps // 2]
@@ -245,7 +267,7 @@ class Trainer:
                 # every variant of a dtype trains the same function on the same rows: these agree to rounding
                 "losses": self.losses, "step_s": timed, "step_s_median": median, "step_s_min": min(timed),
                 "warmup_s": warm,
-                # what the warm-up steps cost beyond timed ones: a first run's compiling (inductor's caches off)
+                # what the warm-up steps cost beyond timed ones: a first run's compiling
                 "compile_s": sum(warm) - warmup * median if compiled else None,
                 "tokens_per_s": batches[0][0].numel() / median, "useful_gflop_per_step": flops / 1e9,
                 "achieved_gflops": achieved, "peak_gflops": peak, "fraction_of_peak": achieved / peak,
