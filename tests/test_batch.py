@@ -5,34 +5,18 @@ prefix gives the logits of prefilling the whole prompt."""
 import pytest
 import torch
 
-from agentc.data.format import SRC_MODEL, render
 from agentc.model.kv_cache import KVCache
 from agentc.model.transformer import ModelConfig, Transformer
 from agentc.runtime.agent import Agent
 from agentc.runtime.engine import Engine
 from agentc.runtime.episode import run_batch, run_episode
-from agentc.workflows.base import load_workflow, run_teacher, task_seed
+from agentc.workflows.base import task_seed
+from tests.workflow_helpers import teacher_jobs, tiny_sql_agent
 
 
 @pytest.fixture(scope="module")
 def agent(sql_corpus):
-    torch.manual_seed(0)
-    tok = sql_corpus["tok"]
-    model = Transformer(ModelConfig.preset("tiny", vocab_size=tok.vocab_size)).eval()
-    return Agent(model, tok, load_workflow("sql"), ["list_tables", "describe_table", "run_sql"], {})
-
-
-def teacher_jobs(agent, n):
-    """n SQL tasks with the model tokens of their teacher transcripts (several calls each, with
-    observations of different lengths; the teacher's injected mistakes make some longer)."""
-    jobs, tokens = [], {}
-    for i in range(n):
-        task = agent.workflow.sample_task("test", i, task_seed(7, "sql", "test", i))
-        ep = run_teacher(agent.workflow, task)
-        ref = render({"messages": ep.messages}, agent.tok)
-        jobs.append((task, i))
-        tokens[i] = ref.ids[ref.sources == SRC_MODEL].tolist()
-    return jobs, tokens
+    return tiny_sql_agent(sql_corpus["tok"])
 
 
 def recording(tokens, seen):

@@ -5,13 +5,12 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from agentc.data.format import SRC_MODEL, render
-from agentc.model.transformer import ModelConfig, Transformer
 from agentc.runtime import engine as engine_mod
 from agentc.runtime.agent import Agent
 from agentc.runtime.engine import Engine, lookup_draft
 from agentc.runtime.episode import make_engine, run_batch, run_episode
-from agentc.workflows.base import load_workflow, run_teacher, task_seed
+from agentc.workflows.base import task_seed
+from tests.workflow_helpers import teacher_jobs, tiny_sql_agent
 
 EAGER = {"compile": False, "draft": 0}
 FAST = {"compile": True, "draft": 4}
@@ -19,10 +18,7 @@ FAST = {"compile": True, "draft": 4}
 
 @pytest.fixture(scope="module")
 def agent(sql_corpus):
-    torch.manual_seed(0)
-    tok = sql_corpus["tok"]
-    model = Transformer(ModelConfig.preset("tiny", vocab_size=tok.vocab_size)).eval()
-    return Agent(model, tok, load_workflow("sql"), ["list_tables", "describe_table", "run_sql"], {})
+    return tiny_sql_agent(sql_corpus["tok"])
 
 
 class Pushed(torch.nn.Module):
@@ -103,12 +99,7 @@ def test_drafts_verified_against_forced_transcripts(agent):
     """Teacher transcripts forced through the model: the transcripts copy ids and names from the
     observations, so drafts are accepted, and the logits each forced token was chosen from equal
     the one-token-at-a-time logits."""
-    jobs, tokens = [], {}
-    for i in range(4):
-        task = agent.workflow.sample_task("test", i, task_seed(7, "sql", "test", i))
-        ref = render({"messages": run_teacher(agent.workflow, task).messages}, agent.tok)
-        jobs.append((task, i))
-        tokens[i] = ref.ids[ref.sources == SRC_MODEL].tolist()
+    jobs, tokens = teacher_jobs(agent, 4)
 
     def forcing(i, seen):
         it = iter(tokens[i])
@@ -187,12 +178,7 @@ def test_interleaved_prefill_changes_no_episode(agent, max_len, monkeypatch):
     """Observations prefilled 8 tokens at a time between the other rows' decode steps: the same
     episodes, logits within 1e-5, as prefilling each in one go; with 420 tokens some observation
     does not fit and its episode ends as token_limit either way, before any part of it is fed."""
-    jobs, tokens = [], {}
-    for i in range(5):
-        task = agent.workflow.sample_task("test", i, task_seed(7, "sql", "test", i))
-        ref = render({"messages": run_teacher(agent.workflow, task).messages}, agent.tok)
-        jobs.append((task, i))
-        tokens[i] = ref.ids[ref.sources == SRC_MODEL].tolist()
+    jobs, tokens = teacher_jobs(agent, 5)
     parts = []
     feed = Engine.feed
 

@@ -62,3 +62,27 @@ def assert_same_digest_in_another_process(name: str, split: str, n: int, hash_se
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
                          env=dict(os.environ, PYTHONHASHSEED=hash_seed))
     assert out.stdout.strip() == digest(name, split, n, wf)
+
+
+def tiny_sql_agent(tok):
+    """An untrained `tiny` model as an agent of the SQL workflow (its three tools, no schemas)."""
+    import torch
+
+    from agentc.model.transformer import ModelConfig, Transformer
+    from agentc.runtime.agent import Agent
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("tiny", vocab_size=tok.vocab_size)).eval()
+    return Agent(model, tok, load_workflow("sql"), ["list_tables", "describe_table", "run_sql"], {})
+
+
+def teacher_jobs(agent, n):
+    """n SQL tasks with the model tokens of their teacher transcripts (several calls each, with
+    observations of different lengths; the teacher's injected mistakes make some longer)."""
+    from agentc.data.format import SRC_MODEL, render
+    jobs, tokens = [], {}
+    for i in range(n):
+        task = agent.workflow.sample_task("test", i, task_seed(7, "sql", "test", i))
+        ref = render({"messages": run_teacher(agent.workflow, task).messages}, agent.tok)
+        jobs.append((task, i))
+        tokens[i] = ref.ids[ref.sources == SRC_MODEL].tolist()
+    return jobs, tokens
