@@ -152,14 +152,12 @@ class Engine:
         own = {sid[t] for t in (CALL, CALL_END, ANSWER, END)}
         never = [i for i in tok.unsampled_ids() if i not in own]  # other specials, <unk>, PRESPLIT
         never += list(range(tok.vocab_size, model.cfg.vocab_size))  # embedding rows with no piece
-        ban = lambda *names: torch.tensor(never + [sid[t] for t in names], device=p.device)  # noqa: E731
-        self.banned = {None: ban(CALL_END, END), sid[CALL]: ban(CALL, ANSWER, END),
-                       sid[ANSWER]: ban(CALL, ANSWER, CALL_END)}
-        # the same as one (3, vocab) mask, row 0/1/2 for nothing / <|call|> / <|answer|> opened
+        # one (3, vocab) mask: row 0/1/2 for nothing / <|call|> / <|answer|> opened so far
+        banned = [(CALL_END, END), (CALL, ANSWER, END), (CALL, ANSWER, CALL_END)]
         self.opened_index = {None: 0, sid[CALL]: 1, sid[ANSWER]: 2}
         self.ban_mask = torch.zeros(3, model.cfg.vocab_size, dtype=torch.bool, device=p.device)
-        for o, i in self.opened_index.items():
-            self.ban_mask[i, self.banned[o]] = True
+        for i, names in enumerate(banned):
+            self.ban_mask[i, never + [sid[t] for t in names]] = True
         self.call_id = sid[CALL]
         self.openers = {sid[CALL], sid[ANSWER]}
         self.stop = {sid[CALL_END], sid[END]}
@@ -251,8 +249,7 @@ class Engine:
         """A token from the next-token logits; `opened`: the <|call|> or <|answer|> this turn has
         opened, if any (it decides which special tokens may come); `state`: inside a call with a
         grammar, where its JSON is. Raises BadLogits."""
-        logits = logits.clone()
-        logits[self.banned[opened]] = -math.inf
+        logits = logits.masked_fill(self.ban_mask[self.opened_index[opened]], -math.inf)
         top = logits.max()  # NaN if any allowed logit is NaN
         if not torch.isfinite(top):
             raise BadLogits(f"the model's logits are not finite numbers (the largest allowed is {top.item()})")
