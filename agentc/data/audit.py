@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from collections import Counter
 
 import numpy as np
 
 from agentc.data.format import SOURCES, SRC_MODEL
 from agentc.data.pack import Shard, find_shards
-from agentc.util import ArgumentParser, progress_bar, run_main
+from agentc.util import ArgumentParser, progress_bar, read_json, run_main
 
 
 def audit(paths: list[str], show: int = 10, progress: bool = True) -> dict:
@@ -58,6 +60,13 @@ def audit(paths: list[str], show: int = 10, progress: bool = True) -> dict:
                 n_rows += 1
                 bar.update()
     total = sum(v["tokens"] for v in by_source.values())
+    origins, origin_trained = Counter(), Counter()  # the packs' own counts by meta.source
+    for path in paths:
+        summary = path[:-5] if path.endswith(".json") else path
+        if os.path.isfile(summary + ".json"):
+            s = read_json(summary + ".json")
+            origins.update(s.get("documents_by_origin") or {})
+            origin_trained.update(s.get("trained_tokens_by_origin") or {})
     n_trained = sum(v["trained"] for v in by_source.values())
     return {
         "shards": shards, "rows": n_rows, "records": n_docs, "tokens": total, "trained_tokens": n_trained,
@@ -67,6 +76,10 @@ def audit(paths: list[str], show: int = 10, progress: bool = True) -> dict:
                       for k, v in by_source.items()},
         "trained_non_model_tokens": n_bad, "records_without_trained_tokens": n_untrained,
         "examples": {"trained_non_model_tokens": bad_tokens, "records_without_trained_tokens": untrained_docs},
+        "by_origin": {k: {"records": n, "share_of_records": n / max(1, sum(origins.values())),
+                          "trained_tokens": origin_trained[k],
+                          "share_of_trained": origin_trained[k] / max(1, sum(origin_trained.values()))}
+                      for k, n in sorted(origins.items())},
         "ok": n_bad == 0 and n_untrained == 0,
     }
 
@@ -89,6 +102,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  {'source':9s} {'tokens':>12s} {'of all':>7s} {'trained':>12s} {'trained share':>14s}")
     for name, v in report["by_source"].items():
         print(f"  {name:9s} {v['tokens']:12,d} {v['share_of_tokens']:7.1%} {v['trained']:12,d} {v['trained_share']:14.1%}")
+    if len(report["by_origin"]) > 1 or any(k != "teacher" for k in report["by_origin"]):
+        print(f"  {'origin':17s} {'records':>9s} {'of all':>7s} {'trained tokens':>15s} {'of trained':>10s}")
+        for name, v in report["by_origin"].items():
+            print(f"  {name:17s} {v['records']:9,d} {v['share_of_records']:7.1%} {v['trained_tokens']:15,d} "
+                  f"{v['share_of_trained']:10.1%}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

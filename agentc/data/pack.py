@@ -207,6 +207,7 @@ class _Doc:
     ids: np.ndarray
     sources: np.ndarray
     weights: np.ndarray
+    origin: str = "teacher"  # meta.source: teacher, or an on-policy kind (agentc/data/onpolicy.py)
 
 
 _TOK: Tokenizer | None = None
@@ -238,7 +239,8 @@ def _render_line(job: tuple[str, int, str]) -> tuple[_Doc | None, str | None, st
     flow = {"name": meta.get("workflow", ""), "module": meta.get("workflow_module", meta.get("workflow", "")),
             "kwargs": meta.get("workflow_kwargs", {})}
     agent = f"{json.dumps(flow, sort_keys=True)}\t{json.dumps(record.get('tools') or [], sort_keys=True)}"
-    return _Doc(r.ids, r.sources, r.weights.astype(np.float16)), None, str(meta.get("task_id", where)), agent
+    origin = str(meta.get("source", "teacher"))
+    return _Doc(r.ids, r.sources, r.weights.astype(np.float16), origin), None, str(meta.get("task_id", where)), agent
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -392,6 +394,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     total = len(rows) * row_len
     real = total - by_source["pad"]
+    origins = Counter(docs[i].origin for i in keep)
+    origin_trained = Counter()
+    for i in keep:
+        origin_trained[docs[i].origin] += int((docs[i].weights > 0).sum())
     summary = {
         "layout_version": LAYOUT_VERSION, "seq_len": args.seq_len, "row_len": row_len,
         "rows": len(rows), "documents": len(keep), "shards": [os.path.basename(p) for p in shard_paths],
@@ -400,6 +406,8 @@ def main(argv: list[str] | None = None) -> dict:
         "max_tokens_per_document": max(lengths[i] for i in keep),
         "tokens_by_source": dict(by_source), "trained_tokens_by_source": dict(trained),
         "trained_share": sum(trained.values()) / real,
+        # where the records came from (meta.source): the teacher, or the agent's own episodes
+        "documents_by_origin": dict(origins), "trained_tokens_by_origin": dict(origin_trained),
         "overlong": {"count": len(overlong), "max_tokens": max((lengths[i] for i in overlong), default=0),
                      "records": [names[i] for i in overlong]},
         "untrained": {"count": len(untrained), "records": [names[i] for i in untrained]},

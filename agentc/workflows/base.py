@@ -495,6 +495,12 @@ class Workflow:
     def check(self, task: Task, env: Environment, answer: str) -> Verdict:
         raise NotImplementedError
 
+    def state_key(self, env: Environment) -> str | None:
+        """A fingerprint of what the tools can change in `env` (the database, the files, the
+        orders), or None where a wrong call spoils nothing that a later call does not replace. The
+        teacher's takeover (takeover.py) continues only from states on the teacher's own path."""
+        return None
+
     def mistake(self, task: Task, env: Environment, call: Call, rng: random.Random) -> Mistake | None:
         """A plausible wrong version of the teacher's next `call` whose tool reports an error and
         changes nothing (a misspelt name, a column of another schema), or None. Default: none."""

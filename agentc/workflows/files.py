@@ -534,6 +534,9 @@ To change a file, write its complete new content, then reply with a short confir
         return Mistake(Call(call.tool, call.args | {"path": w}, call.reasoning),
                        rng.choice((f"There is no {w}; the path is {right}.", f"Wrong path: it is {right}.")))
 
+    def state_key(self, env: FilesEnv) -> str:
+        return env.tree.digest()
+
     def check(self, task: Task, env: FilesEnv, answer: str) -> Verdict:
         gold = task.gold
         if gold["kind"] == "state":

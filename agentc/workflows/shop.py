@@ -272,6 +272,10 @@ does, buy nothing and say that no product matches. After buying, reply with a sh
         return Mistake(Call("buy", call.args | {"size": w}, call.reasoning),
                        f"{p.id} has no size {w}; the customer asked for {call.args['size']}, which it offers.")
 
+    def state_key(self, env: ShopEnv) -> str:
+        """The orders placed: a purchase cannot be undone."""
+        return repr(env.orders)
+
     def check(self, task: Task, env: ShopEnv, answer: str) -> Verdict:
         gold = task.gold
         if not gold["matching"]:

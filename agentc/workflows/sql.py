@@ -753,6 +753,9 @@ several items are asked for. When asked to change data, run the INSERT, UPDATE o
         return Mistake(Call("run_sql", {"query": re.sub(rf"\b{right}\b", w, query, count=1)}, call.reasoning),
                        rng.choice(recovery).format(wrong=w, right=right))
 
+    def state_key(self, env: SqlEnv) -> str:
+        return env.state_hash()
+
     def check(self, task: Task, env: SqlEnv, answer: str) -> Verdict:
         gold = task.gold
         if gold["kind"] == "state":
