@@ -36,7 +36,7 @@ for r in $(seq 1 "$ROUNDS"); do
     mkdir -p "$R"
     mix=()
     if [ "$SOURCES" != none ]; then
-        [ -f "$R/onpolicy.jsonl" ] || python -m agentc.data.onpolicy --agent "$prev" --n "$N" --round "$r" \
+        [ -f "$R/onpolicy.jsonl" ] || python -m agentc.data.onpolicy --agent "$prev" --episodes "$N" --round "$r" \
             --temperature "$TEMPERATURE" --out "$R/onpolicy.jsonl" --resume
         mix=(--onpolicy "$R/onpolicy.jsonl" --sources "$SOURCES")
         [ "$CURRICULUM" = 1 ] && mix+=(--curriculum "$R/onpolicy.jsonl.stats.json")

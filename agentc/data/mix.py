@@ -79,7 +79,10 @@ def main(argv: list[str] | None = None) -> dict:
                 ap.error(f"{flag} {p}: no such file")
     stats = []
     for p in args.curriculum:
-        s = read_json(p)
+        try:
+            s = read_json(p)
+        except ValueError as e:
+            ap.error(f"--curriculum {p}: {e}")
         if "by_family" not in s:
             ap.error(f"--curriculum {p}: not the stats of agentc.data.onpolicy (no by_family)")
         stats.append(s)

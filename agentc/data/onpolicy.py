@@ -1,9 +1,9 @@
 """On-policy data: the compiled agent plays train tasks, and the teacher labels what it did.
 
-    python -m agentc.data.onpolicy --agent out/sql_mini --n 2000 --out data/sql/round1.jsonl
-    python -m agentc.data.onpolicy --agent out/sql_mini --n 2000 --temperature 0.7 --round 2 --out data/sql/round2.jsonl
+    python -m agentc.data.onpolicy --agent out/sql_mini --episodes 2000 --out data/sql/round1.jsonl
+    python -m agentc.data.onpolicy --agent out/sql_mini --episodes 2000 --temperature 0.7 --round 2 --out data/sql/round2.jsonl
 
-The agent plays `--n` train tasks through the batched runtime (as evaluation does, greedy or at
+The agent plays `--episodes` train tasks through the batched runtime (as evaluation does, greedy or at
 `--temperature`; fresh tasks: seed 2, where the teacher's data uses 0 and evaluation 1). Then:
 
   dagger   an episode that failed: the teacher takes over where it first left the teacher's plan
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = ArgumentParser(prog="python -m agentc.data.onpolicy", description=__doc__.split("\n\n")[0])
     ap.add_argument("--agent", required=True, help="a compiled agent: train.py's --out directory or a checkpoint")
     ap.add_argument("--out", required=True, help="output .jsonl (the round's records)")
-    ap.add_argument("--n", type=int, required=True, help="episodes to play")
+    ap.add_argument("--episodes", type=int, required=True, help="episodes to play (train tasks 0..N-1)")
     ap.add_argument("--workflow", default=None, help="which of the agent's workflows (default: its first)")
     ap.add_argument("--split", default="train", choices=["train"],
                     help="only train: test tasks are for the final evaluation")
@@ -164,13 +164,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quant", default="fp32", choices=("fp32", "bf16", "int8"),
                     help="decoding weights (fp32: the same episodes whatever the batch, so --resume is exact)")
     ap.add_argument("--max-steps", type=int, default=16, help="steps per episode, as in evaluation")
+    ap.add_argument("--max-new-tokens", type=int, default=512, help="tokens per model turn, as in evaluation")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--resume", action="store_true", help="continue OUT.partial after a crash")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument("--unsafe-sandbox", action="store_true",
                     help="run model-written code (the code workflow) even where no OS isolation works")
     args = ap.parse_args(argv)
-    ap.check_ranges(args, at_least={"n": 1, "batch": 1, "max_steps": 1, "threads": 0},
+    ap.check_ranges(args, at_least={"episodes": 1, "batch": 1, "max_steps": 1, "max_new_tokens": 1, "threads": 0},
                     between={"temperature": (0, 10)})
     sources = tuple(s.strip() for s in args.sources.split(",") if s.strip())
     if not sources or set(sources) - set(SOURCES):
@@ -199,9 +200,9 @@ def main(argv: list[str] | None = None) -> dict:
         join_ranks("cpu")
     own = f"{args.out}.rank{rank}" if world > 1 else args.out
     partial, episodes_path, run_path = own + ".partial", own + ".episodes.jsonl.partial", own + ".partial.run"
-    run = {"agent": agent_dir.resolve(args.agent), "workflow": agent.workflow.name, "n": args.n, "seed": args.seed,
+    run = {"agent": agent_dir.resolve(args.agent), "workflow": agent.workflow.name, "episodes": args.episodes, "seed": args.seed,
            "temperature": args.temperature, "round": args.round, "sources": list(sources), "quant": args.quant,
-           "max_steps": args.max_steps, "world": world}
+           "max_steps": args.max_steps, "max_new_tokens": args.max_new_tokens, "world": world}
     records, logs = [], []
     if args.resume and os.path.exists(partial):
         saved = read_json(run_path) if os.path.exists(run_path) else None
@@ -223,8 +224,8 @@ def main(argv: list[str] | None = None) -> dict:
         with open(path, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
-    tasks = collect_tasks(agent.workflow, args.n, args.seed)
-    jobs = [(tasks[i], i) for i in range(rank, args.n, world) if i > done]
+    tasks = collect_tasks(agent.workflow, args.episodes, args.seed)
+    jobs = [(tasks[i], i) for i in range(rank, args.episodes, world) if i > done]
     from agentc.runtime.episode import make_engine, run_batch
     from agentc.runtime.evaluate import _unordered
     provenance = {"agent": run["agent"], "round": args.round, "temperature": args.temperature}
@@ -233,7 +234,8 @@ def main(argv: list[str] | None = None) -> dict:
     with open(partial, "a", encoding="utf-8") as out, open(episodes_path, "a", encoding="utf-8") as eplog:
         if jobs:
             engine = make_engine(agent, rows=min(args.batch, len(jobs)), temperature=args.temperature)
-            stream = run_batch(agent, jobs, engine, args.seed, max_steps=args.max_steps)
+            stream = run_batch(agent, jobs, engine, args.seed, max_steps=args.max_steps,
+                               max_new_tokens=args.max_new_tokens)
             with _unordered(stream, [i for _, i in jobs]) as results:
                 for (task, i), result in zip(jobs, results):
                     t1 = time.perf_counter()
@@ -257,8 +259,11 @@ def main(argv: list[str] | None = None) -> dict:
         records = sorted((r for p in parts for r in p[0]), key=lambda r: r["meta"]["index"])
         logs = sorted((r for p in parts for r in p[1]), key=lambda r: r["index"])
         seconds = {k: sum(p[2][k] for p in parts) for k in seconds}
+        dist.barrier()
         dist.destroy_process_group()
-        if rank > 0:
+        if rank > 0:  # rank 0 writes OUT from every rank's part
+            for path in (partial, episodes_path, run_path):
+                os.remove(path)
             return {}
     final = own + ".final"
     with open(final, "w", encoding="utf-8") as f:

@@ -495,10 +495,15 @@ class Workflow:
     def check(self, task: Task, env: Environment, answer: str) -> Verdict:
         raise NotImplementedError
 
+    # Whether any state of the environment can be put right by later calls (the code workflow: a
+    # new submission replaces the last). The teacher's takeover then never gives up on a state.
+    repairable: bool = False
+
     def state_key(self, env: Environment) -> str | None:
         """A fingerprint of what the tools can change in `env` (the database, the files, the
-        orders), or None where a wrong call spoils nothing that a later call does not replace. The
-        teacher's takeover (takeover.py) continues only from states on the teacher's own path."""
+        orders), or None where they change nothing. The teacher's takeover (takeover.py) continues
+        from states on the teacher's own path (any state when `repairable`), and reuses what the
+        agent's earlier calls returned only while the state is still the one they saw."""
         return None
 
     def mistake(self, task: Task, env: Environment, call: Call, rng: random.Random) -> Mistake | None:

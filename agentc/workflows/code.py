@@ -361,6 +361,11 @@ confirmation. Hidden tests with edge cases decide whether the function is right.
                 return Mistake(Call("test_solution", {"code": spec.family.bug(spec.params)}, call.reasoning), why)
         return None
 
+    repairable = True  # a new submission replaces a wrong one
+
+    def state_key(self, env: CodeEnv) -> str:
+        return env.solution or ""
+
     def check(self, task: Task, env: CodeEnv, answer: str) -> Verdict:
         if env.solution is None:
             return Verdict(False, "no solution was submitted")

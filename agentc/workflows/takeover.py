@@ -15,7 +15,9 @@ State. A workflow whose tools change something names it with `Workflow.state_key
 teacher's own run records the key after each of its calls: those are the states on its plan. A
 state the agent reached that is on the plan can be continued (a state already at the gold needs
 only the answer); any other state is `Unrecoverable("state_off_plan")`: no workflow here can undo
-a wrong write (a price raised twice, a row deleted), and the continuation is not tried. The
+a wrong write (a price raised twice, a row deleted), and the continuation is not tried, except
+where the workflow is `repairable` (code: a new submission replaces a wrong one). What the agent's
+calls returned is reused only while the state is still the one they left. The
 checker has the last word: a continuation it rejects is reported in `verdict`, and the caller
 (agentc/data/onpolicy.py) counts it and keeps nothing.
 
@@ -132,11 +134,17 @@ def teacher_plan(workflow: Workflow, task: Task, max_steps: int = 64) -> Plan:
     return Plan(calls, states, c.messages[-1] if c.answer is not None else {}, c.verdict)
 
 
-def replay(workflow: Workflow, task: Task, calls: list[tuple[str, dict]]) -> tuple[Environment, list[Observation]]:
-    """A fresh environment with `calls` run into it, in order; the caller closes it."""
+def replay(workflow: Workflow, task: Task, calls: list[tuple[str, dict]]
+           ) -> tuple[Environment, list[Observation], list[str | None]]:
+    """A fresh environment with `calls` run into it, in order, their observations and the state
+    after each; the caller closes the environment."""
     env = workflow.make_env(task)
     try:
-        return env, [env.call(tool, args) for tool, args in calls]
+        observations, states = [], []
+        for tool, args in calls:
+            observations.append(env.call(tool, args))
+            states.append(workflow.state_key(env))
+        return env, observations, states
     except BaseException:
         env.close()
         raise
@@ -148,15 +156,17 @@ def take_over(workflow: Workflow, task: Task, calls: list[tuple[str, dict]], pla
     they leave is off the teacher's plan, or the teacher's plan itself failed."""
     if not plan.verdict.ok:
         raise Unrecoverable("teacher_failed", plan.verdict.reason)
-    env, observations = replay(workflow, task, calls)
+    env, observations, after = replay(workflow, task, calls)
     try:
         state = workflow.state_key(env)
-        if state is not None and state not in plan.states:
+        if state is not None and state not in plan.states and not workflow.repairable:
             raise Unrecoverable("state_off_plan")
         if plan.changes_state and state == plan.states[-1]:  # the writes are done: only the answer is left
             answer = plan.answer.get("content")
             return Continuation([dict(plan.answer)], answer, workflow.check(task, env, answer))
-        known = {call_key(tool, args): obs for (tool, args), obs in zip(calls, observations) if obs.ok}
+        # what a call returned is known while the state is still the one it left
+        known = {call_key(tool, args): obs for (tool, args), obs, s in zip(calls, observations, after)
+                 if obs.ok and s == state}
         return _drive(workflow, task, env, known, max_steps, "call_t")
     finally:
         env.close()
@@ -202,7 +212,7 @@ def first_departure(workflow: Workflow, task: Task, steps: list[dict], plan: Pla
                 return Departure(k, "" if success else "wrong_answer", True)
             tool, args = s["call"]
             obs = env.call(tool, args)
-            if plan.states[0] is not None and workflow.state_key(env) not in plan.states:
+            if plan.states[0] is not None and not workflow.repairable and workflow.state_key(env) not in plan.states:
                 return Departure(k, "state_off_plan", False)
             if not obs.ok:
                 return Departure(k, "failed_call", True)
