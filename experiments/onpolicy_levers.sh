@@ -14,7 +14,7 @@ N=${N:-600}
 ROUNDS=${ROUNDS:-1}
 ARMS=${ARMS:-"plain dagger dagger_expert dagger_expert_curriculum"}
 mkdir -p $OUT/shared
-[ -f $OUT/shared/onpolicy.jsonl ] || python -m agentc.data.onpolicy --agent $AGENT --episodes $N --round 1 \
+[ -f $OUT/shared/onpolicy.jsonl ] || python -m agentc.runtime.onpolicy --agent $AGENT --episodes $N --round 1 \
     --out $OUT/shared/onpolicy.jsonl --resume
 for arm in $ARMS; do
     case $arm in

@@ -6,7 +6,7 @@
 #   bash runs/onpolicy.sh                          # two rounds on the quick start's agent
 #   AGENT=out/sql_smol D=data/sql TOK=data/sql/smol.bpe.json SEQ=1024 LR=1e-4 bash runs/onpolicy.sh
 #
-# Round r: agentc.data.onpolicy (N episodes of the previous round's agent, fresh train tasks) ->
+# Round r: agentc.runtime.onpolicy (N episodes of the previous round's agent, fresh train tasks) ->
 # agentc.data.mix (its SOURCES records + TEACHER_N of D/train.jsonl, drawn by the agent's failures
 # per family when CURRICULUM=1) -> pack, audit -> train.py --init-from the previous agent, STEPS
 # steps -> OUT/rR/model. SOURCES=none is the plain recipe: the same steps on teacher data only.
@@ -36,7 +36,7 @@ for r in $(seq 1 "$ROUNDS"); do
     mkdir -p "$R"
     mix=()
     if [ "$SOURCES" != none ]; then
-        [ -f "$R/onpolicy.jsonl" ] || python -m agentc.data.onpolicy --agent "$prev" --episodes "$N" --round "$r" \
+        [ -f "$R/onpolicy.jsonl" ] || python -m agentc.runtime.onpolicy --agent "$prev" --episodes "$N" --round "$r" \
             --temperature "$TEMPERATURE" --out "$R/onpolicy.jsonl" --resume
         mix=(--onpolicy "$R/onpolicy.jsonl" --sources "$SOURCES")
         [ "$CURRICULUM" = 1 ] && mix+=(--curriculum "$R/onpolicy.jsonl.stats.json")

@@ -15,7 +15,8 @@ from collections import Counter
 
 import pytest
 
-from agentc.data import audit, mix, onpolicy, pack
+from agentc.data import audit, mix, pack
+from agentc.runtime import onpolicy
 from agentc.data.format import render
 from agentc.runtime.episode import run_batch
 from agentc.runtime.engine import Engine
@@ -237,7 +238,7 @@ def test_label_makes_dagger_and_expert_records_that_pack(sql_corpus, tmp_path):
 
 def run_cli(*args, check=True):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}
-    p = subprocess.run([sys.executable, "-m", "agentc.data.onpolicy", *args], cwd=ROOT, env=env,
+    p = subprocess.run([sys.executable, "-m", "agentc.runtime.onpolicy", *args], cwd=ROOT, env=env,
                        capture_output=True, text=True)
     if check:
         assert p.returncode == 0, p.stderr[-3000:]
@@ -276,7 +277,7 @@ def test_a_killed_collection_resumes_to_identical_output(trained_run, tmp_path):
     partial = tmp_path / "killed.jsonl.episodes.jsonl.partial"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}
     for trial in range(3):
-        proc = subprocess.Popen([sys.executable, "-m", "agentc.data.onpolicy", *args, "--out", str(out),
+        proc = subprocess.Popen([sys.executable, "-m", "agentc.runtime.onpolicy", *args, "--out", str(out),
                                  *(["--resume"] if trial else [])], cwd=ROOT, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         kill_when(proc, lambda: partial.exists() and partial.stat().st_size > 0, rng, 0.3)
@@ -310,7 +311,7 @@ def test_mix_draws_the_teacher_by_failure_rate(tmp_path, capsys):
     assert plain["teacher"] == cur["teacher"] == 200
     share = lambda s: s["teacher_families"]["sql/hard"] / 200  # noqa: E731
     assert 0.4 < share(plain) < 0.6 and share(cur) > 0.75   # weights 0.9 against 0.1
-    assert (tmp_path / "b.jsonl").read_bytes() == (tmp_path / "c.jsonl").read_bytes()
+    assert (tmp_path / "b.jsonl").read_bytes() == (tmp_path / "c.jsonl").read_bytes() and again == cur
     for bad, words in (([*base, "--teacher-n", "9999"], "holds only"),
                        ([*base, "--curriculum", str(tmp_path / "none.json")], "no such file"),
                        ([*base, "--curriculum", str(onp)], f"--curriculum {onp}"),
@@ -324,7 +325,7 @@ def test_mix_draws_the_teacher_by_failure_rate(tmp_path, capsys):
 @pytest.mark.slow
 def test_collection_split_over_two_ranks_equals_one_process(trained_run, tmp_path):
     from test_train import TWO_RANKS
-    args = [os.path.join(ROOT, "agentc", "data", "onpolicy.py"), "--agent", str(trained_run["out"]), "--episodes", "9", "--max-new-tokens", "12",
+    args = [os.path.join(ROOT, "agentc", "runtime", "onpolicy.py"), "--agent", str(trained_run["out"]), "--episodes", "9", "--max-new-tokens", "12",
             "--max-steps", "2", "--batch", "3", "--temperature", "1.0", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}
     for name, launcher in (("one", (sys.executable,)), ("two", TWO_RANKS)):

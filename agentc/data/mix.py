@@ -3,7 +3,7 @@
     python -m agentc.data.mix --out data/sql/r1_mix.jsonl --teacher data/sql/train.jsonl --teacher-n 4000 \\
         --onpolicy data/sql/r1.jsonl --sources dagger,expert --curriculum data/sql/r1.jsonl.stats.json
 
-Keeps the records of each --onpolicy file whose meta.source is in --sources (agentc/data/onpolicy.py
+Keeps the records of each --onpolicy file whose meta.source is in --sources (agentc/runtime/onpolicy.py
 writes dagger and expert records), then draws --teacher-n records of --teacher without replacement.
 The draw is uniform, or, with --curriculum (an onpolicy OUT.stats.json, repeatable: one per
 workflow of a mixture), weighted per workflow/family by 0.1 + the agent's failure rate on that
@@ -24,7 +24,7 @@ FLOOR = 0.1  # a family the agent never fails still gets this weight
 
 
 def curriculum_weights(stats: list[dict]) -> dict[str, float]:
-    """workflow/family -> FLOOR + the failure rate, from agentc.data.onpolicy stats."""
+    """workflow/family -> FLOOR + the failure rate, from agentc.runtime.onpolicy stats."""
     out = {}
     for s in stats:
         wf = s.get("run", {}).get("workflow")
@@ -63,10 +63,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", required=True, help="the mixture .jsonl to write")
     ap.add_argument("--teacher", required=True, help="teacher trajectories (agentc.data.generate's output)")
     ap.add_argument("--teacher-n", type=int, required=True, help="teacher records to draw (0: none)")
-    ap.add_argument("--onpolicy", action="append", default=[], help="an agentc.data.onpolicy output (repeatable)")
+    ap.add_argument("--onpolicy", action="append", default=[], help="an agentc.runtime.onpolicy output (repeatable)")
     ap.add_argument("--sources", default="dagger,expert", help="on-policy sources to keep: dagger, expert or both")
     ap.add_argument("--curriculum", action="append", default=[], metavar="STATS",
-                    help="an agentc.data.onpolicy OUT.stats.json: draw the teacher's records by its failure rates")
+                    help="an agentc.runtime.onpolicy OUT.stats.json: draw the teacher's records by its failure rates")
     ap.add_argument("--seed", type=int, default=0, help="seed of the teacher draw")
     args = ap.parse_args(argv)
     ap.check_ranges(args, at_least={"teacher_n": 0})
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
         except ValueError as e:
             ap.error(f"--curriculum {p}: {e}")
         if "by_family" not in s:
-            ap.error(f"--curriculum {p}: not the stats of agentc.data.onpolicy (no by_family)")
+            ap.error(f"--curriculum {p}: not the stats of agentc.runtime.onpolicy (no by_family)")
         stats.append(s)
     weights = curriculum_weights(stats) if stats else None
     kept = []

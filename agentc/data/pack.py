@@ -207,7 +207,7 @@ class _Doc:
     ids: np.ndarray
     sources: np.ndarray
     weights: np.ndarray
-    origin: str = "teacher"  # meta.source: teacher, or an on-policy kind (agentc/data/onpolicy.py)
+    origin: str = "teacher"  # meta.source: teacher, or an on-policy kind (agentc/runtime/onpolicy.py)
 
 
 _TOK: Tokenizer | None = None

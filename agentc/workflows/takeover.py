@@ -19,7 +19,7 @@ a wrong write (a price raised twice, a row deleted), and the continuation is not
 where the workflow is `repairable` (code: a new submission replaces a wrong one). What the agent's
 calls returned is reused only while the state is still the one they left. The
 checker has the last word: a continuation it rejects is reported in `verdict`, and the caller
-(agentc/data/onpolicy.py) counts it and keeps nothing.
+(agentc/runtime/onpolicy.py) counts it and keeps nothing.
 
 `first_departure` finds where an agent's episode leaves the teacher's plan: the first call that
 failed, that no call of the teacher's plan matches (same tool, same observation), that repeats

@@ -1,7 +1,7 @@
 """On-policy data: the compiled agent plays train tasks, and the teacher labels what it did.
 
-    python -m agentc.data.onpolicy --agent out/sql_mini --episodes 2000 --out data/sql/round1.jsonl
-    python -m agentc.data.onpolicy --agent out/sql_mini --episodes 2000 --temperature 0.7 --round 2 --out data/sql/round2.jsonl
+    python -m agentc.runtime.onpolicy --agent out/sql_mini --episodes 2000 --out data/sql/round1.jsonl
+    python -m agentc.runtime.onpolicy --agent out/sql_mini --episodes 2000 --temperature 0.7 --round 2 --out data/sql/round2.jsonl
 
 The agent plays `--episodes` train tasks through the batched runtime (as evaluation does, greedy or at
 `--temperature`; fresh tasks: seed 2, where the teacher's data uses 0 and evaluation 1). Then:
@@ -149,7 +149,7 @@ def _read_lines(path: str) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = ArgumentParser(prog="python -m agentc.data.onpolicy", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m agentc.runtime.onpolicy", description=__doc__.split("\n\n")[0])
     ap.add_argument("--agent", required=True, help="a compiled agent: train.py's --out directory or a checkpoint")
     ap.add_argument("--out", required=True, help="output .jsonl (the round's records)")
     ap.add_argument("--episodes", type=int, required=True, help="episodes to play (train tasks 0..N-1)")
@@ -297,4 +297,4 @@ def summarize(logs: list[dict], records: list[dict]) -> dict:
 
 
 if __name__ == "__main__":
-    run_main(main, "agentc.data.onpolicy")
+    run_main(main, "agentc.runtime.onpolicy")
