@@ -9,6 +9,7 @@ continuation must pass the checker in at least 95%."""
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -20,7 +21,7 @@ from agentc.runtime import onpolicy
 from agentc.data.format import render
 from agentc.runtime.episode import run_batch
 from agentc.runtime.engine import Engine
-from agentc.workflows.base import load_workflow, task_seed
+from agentc.workflows.base import Call, load_workflow, task_seed
 from agentc.workflows.takeover import Unrecoverable, agent_steps, first_departure, take_over, teacher_plan
 from workflow_helpers import ROOT, tiny_sql_agent
 
@@ -184,6 +185,32 @@ def test_first_departure_names_where_and_why():
     assert (dep(again, answer, False).step, dep(again, answer, False).why) == (2, "repeated")
     other = calls[:1] + [("run_sql", {"query": "SELECT 1"})] + calls[1:]
     assert (dep(other, answer, False).step, dep(other, answer, False).why) == (1, "not_in_plan")
+
+
+def test_a_look_in_another_form_is_on_the_plan_and_not_taken_again():
+    """The teacher peeks at the date column one way, the agent the other: the agent has not left
+    the plan, and the teacher taking over after it does not peek again."""
+    wf, task = sql_task(0, "month_orders")
+    plan = teacher_plan(wf, task)
+    calls = [(t, a) for t, a, _ in plan.calls]
+    k = next(i for i, (t, a) in enumerate(calls) if t == "run_sql" and wf.lookaround(Call(t, a)))
+    query = calls[k][1]["query"]
+    col, table = re.search(r"(\w+)\)? (?:AS \w+ )?FROM (\w+)", query).groups()
+    other = f"SELECT {col} FROM {table} LIMIT 3" if "MIN(" in query else \
+        f"SELECT MIN({col}) AS first, MAX({col}) AS last FROM {table}"
+    mine = calls[:k] + [("run_sql", {"query": other})]
+    assert wf.lookaround(Call("run_sql", {"query": other})) == wf.lookaround(Call(*calls[k]))
+    steps = agent_steps(_messages(wf, task, mine + calls[k + 1:], plan.answer["content"]))
+    assert first_departure(wf, task, steps, plan, True).why == ""
+    cont = take_over(wf, task, mine, plan)
+    assert cont.verdict.ok and cont.sent == len(calls) - k - 1
+    # an extra look the plan does not have is no departure either; a second identical one is
+    extra = calls[:1] + [("describe_table", {"table": "nothing_needed"})]
+    steps = agent_steps(_messages(wf, task, calls[:1] + [("run_sql", {"query": f"SELECT {col} FROM {table}"})] * 2,
+                                  "3"))
+    assert (first_departure(wf, task, steps, plan, False).step, first_departure(wf, task, steps, plan, False).why) \
+        == (2, "repeated")
+    assert first_departure(wf, task, agent_steps(_messages(wf, task, extra, "3")), plan, False).why == "failed_call"
 
 
 # ----------------------------------------------------------------------------- records

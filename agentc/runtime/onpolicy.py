@@ -24,7 +24,8 @@ where episodes left the plan, and the CPU seconds of playing and of labelling.
 The next round's training mixture is made by agentc/data/mix.py from these records, the teacher's
 and, for the family curriculum, OUT.stats.json.
 
-Output goes to OUT.partial in episode order, with one line per episode in OUT.episodes.jsonl;
+Output goes to OUT.partial in episode order, with one line per episode in OUT.episodes.jsonl (its
+outcome and the agent's transcript);
 after `kill -9`, --resume continues after the last episode written, and the result is the same
 bytes (in float32 weights, the default here, decoding does not depend on the batch). Under
 torchrun each rank plays episodes rank, rank + world, ... and rank 0 writes OUT.
@@ -78,7 +79,7 @@ def label(agent, task, result, provenance: dict, sources: tuple[str, ...]) -> tu
     wf = agent.workflow
     steps = agent_steps(result.messages)
     log = {"index": provenance["index"], "task_id": task.id, "family": task.family, "success": result.success,
-           "failure": result.failure, "steps": len(steps)}
+           "failure": result.failure, "steps": len(steps), "messages": result.messages}
     head, tools = _head(agent, task)
     if result.success:
         if "expert" not in sources:

@@ -506,6 +506,14 @@ class Workflow:
         agent's earlier calls returned only while the state is still the one they saw."""
         return None
 
+    def lookaround(self, call: Call) -> str | None:
+        """A key for a call that only looks around and decides nothing (listing tables, describing
+        one, peeking at a column's values): two calls with the same key tell the agent the same
+        thing, however they are written. None for any other call (the default). The teacher's
+        takeover (takeover.py) skips a look it has already had in another form, and does not count
+        an extra look as leaving its plan."""
+        return None
+
     def mistake(self, task: Task, env: Environment, call: Call, rng: random.Random) -> Mistake | None:
         """A plausible wrong version of the teacher's next `call` whose tool reports an error and
         changes nothing (a misspelt name, a column of another schema), or None. Default: none."""

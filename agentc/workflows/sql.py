@@ -634,6 +634,12 @@ COLUMN_RECOVERY = ("{wrong} is not a column here; the schema calls it {right}.",
                    "Wrong column name: it is {right}, not {wrong}.")
 
 
+# A look at one column of one table, without a filter (SqlWorkflow.lookaround).
+PEEKS = (r"SELECT (?:DISTINCT )?(?P<c>\w+) FROM (?P<t>\w+)(?: LIMIT \d+)?",
+         r"SELECT MIN\((?P<c>\w+)\)(?: AS \w+)?, MAX\((?P=c)\)(?: AS \w+)? FROM (?P<t>\w+)",
+         r"SELECT (?P<c>\w+), COUNT\(\*\)(?: AS \w+)? FROM (?P<t>\w+) GROUP BY (?P=c)(?: ORDER BY .*)?")
+
+
 def spell(names: list[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
@@ -752,6 +758,23 @@ several items are asked for. When asked to change data, run the INSERT, UPDATE o
         right, w, recovery = rng.choice(swaps)
         return Mistake(Call("run_sql", {"query": re.sub(rf"\b{right}\b", w, query, count=1)}, call.reasoning),
                        rng.choice(recovery).format(wrong=w, right=right))
+
+    def lookaround(self, call: Call) -> str | None:
+        """list_tables, describe_table, and a peek at one column without a filter: its first rows,
+        its range, its distinct values or their counts (how the teacher checks date formats and
+        status values)."""
+        if call.tool == "list_tables":
+            return "list"
+        if call.tool == "describe_table":
+            return f"describe:{str(call.args.get('table', '')).strip().lower()}"
+        if call.tool != "run_sql":
+            return None
+        q = " ".join(str(call.args.get("query", "")).split()).rstrip(";").strip()
+        for pattern in PEEKS:
+            m = re.fullmatch(pattern, q, re.IGNORECASE)
+            if m:
+                return f"peek:{m.group('t').lower()}.{m.group('c').lower()}"
+        return None
 
     def state_key(self, env: SqlEnv) -> str:
         return env.state_hash()

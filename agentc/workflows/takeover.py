@@ -21,10 +21,14 @@ calls returned is reused only while the state is still the one they left. The
 checker has the last word: a continuation it rejects is reported in `verdict`, and the caller
 (agentc/runtime/onpolicy.py) counts it and keeps nothing.
 
+A call that only looks around (`Workflow.lookaround`: list the tables, describe one, peek at a
+column) counts as the teacher's call with the same key, however it is written, both here and
+below.
+
 `first_departure` finds where an agent's episode leaves the teacher's plan: the first call that
-failed, that no call of the teacher's plan matches (same tool, same observation), that repeats
-one already matched, or that left the state off the plan; or, when every call was on the plan,
-the answer, if the checker rejected it.
+failed, that repeats one the agent already made, that left the state off the plan, or that no
+call of the teacher's plan matches (same tool and observation, or the same look) and is no mere
+look around; or, when every call was on the plan, the answer, if the checker rejected it.
 """
 from __future__ import annotations
 
@@ -98,7 +102,8 @@ def _drive(workflow: Workflow, task: Task, env: Environment, known: dict[str, Ob
                 break
             if not isinstance(step, Call):
                 raise TypeError(f"teacher yielded {type(step).__name__}; expected Call or Answer")
-            obs = known.get(call_key(step.tool, step.args))
+            look = workflow.lookaround(step)
+            obs = known.get(call_key(step.tool, step.args)) or (known.get("look\x1f" + look) if look else None)
             if obs is not None:
                 reused += 1
             else:
@@ -165,8 +170,13 @@ def take_over(workflow: Workflow, task: Task, calls: list[tuple[str, dict]], pla
             answer = plan.answer.get("content")
             return Continuation([dict(plan.answer)], answer, workflow.check(task, env, answer))
         # what a call returned is known while the state is still the one it left
-        known = {call_key(tool, args): obs for (tool, args), obs, s in zip(calls, observations, after)
-                 if obs.ok and s == state}
+        known = {}
+        for (tool, args), obs, s in zip(calls, observations, after):
+            if obs.ok and s == state:
+                known[call_key(tool, args)] = obs
+                look = workflow.lookaround(Call(tool, args))
+                if look:  # the same look in another form (workflow.lookaround) counts as had
+                    known.setdefault("look\x1f" + look, obs)
         return _drive(workflow, task, env, known, max_steps, "call_t")
     finally:
         env.close()
@@ -202,7 +212,7 @@ class Departure:
 def first_departure(workflow: Workflow, task: Task, steps: list[dict], plan: Plan, success: bool) -> Departure:
     """Where the agent's episode (its agent_steps) first leaves the teacher's plan. Its calls are
     replayed, so observations compare in full (the runtime may have cut them to its token budget)."""
-    unmatched = list(plan.calls)
+    unmatched, seen = list(plan.calls), set()
     env = workflow.make_env(task)
     try:
         for k, s in enumerate(steps):
@@ -216,11 +226,18 @@ def first_departure(workflow: Workflow, task: Task, steps: list[dict], plan: Pla
                 return Departure(k, "state_off_plan", False)
             if not obs.ok:
                 return Departure(k, "failed_call", True)
-            match = next((i for i, (t, _, o) in enumerate(unmatched) if t == tool and o == obs.text), None)
-            if match is None:
-                done = any(t == tool and o == obs.text for t, _, o in plan.calls)
+            look = workflow.lookaround(Call(tool, args))
+            match = next((i for i, (t, a, o) in enumerate(unmatched) if t == tool and
+                          (o == obs.text or (look and workflow.lookaround(Call(t, a)) == look))), None)
+            repeat = call_key(tool, args) in seen
+            seen.add(call_key(tool, args))
+            if match is not None and not repeat:
+                unmatched.pop(match)
+            elif look and not repeat:
+                continue  # an extra look around leaves nothing to repair
+            else:
+                done = repeat or any(t == tool and o == obs.text for t, _, o in plan.calls)
                 return Departure(k, "repeated" if done else "not_in_plan", True)
-            unmatched.pop(match)
         return Departure(len(steps), "" if success else "no_answer", True)
     finally:
         env.close()
