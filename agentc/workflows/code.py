@@ -361,6 +361,9 @@ confirmation. Hidden tests with edge cases decide whether the function is right.
                 return Mistake(Call("test_solution", {"code": spec.family.bug(spec.params)}, call.reasoning), why)
         return None
 
+    def lookaround(self, call: Call) -> str | None:
+        return "tests" if call.tool == "show_tests" else None
+
     repairable = True  # a new submission replaces a wrong one
 
     def state_key(self, env: CodeEnv) -> str:

@@ -534,6 +534,12 @@ To change a file, write its complete new content, then reply with a short confir
         return Mistake(Call(call.tool, call.args | {"path": w}, call.reasoning),
                        rng.choice((f"There is no {w}; the path is {right}.", f"Wrong path: it is {right}.")))
 
+    def lookaround(self, call: Call) -> str | None:
+        """ls, cat and find only look."""
+        if call.tool in ("ls", "cat", "find"):
+            return f"{call.tool}:" + "|".join(str(call.args.get(k, "")).strip().rstrip("/") for k in ("path", "name"))
+        return None
+
     def state_key(self, env: FilesEnv) -> str:
         return env.tree.digest()
 

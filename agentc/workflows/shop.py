@@ -272,6 +272,14 @@ does, buy nothing and say that no product matches. After buying, reply with a sh
         return Mistake(Call("buy", call.args | {"size": w}, call.reasoning),
                        f"{p.id} has no size {w}; the customer asked for {call.args['size']}, which it offers.")
 
+    def lookaround(self, call: Call) -> str | None:
+        """search and view only look; buy decides."""
+        if call.tool == "search":
+            return "search:" + " ".join(str(call.args.get("query", "")).lower().split())
+        if call.tool == "view":
+            return "view:" + str(call.args.get("product_id", "")).strip()
+        return None
+
     def state_key(self, env: ShopEnv) -> str:
         """The orders placed: a purchase cannot be undone."""
         return repr(env.orders)

@@ -502,6 +502,14 @@ tracking number, or why the request cannot be granted."""
                            f"Wrong item id: the {product} is item {good}.")
         return None
 
+    def lookaround(self, call: Call) -> str | None:
+        """Looking a customer or an order up changes nothing."""
+        if call.tool == "find_customer":
+            return "customer:" + str(call.args.get("email", "")).strip().lower()
+        if call.tool == "get_order":
+            return "order:" + str(call.args.get("order_id", "")).strip()
+        return None
+
     def state_key(self, env: SupportEnv) -> str:
         return digest(env.customers)
 
