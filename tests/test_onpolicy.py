@@ -363,3 +363,23 @@ def test_collection_split_over_two_ranks_equals_one_process(trained_run, tmp_pat
     for suffix in (".jsonl", ".jsonl.episodes.jsonl"):
         assert (tmp_path / f"one{suffix}").read_bytes() == (tmp_path / f"two{suffix}").read_bytes()
     assert not [f for f in os.listdir(tmp_path) if ".rank" in f or f.endswith(".partial")]
+
+
+def test_a_takeover_that_raises_is_counted_and_skipped():
+    """A teacher with a bug: the episode's log line names the error, and no record is made."""
+    from types import SimpleNamespace
+
+    from agentc.workflows.base import load_workflow as load
+    wf = load("tests.fake_workflow")
+
+    def broken_teacher(task, env):
+        raise RuntimeError("the teacher has a bug")
+        yield  # noqa: unreachable (a generator)
+    wf.teacher = broken_teacher
+    task = wf.sample_task("train", 0, 4)
+    agent = SimpleNamespace(workflow=wf, meta={})
+    result = SimpleNamespace(success=False, failure="wrong_answer", messages=[{"role": "user", "content": "x"}],
+                             steps=[])
+    record, log = onpolicy._label_safely(agent, task, result, {"index": 0}, onpolicy.SOURCES)
+    assert record is None and log["outcome"] == "skipped" and log["reason"] == "error:RuntimeError"
+    assert "bug" in log["error"]
