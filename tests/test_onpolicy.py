@@ -383,3 +383,23 @@ def test_a_takeover_that_raises_is_counted_and_skipped():
     record, log = onpolicy._label_safely(agent, task, result, {"index": 0}, onpolicy.SOURCES)
     assert record is None and log["outcome"] == "skipped" and log["reason"] == "error:RuntimeError"
     assert "bug" in log["error"]
+
+
+@pytest.mark.slow
+def test_rounds_script_runs_end_to_end(trained_run, calc_corpus, calc_shards, tmp_path):
+    """runs/onpolicy.sh on the calc agent: one round of play, mix, pack, audit, train, then the test."""
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "train.jsonl").write_text(open(calc_corpus["jsonl"]).read())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
+           "D": str(d), "AGENT": str(trained_run["out"]), "OUT": str(tmp_path / "rounds"), "ROUNDS": "1", "N": "4",
+           "TEACHER_N": "20", "STEPS": "2", "TOK": calc_corpus["tokenizer"], "SEQ": "512",
+           "VAL": calc_shards["val"], "EPISODES": "2"}
+    p = subprocess.run(["bash", "runs/onpolicy.sh", "--wandb=disabled", "--dtype=float32"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-3000:])
+    r1 = tmp_path / "rounds" / "r1"
+    mixed = json.loads((r1 / "mix.jsonl.stats.json").read_text())
+    assert mixed["teacher"] == 20 and mixed["curriculum_weights"]
+    assert json.loads((r1 / "train.json").read_text())["documents_by_origin"]["teacher"] == 20
+    assert (r1 / "model" / "latest").exists() and "2 test episodes" in p.stdout

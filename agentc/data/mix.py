@@ -4,7 +4,8 @@
         --onpolicy data/sql/r1.jsonl --sources dagger,expert --curriculum data/sql/r1.jsonl.stats.json
 
 Keeps the records of each --onpolicy file whose meta.source is in --sources (agentc/runtime/onpolicy.py
-writes dagger and expert records), then draws --teacher-n records of --teacher without replacement.
+writes dagger and expert records), then draws --teacher-n records of the --teacher files (one per
+workflow of a mixture, or one for all) without replacement.
 The draw is uniform, or, with --curriculum (an onpolicy OUT.stats.json, repeatable: one per
 workflow of a mixture), weighted per workflow/family by 0.1 + the agent's failure rate on that
 family's train tasks in the collection, so the next round sees more of what the agent gets wrong
@@ -61,7 +62,8 @@ def draw(lines: list[str], n: int, weights: dict[str, float] | None, seed: int, 
 def main(argv: list[str] | None = None) -> dict:
     ap = ArgumentParser(prog="python -m agentc.data.mix", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="the mixture .jsonl to write")
-    ap.add_argument("--teacher", required=True, help="teacher trajectories (agentc.data.generate's output)")
+    ap.add_argument("--teacher", action="append", required=True,
+                    help="teacher trajectories (agentc.data.generate's output; repeatable: one file per workflow)")
     ap.add_argument("--teacher-n", type=int, required=True, help="teacher records to draw (0: none)")
     ap.add_argument("--onpolicy", action="append", default=[], help="an agentc.runtime.onpolicy output (repeatable)")
     ap.add_argument("--sources", default="dagger,expert", help="on-policy sources to keep: dagger, expert or both")
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     sources = {s.strip() for s in args.sources.split(",") if s.strip()}
     if not sources <= {"dagger", "expert"}:
         ap.error(f"--sources {args.sources}: give dagger, expert or dagger,expert")
-    for flag, paths in (("--teacher", [args.teacher]), ("--onpolicy", args.onpolicy), ("--curriculum", args.curriculum)):
+    for flag, paths in (("--teacher", args.teacher), ("--onpolicy", args.onpolicy), ("--curriculum", args.curriculum)):
         for p in paths:
             if not os.path.isfile(p):
                 ap.error(f"{flag} {p}: no such file")
@@ -96,11 +98,12 @@ def main(argv: list[str] | None = None) -> dict:
                 raise SystemExit(f"error: {p}:{i + 1}: not valid JSON") from None
             if source in sources:
                 kept.append(line)
-    teacher = _lines(args.teacher)
+    teacher = [line for p in args.teacher for line in _lines(p)]
+    where = " + ".join(args.teacher)
     if args.teacher_n > len(teacher):
-        ap.error(f"--teacher-n {args.teacher_n}: {args.teacher} holds only {len(teacher)} records")
+        ap.error(f"--teacher-n {args.teacher_n}: {where} holds only {len(teacher)} records")
     try:
-        drawn = draw(teacher, args.teacher_n, weights, args.seed, args.teacher)
+        drawn = draw(teacher, args.teacher_n, weights, args.seed, where)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     tmp = args.out + ".tmp"
@@ -109,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
         f.writelines(kept + drawn)
     os.replace(tmp, args.out)
     out = {"onpolicy": dict(Counter(json.loads(x)["meta"]["source"] for x in kept)), "teacher": len(drawn),
-           "teacher_families": dict(sorted(Counter(_key(x, args.teacher) for x in drawn).items())),
+           "teacher_families": dict(sorted(Counter(_key(x, where) for x in drawn).items())),
            "curriculum_weights": weights}
     write_json(args.out + ".stats.json", out)
     print(f"wrote {args.out}: {len(kept)} on-policy records {out['onpolicy'] or ''} and {len(drawn)} of the "
