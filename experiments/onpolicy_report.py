@@ -80,7 +80,7 @@ def main() -> None:
     arms = {os.path.basename(p): arm(p) for p in sorted(glob.glob(os.path.join(args.root, "*")))
             if os.path.isdir(p) and os.path.basename(p) != "shared"}
     out = {"root": args.root, "arms": arms,
-           "machine": {"cpu_flags": cpu_flags(), "threads": torch.get_num_threads(), "python": platform.python_version(),
+           "machine": {"cpu_flags": cpu_flags(), "cores": os.cpu_count(), "python": platform.python_version(),
                        "torch": torch.__version__}}
     if args.base:
         from agentc.runtime.agent import resolve
