@@ -10,6 +10,7 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -292,6 +293,13 @@ def test_the_command_collects_counts_and_refuses_bad_input(trained_run, tmp_path
     assert "['calc']" in p.stderr and "--workflow sql" in p.stderr and len(p.stderr.strip().splitlines()) == 1
     p = run_cli("--agent", str(tmp_path / "nothing"), "--episodes", "2", "--out", str(out), check=False)
     assert p.returncode != 0 and "Traceback" not in p.stderr and "nothing" in p.stderr
+    old = tmp_path / "old_layout"   # an agent of another token layout
+    shutil.copytree(trained_run["ck"], old)
+    meta = json.loads((old / "agent.json").read_text())
+    (old / "agent.json").write_text(json.dumps(meta | {"layout_version": 0}))
+    p = run_cli("--agent", str(old), "--episodes", "2", "--out", str(out), check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr and "token layout 0" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.slow
