@@ -411,3 +411,11 @@ def test_rounds_script_runs_end_to_end(trained_run, calc_corpus, calc_shards, tm
     assert mixed["teacher"] == 20 and mixed["curriculum_weights"]
     assert json.loads((r1 / "train.json").read_text())["documents_by_origin"]["teacher"] == 20
     assert (r1 / "model" / "latest").exists() and "2 test episodes" in p.stdout
+
+
+def test_each_round_plays_other_tasks():
+    wf = load_workflow("sql")
+    one, two = (onpolicy.collect_tasks(wf, 20, onpolicy.COLLECT_SEED, r) for r in (1, 2))
+    assert [t.id for t in one] == [t.id for t in onpolicy.collect_tasks(wf, 20, onpolicy.COLLECT_SEED, 1)]
+    assert not {t.seed for t in one} & {t.seed for t in two}
+    assert all(t.split == "train" for t in one + two)

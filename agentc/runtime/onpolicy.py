@@ -4,7 +4,8 @@
     python -m agentc.runtime.onpolicy --agent out/sql_mini --episodes 2000 --temperature 0.7 --round 2 --out data/sql/round2.jsonl
 
 The agent plays `--episodes` train tasks through the batched runtime (as evaluation does, greedy or at
-`--temperature`; fresh tasks: seed 2, where the teacher's data uses 0 and evaluation 1). Then:
+`--temperature`; fresh tasks: seed 2, where the teacher's data uses 0 and evaluation 1, and other
+tasks in each `--round`). Then:
 
   dagger   an episode that failed: the teacher takes over where it first left the teacher's plan
            (agentc/workflows/takeover.py). The record keeps the agent's own steps as context with
@@ -49,8 +50,10 @@ SOURCES = ("dagger", "expert")
 COLLECT_SEED = 2  # teacher data uses seed 0, evaluation seed 1
 
 
-def collect_tasks(workflow, n: int, seed: int, split: str = "train") -> list:
-    return [workflow.sample_task(split, i, task_seed(seed, workflow.name, split, i)) for i in range(n)]
+def collect_tasks(workflow, n: int, seed: int, round_: int = 1, split: str = "train") -> list:
+    """n train tasks, fresh for each round: round r draws task i with attempt r - 1 of the seed, so
+    a round never replays the tasks an earlier round's records were made from."""
+    return [workflow.sample_task(split, i, task_seed(seed, workflow.name, split, i, round_ - 1)) for i in range(n)]
 
 
 def _meta(agent, task, source: str, provenance: dict, messages: list[dict]) -> dict:
@@ -159,7 +162,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="only train: test tasks are for the final evaluation")
     ap.add_argument("--seed", type=int, default=COLLECT_SEED, help=f"task seed (default {COLLECT_SEED})")
     ap.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
-    ap.add_argument("--round", type=int, default=1, help="the round number, recorded in each record's meta")
+    ap.add_argument("--round", type=int, default=1,
+                    help="the round (from 1): each round plays other tasks; recorded in each record's meta")
     ap.add_argument("--sources", default="dagger,expert", help="which records to keep: dagger, expert or both")
     ap.add_argument("--batch", type=int, default=16, help="episodes at a time on one batched engine")
     ap.add_argument("--quant", default="fp32", choices=("fp32", "bf16", "int8"),
@@ -172,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--unsafe-sandbox", action="store_true",
                     help="run model-written code (the code workflow) even where no OS isolation works")
     args = ap.parse_args(argv)
-    ap.check_ranges(args, at_least={"episodes": 1, "batch": 1, "max_steps": 1, "max_new_tokens": 1, "threads": 0},
+    ap.check_ranges(args, at_least={"episodes": 1, "round": 1, "batch": 1, "max_steps": 1, "max_new_tokens": 1, "threads": 0},
                     between={"temperature": (0, 10)})
     sources = tuple(s.strip() for s in args.sources.split(",") if s.strip())
     if not sources or set(sources) - set(SOURCES):
@@ -225,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
         with open(path, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
-    tasks = collect_tasks(agent.workflow, args.episodes, args.seed)
+    tasks = collect_tasks(agent.workflow, args.episodes, args.seed, args.round)
     jobs = [(tasks[i], i) for i in range(rank, args.episodes, world) if i > done]
     from agentc.runtime.episode import make_engine, run_batch
     from agentc.runtime.evaluate import _unordered
