@@ -83,6 +83,20 @@ _JSON_NAMES = {dict: "object", list: "array", str: "string", int: "number", floa
                bool: "boolean", type(None): "null"}
 
 
+def read_jsonl(path: str) -> list[dict]:
+    """The complete lines of a JSONL file that may end in a half-written line (a crash mid-write);
+    ValueError naming the file and line for one that is not JSON."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.endswith("\n"):
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    return out
+
+
 def dump_json(obj) -> str:
     """The one JSON serialisation of tool-call arguments and structured observations: what the
     workflows write and the token layout (agentc/data/format.py) renders."""

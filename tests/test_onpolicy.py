@@ -382,7 +382,7 @@ def test_a_takeover_that_raises_is_counted_and_skipped():
 
     def broken_teacher(task, env):
         raise RuntimeError("the teacher has a bug")
-        yield  # noqa: unreachable (a generator)
+        yield  # unreachable: makes this a generator
     wf.teacher = broken_teacher
     task = wf.sample_task("train", 0, 4)
     agent = SimpleNamespace(workflow=wf, meta={})

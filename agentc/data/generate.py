@@ -21,7 +21,7 @@ import sys
 import time
 from collections import Counter
 
-from agentc.util import ArgumentParser, ordered_map, parse_kv, progress_bar, read_json, run_main, write_json
+from agentc.util import ArgumentParser, ordered_map, parse_kv, progress_bar, read_json, read_jsonl, run_main, write_json
 from agentc.workflows import sandbox
 from agentc.workflows.base import SPLITS, Workflow, load_workflow, run_teacher, task_seed
 
@@ -70,19 +70,6 @@ def parse_shard(text: str) -> tuple[int, int]:
     if not (n >= 1 and 0 <= i < n):
         raise argparse.ArgumentTypeError(f"--shard {text}: need 0 <= i < n")
     return i, n
-
-
-def _read_jsonl(path: str) -> list[dict]:
-    """Complete lines of a file that may end in a half-written line (a crash mid-write)."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.endswith("\n"):
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -152,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
         if saved != run:
             raise SystemExit(f"error: {partial} was made by a different run ({saved}); these arguments "
                              f"give {run}: rerun with the original arguments, or without --resume")
-        kept, rejects = _read_jsonl(partial), (_read_jsonl(rejects_path) if os.path.exists(rejects_path) else [])
+        kept, rejects = read_jsonl(partial), (read_jsonl(rejects_path) if os.path.exists(rejects_path) else [])
         # Continue after the last kept record; rejects of later tasks are redone (same seeds, same result).
         done = max((r["meta"]["index"] for r in kept), default=-1)
         indices = [i for i in indices if i > done]
@@ -204,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
         finally:
             bar.close()
     elapsed = time.time() - t0
-    all_rejects = _read_jsonl(rejects_path)
+    all_rejects = read_jsonl(rejects_path)
     lost = len(range(shard_i, args.n, shard_n)) - n_kept  # every task was tried: kept or lost
     stats = {"workflow": wf.name, "split": args.split, "n": args.n, "shard": f"{shard_i}/{shard_n}",
              "seed": args.seed, "kept": n_kept, "rejected_attempts": n_rej, "lost_tasks": lost,

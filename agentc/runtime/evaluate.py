@@ -38,9 +38,10 @@ from agentc.util import ordered_map, progress_bar
 from agentc.workflows.base import Workflow, task_seed
 
 
-def eval_tasks(workflow: Workflow, split: str, n: int, seed: int) -> list:
-    """n tasks of `split`; with seed 1 (the default everywhere) none is a task of the training data."""
-    return [workflow.sample_task(split, i, task_seed(seed, workflow.name, split, i)) for i in range(n)]
+def eval_tasks(workflow: Workflow, split: str, n: int, seed: int, attempt: int = 0) -> list:
+    """n tasks of `split`; with seed 1 (the default everywhere) none is a task of the training data.
+    Another `attempt` of the same seed draws other tasks (agentc/runtime/onpolicy.py's rounds)."""
+    return [workflow.sample_task(split, i, task_seed(seed, workflow.name, split, i, attempt)) for i in range(n)]
 
 
 # ----------------------------------------------------------------------------- running episodes

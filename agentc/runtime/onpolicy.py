@@ -1,7 +1,8 @@
 """On-policy data: the compiled agent plays train tasks, and the teacher labels what it did.
 
     python -m agentc.runtime.onpolicy --agent out/sql_mini --episodes 2000 --out data/sql/round1.jsonl
-    python -m agentc.runtime.onpolicy --agent out/sql_mini --episodes 2000 --temperature 0.7 --round 2 --out data/sql/round2.jsonl
+    python -m agentc.runtime.onpolicy --agent out/sql_mini --episodes 2000 --temperature 0.7 --round 2 \
+        --out data/sql/round2.jsonl
 
 The agent plays `--episodes` train tasks through the batched runtime (as evaluation does, greedy or at
 `--temperature`; fresh tasks: seed 2, where the teacher's data uses 0 and evaluation 1, and other
@@ -41,9 +42,9 @@ from collections import Counter
 import torch
 
 from agentc.runtime import agent as agent_dir
-from agentc.util import ArgumentParser, progress_bar, read_json, run_main, write_json
+from agentc.runtime.evaluate import _unordered, eval_tasks
+from agentc.util import ArgumentParser, progress_bar, read_json, read_jsonl, run_main, write_json
 from agentc.workflows import sandbox
-from agentc.workflows.base import task_seed
 from agentc.workflows.takeover import Unrecoverable, agent_steps, first_departure, take_over, teacher_plan
 
 SOURCES = ("dagger", "expert")
@@ -53,7 +54,7 @@ COLLECT_SEED = 2  # teacher data uses seed 0, evaluation seed 1
 def collect_tasks(workflow, n: int, seed: int, round_: int = 1, split: str = "train") -> list:
     """n train tasks, fresh for each round: round r draws task i with attempt r - 1 of the seed, so
     a round never replays the tasks an earlier round's records were made from."""
-    return [workflow.sample_task(split, i, task_seed(seed, workflow.name, split, i, round_ - 1)) for i in range(n)]
+    return eval_tasks(workflow, split, n, seed, attempt=round_ - 1)
 
 
 def _meta(agent, task, source: str, provenance: dict, messages: list[dict]) -> dict:
@@ -142,16 +143,6 @@ def _label_safely(agent, task, result, provenance, sources):
                       "reason": f"error:{type(e).__name__}", "error": str(e)[:500]}
 
 
-def _read_lines(path: str) -> list[dict]:
-    out = []
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.endswith("\n"):
-                    out.append(json.loads(line))
-    return out
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = ArgumentParser(prog="python -m agentc.runtime.onpolicy", description=__doc__.split("\n\n")[0])
     ap.add_argument("--agent", required=True, help="a compiled agent: train.py's --out directory or a checkpoint")
@@ -176,8 +167,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--unsafe-sandbox", action="store_true",
                     help="run model-written code (the code workflow) even where no OS isolation works")
     args = ap.parse_args(argv)
-    ap.check_ranges(args, at_least={"episodes": 1, "round": 1, "batch": 1, "max_steps": 1, "max_new_tokens": 1, "threads": 0},
-                    between={"temperature": (0, 10)})
+    ap.check_ranges(args, at_least={"episodes": 1, "round": 1, "batch": 1, "max_steps": 1, "max_new_tokens": 1,
+                                    "threads": 0}, between={"temperature": (0, 10)})
     sources = tuple(s.strip() for s in args.sources.split(",") if s.strip())
     if not sources or set(sources) - set(SOURCES):
         ap.error(f"--sources {args.sources}: give dagger, expert or dagger,expert")
@@ -205,16 +196,17 @@ def main(argv: list[str] | None = None) -> dict:
         join_ranks("cpu")
     own = f"{args.out}.rank{rank}" if world > 1 else args.out
     partial, episodes_path, run_path = own + ".partial", own + ".episodes.jsonl.partial", own + ".partial.run"
-    run = {"agent": agent_dir.resolve(args.agent), "workflow": agent.workflow.name, "episodes": args.episodes, "seed": args.seed,
-           "temperature": args.temperature, "round": args.round, "sources": list(sources), "quant": args.quant,
-           "max_steps": args.max_steps, "max_new_tokens": args.max_new_tokens, "world": world}
+    run = {"agent": agent_dir.resolve(args.agent), "workflow": agent.workflow.name, "episodes": args.episodes,
+           "seed": args.seed, "temperature": args.temperature, "round": args.round, "sources": list(sources),
+           "quant": args.quant, "max_steps": args.max_steps, "max_new_tokens": args.max_new_tokens, "world": world}
     records, logs = [], []
     if args.resume and os.path.exists(partial):
         saved = read_json(run_path) if os.path.exists(run_path) else None
         if saved != run:
             raise SystemExit(f"error: {partial} was made by a different run ({saved}); these arguments give "
                              f"{run}: rerun with the original arguments, or without --resume")
-        logs, records = _read_lines(episodes_path), _read_lines(partial)
+        logs = read_jsonl(episodes_path) if os.path.exists(episodes_path) else []
+        records = read_jsonl(partial)
         done = max((r["index"] for r in logs), default=-1)
         records = [r for r in records if r["meta"]["index"] <= done]
         print(f"resuming {partial}: {len(logs)} episodes played, {len(records)} records kept")
@@ -232,7 +224,6 @@ def main(argv: list[str] | None = None) -> dict:
     tasks = collect_tasks(agent.workflow, args.episodes, args.seed, args.round)
     jobs = [(tasks[i], i) for i in range(rank, args.episodes, world) if i > done]
     from agentc.runtime.episode import make_engine, run_batch
-    from agentc.runtime.evaluate import _unordered
     provenance = {"agent": run["agent"], "round": args.round, "temperature": args.temperature}
     t0, label_s = time.perf_counter(), 0.0
     bar = progress_bar(len(jobs), f"on-policy {agent.workflow.name}", "ep", disable=args.quiet or rank > 0)
@@ -275,16 +266,16 @@ def main(argv: list[str] | None = None) -> dict:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     with open(args.out + ".episodes.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in logs)
-    stats = summarize(logs, records) | {"seconds": {k: round(v, 1) for k, v in seconds.items()},
-                                                               "run": run}
+    stats = summarize(logs, records) | {"seconds": {k: round(v, 1) for k, v in seconds.items()}, "run": run}
     write_json(args.out + ".stats.json", stats)
     os.replace(final, args.out)  # last: OUT exists only complete
     for path in (partial, episodes_path, run_path):
         if os.path.exists(path):
             os.remove(path)
     print(f"wrote {args.out}: {len(logs)} episodes ({100 * stats['success_rate']:.1f}% solved), "
-          f"{stats['records']['dagger']} dagger and {stats['records']['expert']} expert records; skipped {sum(stats['skipped'].values())} "
-          f"{dict(stats['skipped']) or ''}; {seconds['play']:.0f} s playing, {seconds['label']:.0f} s labelling")
+          f"{stats['records']['dagger']} dagger and {stats['records']['expert']} expert records; "
+          f"skipped {sum(stats['skipped'].values())} {dict(stats['skipped']) or ''}; "
+          f"{seconds['play']:.0f} s playing, {seconds['label']:.0f} s labelling")
     return stats
 
 

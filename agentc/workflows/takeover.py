@@ -205,7 +205,8 @@ def agent_steps(messages: list[dict]) -> list[dict]:
 @dataclass
 class Departure:
     step: int            # the index (in agent_steps) of the first step off the plan; len(steps) if none
-    why: str             # failed_call | not_in_plan | repeated | state_off_plan | invalid_call | wrong_answer | no_answer | ""
+    why: str             # failed_call | not_in_plan | repeated | state_off_plan | invalid_call | wrong_answer
+    #                      | no_answer | "" (none)
     state_ok: bool       # whether the state after that step is still on the plan (a takeover after it can work)
 
 
